@@ -1,0 +1,3 @@
+from sslmedsam2.cli import main
+
+raise SystemExit(main())

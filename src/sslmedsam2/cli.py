@@ -1,0 +1,158 @@
+"""The `sslmedsam2` command: propagate, evaluate, models, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sslmedsam2 import __version__
+from sslmedsam2.errors import UserError
+from sslmedsam2.frames import CT_WINDOWS, IntensitySpec
+from sslmedsam2.models.registry import DEFAULT_MODEL, MODELS
+from sslmedsam2.pipeline import METHODS, PropagateOptions
+from sslmedsam2.volume import SliceAxis
+
+
+def _say(message: str) -> None:
+    print(f"sslmedsam2: {message}", file=sys.stderr, flush=True)
+
+
+def _progress_bar(desc: str, unit: str = "slice", **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"SAM2 weights by name (default {DEFAULT_MODEL}; "
+                        "see `sslmedsam2 models`)")
+    parser.add_argument("--checkpoint", type=Path, help="a local checkpoint file instead of the cached download")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
+                        help="auto: cuda, then mps, then cpu (bf16 autocast on cuda)")
+    parser.add_argument("--image-size", type=int, help="SAM2 input size (multiple of 16); smaller is faster, "
+                        "coarser (default: the model's own, 1024 or 512)")
+    parser.add_argument("--no-download", action="store_true", help="never download weights")
+
+
+def _add_frame_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--axis", default="axial", choices=[a.value for a in SliceAxis],
+                        help="slicing plane, found from the image's direction cosines (default axial)")
+    parser.add_argument("--modality", default="mri", choices=("mri", "ct"),
+                        help="mri: clip to the 0.5/99.5 percentiles of non-zero voxels; ct: a window")
+    parser.add_argument("--window", default="soft-tissue", choices=tuple(CT_WINDOWS), help="CT window (default soft-tissue)")
+    parser.add_argument("--intensity-range", nargs=2, type=float, metavar=("MIN", "MAX"),
+                        help="explicit intensity range, overriding --modality")
+
+
+def _options(args: argparse.Namespace) -> PropagateOptions:
+    intensity = IntensitySpec(modality=args.modality, window=args.window,
+                              value_range=tuple(args.intensity_range) if args.intensity_range else None)
+    return PropagateOptions(method=args.method, model=args.model, checkpoint=args.checkpoint, device=args.device,
+                            image_size=args.image_size, axis=args.axis, intensity=intensity,
+                            download=not args.no_download)
+
+
+def cmd_propagate(args: argparse.Namespace) -> int:
+    from sslmedsam2.pipeline import run_propagate
+
+    with _progress_bar("propagate") as bar:
+        report = run_propagate(args.image, args.seeds, args.output, _options(args), log=_say, progress=bar,
+                               download_progress=True)
+    how = f"SAM2 {report.model} on {report.device}" if report.method == "sam2" else "contour interpolation"
+    _say(f"{report.slices} slices, labels {report.labels}, {how}, {report.seconds:.1f} s -> {report.output} "
+         f"(confidence: {report.confidence.name})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from sslmedsam2.metrics.evaluate import evaluate_paths, scores_table, write_scores_csv
+
+    if args.csv is not None:
+        from sslmedsam2.atomic import check_writable
+
+        check_writable(args.csv)
+    results, unmatched = evaluate_paths(args.pred, args.gt)
+    for name in unmatched:
+        _say(f"{name}: present in one folder only, not scored")
+    print(scores_table(results))
+    if args.csv is not None:
+        write_scores_csv(results, args.csv)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from sslmedsam2.models.cache import cache_dir, cached_path, is_cached
+
+    rows = [{"name": s.name, "image_size": s.image_size, "size_mb": round(s.size_bytes / 1e6), "cached": is_cached(s),
+             "path": str(cached_path(s)), "url": s.url, "sha256": s.sha256, "note": s.note} for s in MODELS.values()]
+    if args.json:
+        print(json.dumps({"cache": str(cache_dir()), "models": rows}, indent=2))
+        return 0
+    print(f"cache: {cache_dir()}  (set SSLMEDSAM2_CACHE to move it)")
+    for r in rows:
+        state = "cached" if r["cached"] else "not downloaded"
+        print(f"  {r['name']:<18} {r['image_size']:>5}px {r['size_mb']:>5} MB  {state:<15} {r['note']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sslmedsam2.demo import run_demo
+
+    with _progress_bar("propagate") as bar:
+        run_demo(args.output, _options(args), log=_say, progress=bar, download_progress=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslmedsam2", description="Draw a few slices, get the whole 3D "
+                                     "segmentation: SAM2 propagation through medical volumes.")
+    parser.add_argument("--version", action="version", version=f"sslmedsam2 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("propagate", help="seed slices -> full 3D label map",
+                       description="Propagate the drawn slices of SEEDS through IMAGE. Writes OUTPUT (a label map on "
+                       "the image grid) and OUTPUT's name + .confidence.csv (per slice and label).")
+    p.add_argument("image", type=Path, help="3D image: .nii/.nii.gz/.nrrd/.mha or a DICOM series folder")
+    p.add_argument("seeds", type=Path, help="label map on the image grid with a few drawn slices (any labels)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output label map (suffix picks the format; "
+                   "no suffix: DICOM series folder)")
+    p.add_argument("--method", default="auto", choices=METHODS, help="sam2, interpolate (no weights needed) or auto "
+                   "(default: sam2 when weights can be had, else interpolate, saying so)")
+    _add_model_options(p)
+    _add_frame_options(p)
+    p.set_defaults(func=cmd_propagate)
+
+    e = sub.add_parser("evaluate", help="Dice, HD95 and ASSD (mm) per label",
+                       description="Compare PRED with GT: two label maps, or two folders matched by file name.")
+    e.add_argument("pred", type=Path)
+    e.add_argument("gt", type=Path)
+    e.add_argument("--csv", type=Path, help="also write one row per case and label (case,label,dice,hd95,assd)")
+    e.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("models", help="known SAM2 weights and whether they are downloaded")
+    m.add_argument("--json", action="store_true", help="machine-readable listing")
+    m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("demo", help="run on the hippocampus sample shipped with the package",
+                       description="Propagate three drawn slices per label of a shipped hippocampus MRI, score the "
+                       "result against its full manual label and draw a picture.")
+    d.add_argument("-o", "--output", type=Path, default=Path("sslmedsam2-demo"), help="output folder")
+    d.add_argument("--method", default="auto", choices=METHODS)
+    _add_model_options(d)
+    d.set_defaults(func=cmd_demo, axis="axial", modality="mri", window="soft-tissue", intensity_range=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        _say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted; no output was written")
+        return 130

@@ -1,0 +1,87 @@
+"""`sslmedsam2 evaluate`: two label maps, or two folders of them matched by file name."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from sslmedsam2.atomic import full_suffix, write_text
+from sslmedsam2.errors import UserError
+from sslmedsam2.metrics.surface import LabelScores, score_labels
+from sslmedsam2.volume import check_same_grid, read_label_map
+from sslmedsam2.volume.io import IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class CaseScores:
+    case: str
+    scores: list[LabelScores]
+
+
+def _pairs(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
+    if pred.is_dir() != truth.is_dir():
+        raise UserError("give two files or two folders, not one of each")
+    if not pred.is_dir():
+        return [(pred.name, pred, truth)]
+    def images(folder: Path) -> dict[str, Path]:
+        return {p.name: p for p in sorted(folder.iterdir()) if full_suffix(p).lower() in IMAGE_SUFFIXES}
+
+    preds, truths = images(pred), images(truth)
+    common = sorted(set(preds) & set(truths))
+    if not common:
+        raise UserError(f"no file name is in both {pred} and {truth}")
+    return [(name, preds[name], truths[name]) for name in common]
+
+
+def evaluate_paths(pred: Path, truth: Path) -> tuple[list[CaseScores], list[str]]:
+    """Scores per case; also the names found on one side only (reported, not scored)."""
+    pred, truth = Path(pred), Path(truth)
+    for path in (pred, truth):
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+    results = []
+    for name, p, t in _pairs(pred, truth):
+        p_img, t_img = read_label_map(p), read_label_map(t)
+        check_same_grid(t_img, p_img, what=f"prediction {name}")
+        spacing = tuple(reversed(t_img.GetSpacing()))  # numpy arrays are z, y, x
+        scores = score_labels(sitk.GetArrayViewFromImage(p_img), sitk.GetArrayViewFromImage(t_img), spacing)
+        results.append(CaseScores(name, scores))
+    unmatched = []
+    if pred.is_dir():
+        names = {r.case for r in results}
+        unmatched = sorted({p.name for d in (pred, truth) for p in d.iterdir() if p.is_file()} - names)
+    return results, unmatched
+
+
+def _fmt(value: float) -> str:
+    return "nan" if math.isnan(value) else f"{value:.4f}"
+
+
+def scores_table(results: list[CaseScores]) -> str:
+    lines = [f"{'case':<32} {'label':>5} {'dice':>8} {'hd95_mm':>9} {'assd_mm':>9}"]
+    for case in results:
+        for s in case.scores:
+            lines.append(f"{case.case:<32} {s.label:>5} {_fmt(s.dice):>8} {_fmt(s.hd95):>9} {_fmt(s.assd):>9}")
+    by_label: dict[int, list[float]] = {}
+    for case in results:
+        for s in case.scores:
+            by_label.setdefault(s.label, []).append(s.dice)
+    if len(results) > 1:
+        for label, dices in sorted(by_label.items()):
+            lines.append(f"{'mean':<32} {label:>5} {_fmt(sum(dices) / len(dices)):>8}")
+    return "\n".join(lines)
+
+
+def write_scores_csv(results: list[CaseScores], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case", "label", "dice", "hd95", "assd"])
+    for case in results:
+        for s in case.scores:
+            writer.writerow([case.case, s.label, _fmt(s.dice), _fmt(s.hd95), _fmt(s.assd)])
+    write_text(Path(path), buffer.getvalue())

@@ -1,0 +1,77 @@
+"""The per-user weight cache and checked, atomic downloads into it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import pooch
+
+from sslmedsam2.errors import UserError
+from sslmedsam2.models.registry import ModelSpec
+
+CACHE_ENV = "SSLMEDSAM2_CACHE"
+MIRROR_ENV = "SSLMEDSAM2_MIRROR"  # base URL of a local copy of the weight files (firewalled sites, tests)
+_CHUNK = 1 << 20
+
+
+class ProgressBar(Protocol):
+    """What pooch drives while downloading; a tqdm instance fits."""
+
+    total: int | None
+
+    def update(self, n: int) -> object: ...
+    def reset(self) -> object: ...
+    def close(self) -> object: ...
+
+
+def cache_dir() -> Path:
+    """Outside the code, per user, so an extension update or reinstall never deletes gigabytes of weights."""
+    override = os.environ.get(CACHE_ENV)
+    return Path(override).expanduser() if override else Path(pooch.os_cache("sslmedsam2")) / "models"
+
+
+def cached_path(spec: ModelSpec) -> Path:
+    return cache_dir() / spec.filename
+
+
+def is_cached(spec: ModelSpec) -> bool:
+    path = cached_path(spec)
+    return path.is_file() and path.stat().st_size == spec.size_bytes
+
+
+def download_url(spec: ModelSpec) -> str:
+    mirror = os.environ.get(MIRROR_ENV)
+    return f"{mirror.rstrip('/')}/{spec.filename}" if mirror else spec.url
+
+
+def manual_install_hint(spec: ModelSpec) -> str:
+    return (f"download {spec.url} by hand (SHA256 {spec.sha256}) and put it at {cached_path(spec)}, "
+            f"or pass --checkpoint PATH")
+
+
+def ensure_weights(spec: ModelSpec, progress: ProgressBar | bool = False, timeout: float = 60.0) -> Path:
+    """Return the cached checkpoint, downloading it first if needed; only a file with the right SHA256 is kept."""
+    import requests
+
+    url = download_url(spec)
+    target = cached_path(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    downloader = pooch.HTTPDownloader(progressbar=progress, chunk_size=_CHUNK, timeout=timeout)
+    try:
+        path = pooch.retrieve(url, known_hash=f"sha256:{spec.sha256}", fname=spec.filename,
+                              path=target.parent, downloader=downloader)
+    except ValueError as exc:
+        if "hash" in str(exc).lower():
+            raise UserError(f"{spec.name}: the file downloaded from {url} failed its SHA256 check; nothing was saved "
+                            f"(a proxy or a changed upstream file?); {manual_install_hint(spec)}") from None
+        raise
+    except requests.exceptions.HTTPError as exc:
+        raise UserError(f"{spec.name}: download from {url} failed ({exc.response.status_code}); "
+                        f"{manual_install_hint(spec)}") from None
+    except requests.exceptions.RequestException as exc:
+        kind = type(exc).__name__
+        raise UserError(f"{spec.name}: cannot download {url} ({kind}: offline or interrupted?); "
+                        f"{manual_install_hint(spec)}") from None
+    return Path(path)

@@ -1,0 +1,82 @@
+"""Device choice and building a SAM2 predictor through sam2's own builder and checkpoint loader."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from sslmedsam2.errors import UserError
+from sslmedsam2.models.registry import ModelSpec
+
+PREDICTOR_TARGET = "sslmedsam2.propagation.predictor.SlicePredictor"
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda, then mps, then cpu."""
+    if name not in DEVICES:
+        raise UserError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is usable by this torch build")
+    elif name == "mps" and not has_mps:
+        raise UserError("--device mps: Apple MPS is not available here")
+    return torch.device(name)
+
+
+def hydra_overrides(spec: ModelSpec, image_size: int | None = None) -> list[str]:
+    size = int(image_size or spec.image_size)
+    if size % 16 or size < 64:
+        raise UserError(f"--image-size {size}: must be a multiple of 16, at least 64")
+    feat = size // 16
+    overrides = [f"++model._target_={PREDICTOR_TARGET}", f"++model.image_size={size}"]
+    for attention in ("self_attention", "cross_attention"):
+        overrides.append(f"++model.memory_attention.layer.{attention}.feat_sizes=[{feat},{feat}]")
+    return [*overrides, *spec.overrides]
+
+
+def _has_cuda_extension() -> bool:
+    try:
+        from sam2 import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_predictor(spec: ModelSpec, checkpoint: Path | None, device: torch.device | str = "cpu",
+                    image_size: int | None = None):
+    """A `SlicePredictor` with `checkpoint` loaded (None: random weights, for tests and benchmarks)."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    from sslmedsam2.propagation.predictor import SlicePredictor
+
+    overrides = hydra_overrides(spec, image_size)
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint {checkpoint}: no such file")
+    sam2_log = logging.getLogger()
+    level = sam2_log.level
+    sam2_log.setLevel(logging.CRITICAL)  # sam2 logs key lists before its bare RuntimeError; we say it in one line
+    try:
+        predictor = build_sam2_video_predictor(spec.config, str(checkpoint) if checkpoint else None,
+                                               device=str(device), hydra_overrides_extra=overrides)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(f"checkpoint {checkpoint}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
+    except KeyError as exc:
+        raise UserError(f"checkpoint {checkpoint}: no {exc} entry; not a SAM2 checkpoint") from None
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else f"its weights do not fit the {spec.name} model"
+        raise UserError(f"checkpoint {checkpoint}: {reason}") from None
+    finally:
+        sam2_log.setLevel(level)
+    assert isinstance(predictor, SlicePredictor)
+    if not _has_cuda_extension():
+        # sam2's hole filling needs its optional CUDA extension; without it sam2 warns on every frame
+        predictor.fill_hole_area = 0
+    return predictor

@@ -1,0 +1,133 @@
+"""File in, file out: an image and a few drawn slices -> a full label map and its confidence table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sslmedsam2.atomic import check_writable
+from sslmedsam2.errors import UserError
+from sslmedsam2.frames import IntensitySpec, to_uint8
+from sslmedsam2.models import get_model
+from sslmedsam2.models.cache import ensure_weights, is_cached, cached_path
+from sslmedsam2.models.registry import DEFAULT_MODEL
+from sslmedsam2.propagation.confidence import confidence_path, write_confidence
+from sslmedsam2.propagation.sam2_propagation import Progress, Propagation
+from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
+
+METHODS = ("auto", "sam2", "interpolate")
+
+
+@dataclass
+class PropagateOptions:
+    method: str = "auto"  # auto: SAM2 when weights can be had, else interpolation (said plainly)
+    model: str = DEFAULT_MODEL
+    checkpoint: Path | None = None
+    device: str = "auto"
+    image_size: int | None = None
+    axis: str = "axial"
+    intensity: IntensitySpec = field(default_factory=IntensitySpec)
+    download: bool = True
+
+
+@dataclass
+class PropagateReport:
+    method: str
+    output: Path
+    confidence: Path
+    labels: list[int]
+    slices: int
+    seconds: float
+    model: str | None = None
+    device: str | None = None
+
+
+@dataclass
+class Case:
+    """An image with its seeds, both in slice-first order along the chosen axis."""
+
+    image: sitk.Image
+    array_axis: int
+    volume: np.ndarray
+    seeds: Seeds
+
+    def to_image(self, slice_first: np.ndarray) -> sitk.Image:
+        out = sitk.GetImageFromArray(np.moveaxis(slice_first, 0, self.array_axis))
+        out.CopyInformation(self.image)
+        return out
+
+
+def load_case(image_path: Path, seeds_path: Path, axis: str = "axial") -> Case:
+    image = read_image(image_path)
+    seeds_image = read_label_map(seeds_path)
+    check_same_grid(image, seeds_image, what=f"seed label map {Path(seeds_path).name}")
+    array_axis = slice_axis(image, axis)
+    volume = np.moveaxis(sitk.GetArrayFromImage(image), array_axis, 0)
+    seeds = np.moveaxis(sitk.GetArrayFromImage(seeds_image), array_axis, 0)
+    if not seeds.any():
+        raise UserError(f"{seeds_path}: the seed label map has no labelled voxel; draw the structure on at least one slice")
+    return Case(image, array_axis, volume, Seeds(np.ascontiguousarray(seeds)))
+
+
+def find_weights(options: PropagateOptions, log: Callable[[str], None], progress=False) -> Path | None:
+    """The checkpoint to use, or None when method 'auto' has to do without (after saying why)."""
+    if options.checkpoint is not None:
+        if not Path(options.checkpoint).is_file():
+            raise UserError(f"checkpoint {options.checkpoint}: no such file")
+        return Path(options.checkpoint)
+    spec = get_model(options.model)
+    if is_cached(spec) or options.download:
+        try:
+            if not is_cached(spec):
+                log(f"downloading {spec.name} weights ({spec.size_bytes / 1e6:.0f} MB) to {cached_path(spec)}")
+            return ensure_weights(spec, progress=progress)
+        except UserError as exc:
+            if options.method == "sam2":
+                raise
+            log(f"no SAM2 weights: {exc}")
+    elif options.method == "sam2":
+        raise UserError(f"{spec.name} weights are not installed and downloading is off; pass --checkpoint PATH")
+    log("using --method interpolate (ITK morphological contour interpolation between the drawn slices) instead of SAM2")
+    return None
+
+
+def propagate_case(case: Case, options: PropagateOptions, weights: Path | None,
+                   progress: Progress | None = None) -> tuple[Propagation, str, str | None]:
+    """Run the chosen method; returns the result, the method used and the device (SAM2 only)."""
+    if options.method == "interpolate" or weights is None:
+        from sslmedsam2.propagation.interpolation import interpolate_between_seeds
+
+        return interpolate_between_seeds(case.seeds), "interpolate", None
+    from sslmedsam2.models.loader import build_predictor, resolve_device
+    from sslmedsam2.propagation.sam2_propagation import propagate_sam2
+
+    device = resolve_device(options.device)
+    predictor = build_predictor(get_model(options.model), weights, device, options.image_size)
+    slices = to_uint8(case.volume, options.intensity)
+    return propagate_sam2(predictor, slices, case.seeds, progress), "sam2", str(device)
+
+
+def run_propagate(image_path: Path, seeds_path: Path, output: Path, options: PropagateOptions,
+                  log: Callable[[str], None] = print, progress: Progress | None = None,
+                  download_progress=False) -> PropagateReport:
+    """Check everything that can be checked before the long work; write nothing unless all of it succeeds."""
+    if options.method not in METHODS:
+        raise UserError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
+    get_model(options.model)
+    output = Path(output)
+    check_writable(output)
+    started = time.perf_counter()
+    case = load_case(Path(image_path), Path(seeds_path), options.axis)
+    weights = None if options.method == "interpolate" else find_weights(options, log, download_progress)
+    result, method, device = propagate_case(case, options, weights, progress)
+    confidence = confidence_path(output)
+    write_confidence(result.confidence, confidence)
+    write_image(case.to_image(result.labels), output)
+    return PropagateReport(method, output, confidence, case.seeds.labels, case.volume.shape[0],
+                           time.perf_counter() - started, options.model if method == "sam2" else None, device)

@@ -1,0 +1,138 @@
+"""SAM2 propagation of seed masks through a volume: forward and backward passes, fused into one label map."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sslmedsam2.frames import VolumeFrames
+from sslmedsam2.propagation.confidence import SliceConfidence
+from sslmedsam2.propagation.predictor import SlicePredictor
+from sslmedsam2.propagation.seeds import Seeds
+
+# Pixels whose probability exceeds this count towards a slice's certainty (the mask and its uncertain rim).
+_CERTAINTY_FLOOR = 0.05
+
+
+class Progress(Protocol):
+    """A tqdm instance fits."""
+
+    def reset(self, total: int | None = None) -> object: ...
+    def update(self, n: int = 1) -> object: ...
+
+
+@dataclass
+class Propagation:
+    """Result in slice-first order: the label map (n, h, w) and one confidence row per slice and label."""
+
+    labels: np.ndarray
+    confidence: list[SliceConfidence]
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-object Dice of boolean masks (objects, ...); two empty masks agree fully."""
+    a, b = a.flatten(1), b.flatten(1)
+    total = a.sum(1) + b.sum(1)
+    inter = (a & b).sum(1)
+    return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total, dtype=torch.float32))
+
+
+def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds,
+               progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Track each label forward from its first seed and backward from its last, each pass from a fresh state.
+
+    Returns low-resolution logits (objects, n, S/4, S/4) averaged where both passes exist, object-presence
+    probabilities (objects, n), forward/backward agreement (objects, n) and which passes covered each slice
+    (objects, n, 2) as booleans (forward, backward). Objects are `seeds.labels` in order.
+    """
+    n = len(frames)
+    spans = [(min(s), max(s)) for s in seeds.seed_slices().values()]
+    first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+    if progress is not None:
+        progress.reset(total=(n - first) + (last + 1))
+    low = predictor.image_size // 4
+    logits = torch.zeros(len(spans), n, low, low)
+    presence = torch.zeros(len(spans), n)
+    agreement = torch.ones(len(spans), n)
+    covered = torch.zeros(len(spans), n, 2, dtype=torch.bool)
+    passes = (
+        (range(first, n), lambda z: [i for i, (a, _) in enumerate(spans) if z >= a]),
+        (range(last, -1, -1), lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]),
+    )
+    with torch.inference_mode(), _autocast(predictor.device):
+        state = predictor.init_state_from_frames(frames, frames.height, frames.width)
+        for label, slices in seeds.seed_slices().items():
+            for z in slices:
+                predictor.add_new_mask(state, z, label, seeds.labels_map[z] == label)
+        for direction, (order, objects) in enumerate(passes):
+            predictor.forget_tracking(state)
+            tracked = predictor.track(state, order, reverse=direction == 1, objects=objects)
+            for z, active, masks, scores in tracked:
+                masks = masks[:, 0].float().cpu()
+                prob = torch.sigmoid(scores[:, 0].float()).cpu()
+                for k, i in enumerate(active):
+                    if covered[i, z, 0]:  # the backward pass over a slice the forward pass saw: fuse
+                        agreement[i, z] = _dice(logits[i, z][None] > 0, masks[k][None] > 0)[0]
+                        logits[i, z] = (logits[i, z] + masks[k]) / 2
+                        presence[i, z] = (presence[i, z] + prob[k]) / 2
+                    else:
+                        logits[i, z] = masks[k]
+                        presence[i, z] = prob[k]
+                    covered[i, z, direction] = True
+                if progress is not None:
+                    progress.update(1)
+    return logits, presence, agreement, covered
+
+
+def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, covered: torch.Tensor,
+         seeds: Seeds, height: int, width: int) -> Propagation:
+    """Upsample per slice, let the highest score win where labels overlap, restore the seeds, score every slice."""
+    labels = seeds.labels
+    n = logits.shape[1]
+    lut = torch.tensor([0, *labels])
+    dtype = np.uint8 if max(labels) < 256 else np.uint16
+    out = np.zeros((n, height, width), dtype=dtype)
+    certainty = torch.ones(len(labels), n)
+    for z in range(n):
+        # bilinear, as SAM2 resizes its low-resolution masks to the video size
+        up = F.interpolate(logits[:, z:z + 1], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        prob = torch.sigmoid(up)
+        best_score, best = up.max(dim=0)
+        out[z] = torch.where(best_score > 0, lut[best + 1], 0).numpy()
+        rim = prob > _CERTAINTY_FLOOR
+        sharp = (2 * prob - 1).abs()
+        certainty[:, z] = torch.where(rim.flatten(1).any(1), (sharp * rim).flatten(1).sum(1) / rim.flatten(1).sum(1).clamp(min=1), 1.0)
+    out = seeds.impose(out)
+    seed_slices = seeds.seed_slices()
+    rows = []
+    for i, label in enumerate(labels):
+        drawn = set(seed_slices[label])
+        for z in range(n):
+            voxels = int((out[z] == label).sum())
+            if z in drawn:
+                rows.append(SliceConfidence(z, label, "seed", True, voxels, 1.0, 1.0, 1.0, 1.0))
+                continue
+            source = {(True, True): "both", (True, False): "forward", (False, True): "backward"}[tuple(covered[i, z].tolist())]
+            p, c, a = float(presence[i, z]), float(certainty[i, z]), float(agreement[i, z])
+            conf = (p if voxels else 1.0 - p) * c * a
+            rows.append(SliceConfidence(z, label, source, voxels > 0, voxels, p, c, a, conf))
+    return Propagation(out, rows)
+
+
+def propagate_sam2(predictor: SlicePredictor, slices: np.ndarray, seeds: Seeds,
+                   progress: Progress | None = None) -> Propagation:
+    """8-bit slices (n, h, w) and seeds on the same grid -> a label map on every slice."""
+    frames = VolumeFrames(slices, predictor.image_size, predictor.device)
+    logits, presence, agreement, covered = run_passes(predictor, frames, seeds, progress)
+    return fuse(logits, presence, agreement, covered, seeds, frames.height, frames.width)
