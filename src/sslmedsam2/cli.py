@@ -19,10 +19,30 @@ def _say(message: str) -> None:
     print(f"sslmedsam2: {message}", file=sys.stderr, flush=True)
 
 
-def _progress_bar(desc: str, unit: str = "slice", **kwargs):
-    from tqdm import tqdm
+class _SliceBar:
+    """A tqdm bar that appears only once work with a known size starts (nothing for a 1-second interpolation)."""
 
-    return tqdm(desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, **kwargs)
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar = None
+
+    def reset(self, total: int | None = None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(desc=self.desc, unit="slice", total=total, file=sys.stderr, dynamic_ncols=True)
+        else:
+            self.bar.reset(total=total)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def __enter__(self) -> "_SliceBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +77,7 @@ def _options(args: argparse.Namespace) -> PropagateOptions:
 def cmd_propagate(args: argparse.Namespace) -> int:
     from sslmedsam2.pipeline import run_propagate
 
-    with _progress_bar("propagate") as bar:
+    with _SliceBar("propagate") as bar:
         report = run_propagate(args.image, args.seeds, args.output, _options(args), log=_say, progress=bar,
                                download_progress=True)
     how = f"SAM2 {report.model} on {report.device}" if report.method == "sam2" else "contour interpolation"
@@ -100,7 +120,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sslmedsam2.demo import run_demo
 
-    with _progress_bar("propagate") as bar:
+    with _SliceBar("propagate") as bar:
         run_demo(args.output, _options(args), log=_say, progress=bar, download_progress=True)
     return 0
 

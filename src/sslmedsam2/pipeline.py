@@ -14,7 +14,7 @@ from sslmedsam2.atomic import check_writable
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec, to_uint8
 from sslmedsam2.models import get_model
-from sslmedsam2.models.cache import ensure_weights, is_cached, cached_path
+from sslmedsam2.models.cache import cached_path, ensure_weights, is_cached, manual_install_hint
 from sslmedsam2.models.registry import DEFAULT_MODEL
 from sslmedsam2.propagation.confidence import confidence_path, write_confidence
 from sslmedsam2.propagation.sam2_propagation import Progress, Propagation
@@ -82,17 +82,16 @@ def find_weights(options: PropagateOptions, log: Callable[[str], None], progress
             raise UserError(f"checkpoint {options.checkpoint}: no such file")
         return Path(options.checkpoint)
     spec = get_model(options.model)
-    if is_cached(spec) or options.download:
-        try:
+    try:
+        if is_cached(spec) or options.download:
             if not is_cached(spec):
                 log(f"downloading {spec.name} weights ({spec.size_bytes / 1e6:.0f} MB) to {cached_path(spec)}")
             return ensure_weights(spec, progress=progress)
-        except UserError as exc:
-            if options.method == "sam2":
-                raise
-            log(f"no SAM2 weights: {exc}")
-    elif options.method == "sam2":
-        raise UserError(f"{spec.name} weights are not installed and downloading is off; pass --checkpoint PATH")
+        raise UserError(f"{spec.name} weights are not downloaded and downloading is off; {manual_install_hint(spec)}")
+    except UserError as exc:
+        if options.method == "sam2":
+            raise
+        log(f"no SAM2 weights: {exc}")
     log("using --method interpolate (ITK morphological contour interpolation between the drawn slices) instead of SAM2")
     return None
 

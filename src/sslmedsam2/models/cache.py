@@ -58,6 +58,7 @@ def ensure_weights(spec: ModelSpec, progress: ProgressBar | bool = False, timeou
     url = download_url(spec)
     target = cached_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
+    pooch.get_logger().setLevel("WARNING")  # we announce downloads ourselves
     downloader = pooch.HTTPDownloader(progressbar=progress, chunk_size=_CHUNK, timeout=timeout)
     try:
         path = pooch.retrieve(url, known_hash=f"sha256:{spec.sha256}", fname=spec.filename,

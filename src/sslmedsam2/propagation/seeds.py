@@ -17,6 +17,16 @@ class Seeds:
 
     labels_map: np.ndarray
 
+    @classmethod
+    def every_nth_slice(cls, reference: np.ndarray, step: int) -> "Seeds":
+        """Simulate a user who draws every `step`-th slice of each label's extent, its last slice included."""
+        seeds = np.zeros_like(reference)
+        for label in (int(v) for v in np.unique(reference) if v != 0):
+            present = np.flatnonzero((reference == label).any(axis=(1, 2)))
+            for z in sorted(set(range(present[0], present[-1] + 1, step)) | {int(present[-1])}):
+                seeds[z][reference[z] == label] = label
+        return cls(seeds)
+
     def __post_init__(self) -> None:
         if not self.labels:
             raise ValueError("seeds without any labelled voxel")

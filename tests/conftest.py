@@ -1,0 +1,122 @@
+"""Shared fixtures: synthetic volumes, a random-weight SAM2 checkpoint, and the optional real data."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+SHARED_DATA = Path(os.environ.get("SSLMEDSAM2_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+TINY_SIZE = 128  # SAM2 image size for tests: real Hiera-T architecture, small input
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's weight cache, never reach the internet from a test."""
+    monkeypatch.setenv("SSLMEDSAM2_CACHE", str(tmp_path_factory.mktemp("weights")))
+    monkeypatch.setenv("SSLMEDSAM2_MIRROR", "http://127.0.0.1:9/")  # discard port: nothing listens
+
+
+def ellipsoid(shape, centre, radii) -> np.ndarray:
+    grid = np.indices(shape, dtype=float)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def synthetic_case(shape=(24, 48, 48), seed=0):
+    """An MR-like volume with two labelled blobs; returns (image array, label array), numpy z, y, x order."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    labels[ellipsoid(shape, (11, 18, 18), (8, 9, 11))] = 1
+    labels[ellipsoid(shape, (13, 32, 31), (6, 7, 6))] = 2
+    image = 100 + 20 * rng.standard_normal(shape)
+    image[labels == 1] += 300
+    image[labels == 2] += 180
+    image[:, :3, :] = 0  # background air, as in MRI
+    return image.astype(np.float32), labels
+
+
+def to_image(array: np.ndarray, spacing=(0.8, 0.9, 2.5), origin=(-10.0, 20.0, 5.0), direction=None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    return image
+
+
+def seeds_on(labels: np.ndarray, slices: dict[int, list[int]]) -> np.ndarray:
+    """Keep label L only on the listed slices (numpy axis 0)."""
+    seeds = np.zeros_like(labels)
+    for label, zs in slices.items():
+        for z in zs:
+            seeds[z][labels[z] == label] = label
+    return seeds
+
+
+@pytest.fixture
+def case_files(tmp_path):
+    """(image path, seeds path, full label path) of a synthetic case with seeds on several slices, two labels."""
+    image, labels = synthetic_case()
+    seeds = seeds_on(labels, {1: [6, 11, 16], 2: [10, 15]})
+    paths = tmp_path / "image.nii.gz", tmp_path / "seeds.nii.gz", tmp_path / "labels.nii.gz"
+    for array, path in zip((image, seeds, labels), paths):
+        sitk.WriteImage(to_image(array), str(path))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Real SAM2.1 Hiera-T architecture from sam2's packaged config, random weights, saved as users' files are."""
+    import torch
+
+    from sslmedsam2.models import get_model
+    from sslmedsam2.models.loader import build_predictor
+
+    torch.manual_seed(0)
+    predictor = build_predictor(get_model("sam2.1-tiny"), None, "cpu", TINY_SIZE)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny_random.pt"
+    torch.save({"model": predictor.state_dict()}, path)
+    return path
+
+
+def shared_dataset(name: str) -> Path:
+    folder = SHARED_DATA / name
+    if not (folder / "images").is_dir():
+        pytest.skip(f"real data {folder} is absent (it sits beside the project in development and CI only)")
+    return folder
+
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    body = PAYLOAD
+    truncate = False
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.server.requests += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body[: len(self.body) // 3] if self.truncate else self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    handler = type("Handler", (_Handler,), {})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.requests = 0
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("SSLMEDSAM2_MIRROR", f"http://127.0.0.1:{httpd.server_address[1]}/files")
+    yield httpd, handler
+    httpd.shutdown()
+    httpd.server_close()
