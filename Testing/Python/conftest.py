@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-SHARED_DATA = Path(os.environ.get("SSLMEDSAM2_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("SSLMEDSAM2_SHARED_DATA", Path(__file__).resolve().parents[2] / ".." / "shared" / "data"))
 TINY_SIZE = 128  # SAM2 image size for tests: real Hiera-T architecture, small input
 
 
