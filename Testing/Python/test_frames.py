@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.frames import IntensitySpec, VolumeFrames, to_uint8
+from sslmedsam2.frames import IntensitySpec, to_uint8
+from sslmedsam2.frames.video import VolumeFrames
 
 
 def test_mri_percentiles_of_nonzero_voxels_and_zeros_stay_zero():

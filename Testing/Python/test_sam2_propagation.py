@@ -10,7 +10,7 @@ from conftest import TINY_SIZE
 
 from sslmedsam2.cli import main
 from sslmedsam2.errors import UserError
-from sslmedsam2.frames import VolumeFrames
+from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor
 from sslmedsam2.propagation.confidence import read_confidence

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from sslmedsam2.atomic import atomic_path
 from sslmedsam2.metrics import score_labels
 from sslmedsam2.pipeline import PropagateOptions, run_propagate
-from sslmedsam2.propagation.sam2_propagation import Progress
+from sslmedsam2.propagation.result import Progress
 from sslmedsam2.volume import slice_axis
 
 CASE = "hippocampus_001"

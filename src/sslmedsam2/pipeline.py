@@ -17,7 +17,7 @@ from sslmedsam2.models import get_model
 from sslmedsam2.models.cache import cached_path, ensure_weights, is_cached, manual_install_hint
 from sslmedsam2.models.registry import DEFAULT_MODEL
 from sslmedsam2.propagation.confidence import confidence_path, write_confidence
-from sslmedsam2.propagation.sam2_propagation import Progress, Propagation
+from sslmedsam2.propagation.result import Progress, Propagation
 from sslmedsam2.propagation.seeds import Seeds
 from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
 

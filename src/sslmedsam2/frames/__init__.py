@@ -1,6 +1,5 @@
-"""Volume -> SAM2 frames: intensity normalisation and lazily built, model-ready slices."""
+"""Volume -> SAM2 frames: intensity normalisation (here) and lazily built model-ready slices (frames.video, torch)."""
 
 from sslmedsam2.frames.intensity import CT_WINDOWS, IntensitySpec, to_uint8
-from sslmedsam2.frames.video import VolumeFrames
 
-__all__ = ["CT_WINDOWS", "IntensitySpec", "to_uint8", "VolumeFrames"]
+__all__ = ["CT_WINDOWS", "IntensitySpec", "to_uint8"]

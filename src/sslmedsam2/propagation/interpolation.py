@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sslmedsam2.propagation.confidence import SliceConfidence
-from sslmedsam2.propagation.sam2_propagation import Propagation
+from sslmedsam2.propagation.result import Propagation
 from sslmedsam2.propagation.seeds import Seeds
 
 

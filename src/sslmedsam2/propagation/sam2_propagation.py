@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sslmedsam2.frames import VolumeFrames
+from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.confidence import SliceConfidence
 from sslmedsam2.propagation.predictor import SlicePredictor
+from sslmedsam2.propagation.result import Progress, Propagation
 from sslmedsam2.propagation.seeds import Seeds
 
 # Pixels whose probability exceeds this count towards a slice's certainty (the mask and its uncertain rim).
 _CERTAINTY_FLOOR = 0.05
-
-
-class Progress(Protocol):
-    """A tqdm instance fits."""
-
-    def reset(self, total: int | None = None) -> object: ...
-    def update(self, n: int = 1) -> object: ...
-
-
-@dataclass
-class Propagation:
-    """Result in slice-first order: the label map (n, h, w) and one confidence row per slice and label."""
-
-    labels: np.ndarray
-    confidence: list[SliceConfidence]
 
 
 def _autocast(device: torch.device):

@@ -1,0 +1,208 @@
+"""Benchmark: this pipeline end to end vs the stock SAM2 video predictor fed JPEG files (the peers' route).
+
+Same volume, weights and seeds. Each variant runs in its own process so peak memory is its own.
+  python bench/propagate.py                      # CHAOS T2 case 2 (liver) if ../shared/data exists, else the sample
+  python bench/propagate.py --image-size 1024 --device cuda --checkpoint sam2.1_hiera_tiny.pt
+Without --checkpoint the weights are random (same architecture and cost as the real model).
+Prints one line per variant and a summary: overhead = end to end / SAM2's own tracking time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAOS = ROOT.parent / "shared" / "data" / "chaos_t2"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _gpu_peak_mb(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+
+
+def _timed(module, name: str, seconds: dict) -> None:
+    """Replace module.name by a wrapper that adds its run time to seconds[name]."""
+    original = getattr(module, name)
+
+    def wrapper(*a, **k):
+        start = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+    setattr(module, name, wrapper)
+
+
+def run_ours(args: argparse.Namespace) -> dict:
+    from sslmedsam2.models import loader
+    from sslmedsam2.pipeline import PropagateOptions, run_propagate
+    from sslmedsam2.propagation import sam2_propagation
+
+    seconds: dict[str, float] = {}
+    _timed(sam2_propagation, "run_passes", seconds)
+    _timed(loader, "build_predictor", seconds)
+    options = PropagateOptions(method="sam2", model=args.model, checkpoint=Path(args.checkpoint), device=args.device,
+                               image_size=args.image_size, axis=args.axis)
+    device = str(loader.resolve_device(args.device))
+    start = time.perf_counter()
+    run_propagate(Path(args.image), Path(args.seeds), Path(args.work) / "ours.nii.gz", options, log=lambda m: None)
+    # model building costs the same in both routes and is not part of the comparison
+    total = time.perf_counter() - start - seconds["build_predictor"]
+    return {"variant": "ours", "seconds": total, "model_seconds": seconds["run_passes"], "peak_rss_mb": _peak_rss_mb(),
+            "peak_gpu_mb": _gpu_peak_mb(device)}
+
+
+def _build(args: argparse.Namespace, device: str):
+    from sslmedsam2.models import get_model
+    from sslmedsam2.models.loader import build_predictor
+
+    return build_predictor(get_model(args.model), Path(args.checkpoint), device, args.image_size)
+
+
+def run_jpeg(args: argparse.Namespace) -> dict:
+    """The usual route: frames written as JPEG files, sam2's init_state loads them, propagate_in_video both ways."""
+    import SimpleITK as sitk
+    import torch
+    from PIL import Image
+
+    from sslmedsam2.frames import IntensitySpec, to_uint8
+    from sslmedsam2.models.loader import resolve_device
+    from sslmedsam2.volume import slice_axis
+
+    device = str(resolve_device(args.device))
+    predictor = _build(args, device)
+    model_seconds = 0.0
+    start = time.perf_counter()
+    image = sitk.ReadImage(args.image, sitk.sitkFloat32)
+    axis = slice_axis(image, args.axis)
+    volume = np.moveaxis(sitk.GetArrayFromImage(image), axis, 0)
+    seeds = np.moveaxis(sitk.GetArrayFromImage(sitk.ReadImage(args.seeds)), axis, 0)
+    frames = to_uint8(volume, IntensitySpec())
+    folder = Path(args.work) / "jpeg"
+    folder.mkdir()
+    for i, s in enumerate(frames):
+        Image.fromarray(s).save(folder / f"{i:05d}.jpg")
+    labels = [int(v) for v in np.unique(seeds) if v]
+    drawn = {label: [int(z) for z in np.flatnonzero((seeds == label).any(axis=(1, 2)))] for label in labels}
+    first, last = min(min(v) for v in drawn.values()), max(max(v) for v in drawn.values())
+    n, h, w = frames.shape
+    logits = torch.zeros(len(labels), n, h, w)
+    counts = torch.zeros(n)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    with torch.inference_mode(), autocast:
+        state = predictor.init_state(str(folder))
+        for reverse, start_frame in ((False, first), (True, last)):
+            tick = time.perf_counter()
+            predictor.reset_state(state)
+            for label in labels:
+                for z in drawn[label]:
+                    predictor.add_new_mask(state, z, label, seeds[z] == label)
+            for z, _, masks in predictor.propagate_in_video(state, start_frame_idx=start_frame, reverse=reverse):
+                logits[:, z] += masks[:, 0].float().cpu()
+                counts[z] += 1
+            model_seconds += time.perf_counter() - tick
+    fused = logits / counts.clamp(min=1)[None, :, None, None]
+    best, index = fused.max(0)
+    out = torch.where(best > 0, torch.tensor(labels)[index], 0).numpy().astype(np.uint8)
+    result = sitk.GetImageFromArray(np.moveaxis(out, 0, axis))
+    result.CopyInformation(image)
+    sitk.WriteImage(result, str(Path(args.work) / "jpeg.nii.gz"))
+    total = time.perf_counter() - start
+    return {"variant": "jpeg", "seconds": total, "model_seconds": model_seconds, "peak_rss_mb": _peak_rss_mb(),
+            "peak_gpu_mb": _gpu_peak_mb(device)}
+
+
+def prepare(args: argparse.Namespace, work: Path) -> None:
+    """Seeds (3 slices per label: both ends of its extent and the middle) and a random-weight checkpoint if needed."""
+    import SimpleITK as sitk
+
+    from sslmedsam2.volume import slice_axis
+
+    label = sitk.ReadImage(args.label)
+    axis = slice_axis(label, args.axis)
+    full = np.moveaxis(sitk.GetArrayFromImage(label).astype(np.uint8), axis, 0)
+    seeds = np.zeros_like(full)
+    for value in args.labels or [int(v) for v in np.unique(full) if v]:
+        present = np.flatnonzero((full == value).any(axis=(1, 2)))
+        for z in {present[0], present[len(present) // 2], present[-1]}:
+            seeds[z][full[z] == value] = value
+    image = sitk.GetImageFromArray(np.moveaxis(seeds, 0, axis))
+    image.CopyInformation(label)
+    args.seeds = str(work / "seeds.nii.gz")
+    sitk.WriteImage(image, args.seeds)
+    if args.checkpoint is None:
+        import torch
+
+        from sslmedsam2.models import get_model
+        from sslmedsam2.models.loader import build_predictor
+
+        torch.manual_seed(0)
+        predictor = build_predictor(get_model(args.model), None, "cpu", args.image_size)
+        args.checkpoint = str(work / "random.pt")
+        torch.save({"model": predictor.state_dict()}, args.checkpoint)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_case = CHAOS / "images" / "chaos_t2_2.nii.gz"
+    if default_case.exists():
+        image, label, labels = default_case, CHAOS / "labels" / "chaos_t2_2.nii.gz", [1]
+    else:
+        sample = ROOT / "src" / "sslmedsam2" / "sample"
+        image, label, labels = sample / "hippocampus_001_image.nii.gz", sample / "hippocampus_001_label.nii.gz", None
+    parser.add_argument("--image", default=str(image))
+    parser.add_argument("--label", default=str(label), help="full label map; seeds are taken from it")
+    parser.add_argument("--labels", type=int, nargs="*", default=labels, help="labels to propagate (default: liver)")
+    parser.add_argument("--axis", default="axial")
+    parser.add_argument("--model", default="sam2.1-tiny")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--variant", choices=("ours", "jpeg"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_ours(args) if args.variant == "ours" else run_jpeg(args)))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-propagate-") as tmp:
+        work = Path(tmp)
+        prepare(args, work)
+        results = {}
+        for variant in ("jpeg", "ours"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--seeds", args.seeds,
+                   "--image", args.image, "--axis", args.axis, "--model", args.model, "--checkpoint", args.checkpoint,
+                   "--image-size", str(args.image_size), "--device", args.device]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        import SimpleITK as sitk
+
+        n = sitk.ReadImage(args.image).GetSize()
+        ours, jpeg = results["ours"], results["jpeg"]
+        print(f"volume {Path(args.image).name} {n}, model {args.model} (image size {args.image_size}), "
+              f"device {args.device}, labels {args.labels or 'all'}")
+        for r in (jpeg, ours):
+            gpu = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else ""
+            print(f"{r['variant']:>5}: end to end {r['seconds']:.2f} s, SAM2 tracking {r['model_seconds']:.2f} s, "
+                  f"{n[2] / r['seconds']:.2f} slices/s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}")
+        print(f"overhead={ours['seconds'] / ours['model_seconds']:.3f} "
+              f"speedup_vs_jpeg={jpeg['seconds'] / ours['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
