@@ -80,3 +80,16 @@ def check_writable(target: Path) -> None:
         raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files a killed process left in `folder` (ours are named `.<stem>.<random>.tmp<suffix>`)."""
+    removed = 0
+    for path in Path(folder).glob(".*.tmp*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed

@@ -66,11 +66,14 @@ def _add_frame_options(parser: argparse.ArgumentParser) -> None:
                         help="explicit intensity range, overriding --modality")
 
 
+def _intensity(args: argparse.Namespace) -> IntensitySpec:
+    return IntensitySpec(modality=args.modality, window=args.window,
+                         value_range=tuple(args.intensity_range) if args.intensity_range else None)
+
+
 def _options(args: argparse.Namespace) -> PropagateOptions:
-    intensity = IntensitySpec(modality=args.modality, window=args.window,
-                              value_range=tuple(args.intensity_range) if args.intensity_range else None)
     return PropagateOptions(method=args.method, model=args.model, checkpoint=args.checkpoint, device=args.device,
-                            image_size=args.image_size, axis=args.axis, intensity=intensity,
+                            image_size=args.image_size, axis=args.axis, intensity=_intensity(args),
                             download=not args.no_download)
 
 
@@ -83,6 +86,24 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     how = f"SAM2 {report.model} on {report.device}" if report.method == "sam2" else "contour interpolation"
     _say(f"{report.slices} slices, labels {report.labels}, {how}, {report.seconds:.1f} s -> {report.output} "
          f"(confidence: {report.confidence.name})")
+    return 0
+
+
+def cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from sslmedsam2.fewshot.job import PseudoLabelOptions, parse_shard, run_pseudolabel
+
+    if args.insertions < 1:
+        raise UserError("--insertions must be at least 1")
+    if args.supports is not None and args.supports < 1:
+        raise UserError("--supports must be at least 1")
+    options = PseudoLabelOptions(
+        support_images=args.support_images, support_labels=args.support_labels, query=args.query, output=args.output,
+        model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
+        insertions=args.insertions, seed=args.seed, supports=args.supports, shard=parse_shard(args.shard),
+        axis=args.axis, intensity=_intensity(args), download=not args.no_download, naive=args.naive)
+    with _SliceBar("videos") as bar:
+        written = run_pseudolabel(options, log=_say, progress=bar, download_progress=True)
+    _say(f"{len(written)} pseudo-labels written; review order in {args.output / 'ranking.csv'}")
     return 0
 
 
@@ -143,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_frame_options(p)
     p.set_defaults(func=cmd_propagate)
+
+    f = sub.add_parser("pseudolabel", help="few-shot pseudo-labels for unlabelled volumes from labelled supports",
+                       description="Training-free few-shot (TFFS): each support volume is inserted whole into each query "
+                       "at K positions, SAM2 propagates the support's labels into the query (no prompt on the query), "
+                       "and the videos' probabilities are averaged. Writes OUTDIR/<query file>, .prob_<label>, "
+                       ".uncertainty, .confidence.csv and .case.json per query, and OUTDIR/ranking.csv (review order). "
+                       "A rerun resumes: finished queries are skipped.")
+    f.add_argument("--support-images", type=Path, required=True, help="folder of labelled support images")
+    f.add_argument("--support-labels", type=Path, required=True, help="their label maps, same file names")
+    f.add_argument("--query", type=Path, required=True, help="folder of unlabelled query images")
+    f.add_argument("-o", "--output", type=Path, required=True, help="output folder (not the query folder)")
+    f.add_argument("--insertions", type=int, default=5, help="positions each support is inserted at (default 5)")
+    f.add_argument("--seed", type=int, default=42, help="seed of the insertion positions (default 42)")
+    f.add_argument("--supports", type=int, help="use the N supports most similar to each query (default: all)")
+    f.add_argument("--shard", default="1/1", help="I/N: this job takes every N-th query from the I-th (1-based)")
+    f.add_argument("--naive", action="store_true", help="compute every video in full, as the reference code does "
+                   "(same result, several times slower; for comparison)")
+    _add_model_options(f)
+    _add_frame_options(f)
+    f.set_defaults(func=cmd_pseudolabel)
 
     e = sub.add_parser("evaluate", help="Dice, HD95 and ASSD (mm) per label",
                        description="Compare PRED with GT: two label maps, or two folders matched by file name.")

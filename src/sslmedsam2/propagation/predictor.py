@@ -54,6 +54,29 @@ class SlicePredictor(SAM2VideoPredictor):
         }
         return state
 
+    def _get_image_feature(self, inference_state: dict, frame_idx: int, batch_size: int):
+        """With a feature store in the state, each distinct frame is encoded once, whichever video it appears in.
+
+        `state["frame_keys"][i]` names frame i's content; `state["feature_store"]` maps names to encoder outputs.
+        Without them this is sam2's own method (which keeps only the most recent frame).
+        """
+        store = inference_state.get("feature_store")
+        if store is None:
+            return super()._get_image_feature(inference_state, frame_idx, batch_size)
+        key = inference_state["frame_keys"][frame_idx]
+        backbone_out = store.get(key)
+        if backbone_out is None:
+            image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
+            backbone_out = self.forward_image(image)
+            store.put(key, backbone_out)
+        device = inference_state["device"]
+        expanded = {
+            "backbone_fpn": [f.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
+            "vision_pos_enc": [p.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
+        }
+        # the first element (the input image) is not read by tracking; a placeholder avoids keeping frames
+        return (None, *self._prepare_backbone_features(expanded))
+
     @property
     def memory_window(self) -> int:
         """How many past frames' outputs tracking can still read (mask memories and object pointers)."""

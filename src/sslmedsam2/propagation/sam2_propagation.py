@@ -18,7 +18,14 @@ from sslmedsam2.propagation.seeds import Seeds
 _CERTAINTY_FLOOR = 0.05
 
 
-def _autocast(device: torch.device):
+def slice_certainty(prob: torch.Tensor) -> torch.Tensor:
+    """Mean |2p - 1| over the pixels where p > 0.05, per object of (objects, h, w); 1 where there are none."""
+    rim = (prob > _CERTAINTY_FLOOR).flatten(1)
+    sharp = (2 * prob - 1).abs().flatten(1)
+    return torch.where(rim.any(1), (sharp * rim).sum(1) / rim.sum(1).clamp(min=1), 1.0)
+
+
+def autocast_for(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -54,7 +61,7 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds,
         (range(first, n), lambda z: [i for i, (a, _) in enumerate(spans) if z >= a]),
         (range(last, -1, -1), lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]),
     )
-    with torch.inference_mode(), _autocast(predictor.device):
+    with torch.inference_mode(), autocast_for(predictor.device):
         state = predictor.init_state_from_frames(frames, frames.height, frames.width)
         for label, slices in seeds.seed_slices().items():
             for z in slices:
@@ -94,9 +101,7 @@ def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, 
         prob = torch.sigmoid(up)
         best_score, best = up.max(dim=0)
         out[z] = torch.where(best_score > 0, lut[best + 1], 0).numpy()
-        rim = prob > _CERTAINTY_FLOOR
-        sharp = (2 * prob - 1).abs()
-        certainty[:, z] = torch.where(rim.flatten(1).any(1), (sharp * rim).flatten(1).sum(1) / rim.flatten(1).sum(1).clamp(min=1), 1.0)
+        certainty[:, z] = slice_certainty(prob)
     out = seeds.impose(out)
     seed_slices = seeds.seed_slices()
     rows = []

@@ -1,0 +1,1 @@
+"""Training-free few-shot pseudo-labels (TFFS): labelled support volumes segment unlabelled queries, no prompt."""

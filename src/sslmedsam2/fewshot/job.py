@@ -1,0 +1,161 @@
+"""`sslmedsam2 pseudolabel`: every query in a folder, resumable, shardable, ranked for review."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sslmedsam2.atomic import check_writable, remove_stale_temporaries, stem, write_text
+from sslmedsam2.errors import UserError
+from sslmedsam2.fewshot.fusion import PseudoLabel
+from sslmedsam2.fewshot.insertions import insertion_positions
+from sslmedsam2.fewshot.similarity import most_similar
+from sslmedsam2.fewshot.volumes import FewShotVolume, check_label_sets, list_images, load_volume, pair_supports
+from sslmedsam2.frames import IntensitySpec
+from sslmedsam2.propagation.confidence import write_confidence
+from sslmedsam2.volume import write_image
+
+RANKING = "ranking.csv"
+
+
+@dataclass
+class PseudoLabelOptions:
+    support_images: Path
+    support_labels: Path
+    query: Path
+    output: Path
+    model: str = "medsam2"
+    checkpoint: Path | None = None
+    device: str = "auto"
+    image_size: int | None = None
+    insertions: int = 5
+    seed: int = 42
+    supports: int | None = None  # the N most similar supports per query; None: all
+    shard: tuple[int, int] = (1, 1)  # (I, N), 1-based
+    axis: str = "axial"
+    intensity: IntensitySpec = field(default_factory=IntensitySpec)
+    download: bool = True
+    naive: bool = False  # the reference's per-video computation (for comparison)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: write it as I/N, e.g. 2/4") from None
+    if not 1 <= index <= count:
+        raise UserError(f"--shard {text}: I must be between 1 and N")
+    return index, count
+
+
+def shard_of(paths: list[Path], shard: tuple[int, int]) -> list[Path]:
+    """Queries sorted by name and dealt round-robin: shards are disjoint and together cover every query."""
+    index, count = shard
+    return sorted(paths)[index - 1::count]
+
+
+def output_files(outdir: Path, query: Path) -> dict[str, Path]:
+    name = stem(query)
+    return {"labels": outdir / query.name, "uncertainty": outdir / f"{name}.uncertainty.nii.gz",
+            "confidence": outdir / f"{name}.confidence.csv", "case": outdir / f"{name}.case.json"}
+
+
+def is_done(outdir: Path, query: Path) -> bool:
+    """The label map is written last, atomically: its presence means every other file is complete."""
+    files = output_files(outdir, query)
+    return files["labels"].exists() and files["case"].exists()
+
+
+def _validate_queries(queries: list[Path]) -> None:
+    for path in queries:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise UserError(f"query {path}: not a readable image") from None
+        if reader.GetDimension() != 3:
+            raise UserError(f"query {path}: is {reader.GetDimension()}D; a 3D volume is needed")
+
+
+def write_case(outdir: Path, query: FewShotVolume, result: PseudoLabel, info: dict) -> None:
+    files = output_files(outdir, query.path)
+    for i, label in enumerate(info["labels"]):
+        write_image(query.to_image(result.probabilities[i].astype(np.float32)), outdir / f"{stem(query.path)}.prob_{label}.nii.gz")
+    write_image(query.to_image(result.uncertainty.astype(np.float32)), files["uncertainty"])
+    write_confidence(result.confidence, files["confidence"])
+    write_text(files["case"], json.dumps({**info, "case_confidence": result.case_confidence}, indent=2))
+    write_image(query.to_image(result.labels), files["labels"])
+
+
+def write_ranking(outdir: Path) -> Path:
+    """Cases from least to most trustworthy, each followed by its slices in the same order: what to review first."""
+    from sslmedsam2.propagation.confidence import read_confidence
+
+    cases = []
+    for case_file in sorted(outdir.glob("*.case.json")):
+        info = json.loads(case_file.read_text())
+        if (outdir / info["query_file"]).exists():
+            cases.append(info)
+    cases.sort(key=lambda c: (c["case_confidence"], c["query_file"]))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["case_rank", "case", "case_confidence", "slice", "label", "slice_confidence"])
+    for rank, info in enumerate(cases, start=1):
+        rows = [r for r in read_confidence(outdir / f"{stem(Path(info['query_file']))}.confidence.csv") if r.present]
+        if not rows:
+            writer.writerow([rank, info["query_file"], f"{info['case_confidence']:.4f}", "", "", ""])
+        for r in sorted(rows, key=lambda r: (r.confidence, r.slice, r.label)):
+            writer.writerow([rank, info["query_file"], f"{info['case_confidence']:.4f}", r.slice, r.label, f"{r.confidence:.4f}"])
+    path = outdir / RANKING
+    write_text(path, buffer.getvalue())
+    return path
+
+
+def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = print, progress=None,
+                    download_progress=False) -> list[Path]:
+    """Pseudo-label every unfinished query of this shard; returns the label maps written by this run."""
+    from sslmedsam2.fewshot.engine import FewShotEngine
+
+    outdir = Path(options.output)
+    if outdir.resolve() == Path(options.query).resolve():
+        raise UserError("the output folder must not be the query folder (outputs take the queries' file names)")
+    pairs = pair_supports(options.support_images, options.support_labels)
+    queries = shard_of(list_images(options.query, "query"), options.shard)
+    _validate_queries(queries)
+    outdir.mkdir(parents=True, exist_ok=True)
+    check_writable(outdir / RANKING)
+    if remove_stale_temporaries(outdir):
+        log("removed temporary files left by an interrupted run")
+    supports = [load_volume(image, options.axis, options.intensity, label) for image, label in pairs]
+    labels = check_label_sets(supports)
+    todo = [q for q in queries if not is_done(outdir, q)]
+    if len(todo) < len(queries):
+        log(f"resuming: {len(queries) - len(todo)} of {len(queries)} queries of this shard are already done")
+    written = []
+    if todo:
+        engine = FewShotEngine(options, supports, labels, log, download_progress)
+        for path in todo:
+            started = time.perf_counter()
+            query = load_volume(path, options.axis, options.intensity)
+            chosen = most_similar(query.slices, {s.name: s.slices for s in supports}, options.supports)
+            positions = {name: insertion_positions(query.name, name, len(query.slices), options.insertions, options.seed)
+                         for name in chosen}
+            result = engine.pseudo_label(query, positions, progress)
+            info = {"query_file": path.name, "labels": labels, "supports": chosen, "insertions": positions,
+                    "videos": sum(len(p) for p in positions.values()), "seconds": round(time.perf_counter() - started, 2),
+                    "model": options.model, "image_size": engine.image_size, "naive": options.naive}
+            write_case(outdir, query, result, info)
+            written.append(output_files(outdir, path)["labels"])
+            log(f"{path.name}: {info['videos']} videos from {len(chosen)} supports, case confidence "
+                f"{result.case_confidence:.3f}, {info['seconds']:.1f} s")
+    write_ranking(outdir)
+    return written
