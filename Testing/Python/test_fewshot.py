@@ -1,0 +1,174 @@
+"""Few-shot pseudo-labels: cached equals naive, multi-label, resume after a kill, shards, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import TINY_SIZE, synthetic_case, to_image
+
+from sslmedsam2.cli import main
+from sslmedsam2.fewshot.insertions import insertion_positions
+from sslmedsam2.fewshot.job import shard_of
+from sslmedsam2.fewshot.similarity import most_similar
+from sslmedsam2.fewshot.volumes import load_volume
+from sslmedsam2.frames import IntensitySpec, to_uint8
+
+
+def _cohort(root: Path, supports=2, queries=3) -> dict[str, Path]:
+    folders = {name: root / name for name in ("si", "sl", "q", "out")}
+    for name in ("si", "sl", "q"):
+        folders[name].mkdir()
+    for i in range(supports):
+        image, labels = synthetic_case((12, 48, 48), seed=10 + i)
+        sitk.WriteImage(to_image(image), str(folders["si"] / f"support{i}.nii.gz"))
+        sitk.WriteImage(to_image(labels), str(folders["sl"] / f"support{i}.nii.gz"))
+    for i in range(queries):
+        image, _ = synthetic_case((10 + i, 40, 44), seed=20 + i)
+        sitk.WriteImage(to_image(image, spacing=(1.0, 1.0, 2.0)), str(folders["q"] / f"query{i}.nii.gz"))
+    return folders
+
+
+def _argv(folders, checkpoint, *extra):
+    return ["pseudolabel", "--support-images", str(folders["si"]), "--support-labels", str(folders["sl"]),
+            "--query", str(folders["q"]), "-o", str(folders["out"]), "--checkpoint", str(checkpoint),
+            "--model", "sam2.1-tiny", "--image-size", str(TINY_SIZE), "--device", "cpu", "--insertions", "2", *extra]
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_cached_equals_naive_and_is_multilabel(tmp_path, tiny_checkpoint):
+    folders = _cohort(tmp_path, queries=2)
+    assert main(_argv(folders, tiny_checkpoint)) == 0
+    naive_out = tmp_path / "naive"
+    argv = _argv(folders, tiny_checkpoint, "--naive")
+    argv[argv.index(str(folders["out"]))] = str(naive_out)
+    assert main(argv) == 0
+    for query in ("query0", "query1"):
+        for label in (1, 2):
+            cached = _read(folders["out"] / f"{query}.prob_{label}.nii.gz")
+            naive = _read(naive_out / f"{query}.prob_{label}.nii.gz")
+            assert np.abs(cached - naive).max() <= 1e-4
+        np.testing.assert_array_equal(_read(folders["out"] / f"{query}.nii.gz"), _read(naive_out / f"{query}.nii.gz"))
+        info = json.loads((folders["out"] / f"{query}.case.json").read_text())
+        assert info["labels"] == [1, 2] and info["videos"] == 4
+        image = sitk.ReadImage(str(folders["q"] / f"{query}.nii.gz"))
+        result = sitk.ReadImage(str(folders["out"] / f"{query}.nii.gz"))
+        assert result.GetSize() == image.GetSize() and result.GetSpacing() == image.GetSpacing()
+        assert set(np.unique(_read(folders["out"] / f"{query}.nii.gz"))) <= {0, 1, 2}
+    ranking = (folders["out"] / "ranking.csv").read_text().splitlines()
+    assert ranking[0] == "case_rank,case,case_confidence,slice,label,slice_confidence"
+
+
+def test_resume_after_kill_gives_the_same_result(tmp_path, tiny_checkpoint):
+    folders = _cohort(tmp_path, queries=3)
+    reference = tmp_path / "reference"
+    argv = _argv(folders, tiny_checkpoint)
+    argv[argv.index(str(folders["out"]))] = str(reference)
+    assert main(argv) == 0
+
+    code = f"import sys; from sslmedsam2.cli import main; sys.exit(main({_argv(folders, tiny_checkpoint)!r}))"
+    job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (folders["out"] / "query0.nii.gz").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    first = folders["out"] / "query0.nii.gz"
+    assert first.exists(), "the job did not finish its first query in time"
+    stamp = first.stat().st_mtime_ns
+    # a stale temporary file, as a kill in the middle of a write leaves
+    (folders["out"] / ".query1.abc123.tmp.nii.gz").write_bytes(b"half")
+    assert main(_argv(folders, tiny_checkpoint)) == 0
+    assert first.stat().st_mtime_ns == stamp, "a finished query was redone"
+    assert not list(folders["out"].glob(".*"))
+    for query in ("query0", "query1", "query2"):
+        np.testing.assert_array_equal(_read(folders["out"] / f"{query}.nii.gz"), _read(reference / f"{query}.nii.gz"))
+        np.testing.assert_array_equal(_read(folders["out"] / f"{query}.prob_1.nii.gz"), _read(reference / f"{query}.prob_1.nii.gz"))
+
+
+def test_shards_cover_every_query_exactly_once(tmp_path, tiny_checkpoint):
+    paths = [Path(f"case{i:02d}.nii.gz") for i in range(11)]
+    for count in (1, 2, 3, 4, 11, 12):
+        shares = [shard_of(paths, (i, count)) for i in range(1, count + 1)]
+        flat = [p for share in shares for p in share]
+        assert sorted(flat) == sorted(paths) and len(flat) == len(set(flat))
+    folders = _cohort(tmp_path, supports=1, queries=3)
+    for shard in ("1/2", "2/2"):
+        assert main(_argv(folders, tiny_checkpoint, "--shard", shard, "--insertions", "1")) == 0
+    assert sorted(p.name for p in folders["out"].glob("query*.nii.gz") if ".prob" not in p.name
+                  and ".uncertainty" not in p.name) == ["query0.nii.gz", "query1.nii.gz", "query2.nii.gz"]
+    assert len({line.split(",")[1] for line in (folders["out"] / "ranking.csv").read_text().splitlines()[1:]}) == 3
+
+
+def test_insertion_positions_are_distinct_reproducible_and_in_range():
+    a = insertion_positions("q", "s", 40, 5, 42)
+    assert a == insertion_positions("q", "s", 40, 5, 42) and len(set(a)) == 5 and all(0 <= k < 40 for k in a)
+    assert insertion_positions("q", "s", 40, 5, 7) != a
+    assert insertion_positions("q", "s", 3, 5, 42) == [0, 1, 2]
+
+
+def test_similar_supports_are_chosen(tmp_path):
+    query, _ = synthetic_case((12, 48, 48), seed=1)
+    alike, _ = synthetic_case((12, 48, 48), seed=2)
+    inverted = alike.max() - alike
+    spec = IntensitySpec()
+    chosen = most_similar(to_uint8(query, spec), {"alike": to_uint8(alike, spec), "inverted": to_uint8(inverted, spec)}, 1)
+    assert chosen == ["alike"]
+
+
+def test_support_in_another_orientation_is_reoriented(tmp_path):
+    image, labels = synthetic_case((12, 40, 44), seed=3)
+    plain = to_image(image)
+    sitk.WriteImage(plain, str(tmp_path / "plain.nii.gz"))
+    flipped = sitk.Flip(plain, [True, False, True])  # same anatomy, stored with flipped x and z axes
+    permuted = sitk.PermuteAxes(flipped, [2, 1, 0])  # and sagittally
+    sitk.WriteImage(permuted, str(tmp_path / "permuted.nii.gz"))
+    a = load_volume(tmp_path / "plain.nii.gz", "axial", IntensitySpec())
+    b = load_volume(tmp_path / "permuted.nii.gz", "axial", IntensitySpec())
+    np.testing.assert_array_equal(a.slices, b.slices)
+    back = b.to_image(b.slices)
+    assert back.GetSize() == permuted.GetSize() and back.GetDirection() == permuted.GetDirection()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), to_uint8(sitk.GetArrayFromImage(permuted), IntensitySpec()))
+
+
+def _expect(capsys, argv, fragment):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("sslmedsam2: error: ") and fragment in err[-1], err
+
+
+def test_bad_inputs(tmp_path, tiny_checkpoint, capsys):
+    folders = _cohort(tmp_path, supports=2, queries=1)
+    # a support whose labels differ from the others': say which
+    _, labels = synthetic_case((12, 48, 48), seed=11)
+    labels[labels == 2] = 3
+    sitk.WriteImage(to_image(labels), str(folders["sl"] / "support1.nii.gz"))
+    _expect(capsys, _argv(folders, tiny_checkpoint), "support1")
+    # a support without labelled voxel
+    sitk.WriteImage(to_image(np.zeros_like(labels)), str(folders["sl"] / "support1.nii.gz"))
+    _expect(capsys, _argv(folders, tiny_checkpoint), "no labelled voxel")
+    _, labels = synthetic_case((12, 48, 48), seed=11)
+    sitk.WriteImage(to_image(labels), str(folders["sl"] / "support1.nii.gz"))
+    # an unreadable query
+    (folders["q"] / "broken.nii.gz").write_bytes(b"not an image at all")
+    _expect(capsys, _argv(folders, tiny_checkpoint), "broken.nii.gz")
+    # an empty query folder
+    for p in folders["q"].iterdir():
+        p.unlink()
+    _expect(capsys, _argv(folders, tiny_checkpoint), "holds no image")
+    # bad shard, missing label file
+    _expect(capsys, _argv(folders, tiny_checkpoint, "--shard", "3/2"), "--shard")
+    (folders["sl"] / "support0.nii.gz").unlink()
+    _expect(capsys, _argv(folders, tiny_checkpoint), "support0.nii.gz")
+    assert not list(folders["out"].glob("*.nii.gz"))
