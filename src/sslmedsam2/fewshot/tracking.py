@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.propagation.sam2_propagation import autocast_for, run_passes
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.propagation.sam2_propagation import autocast_for
 
 
 class FeatureStore:
@@ -94,13 +93,32 @@ class VideoResult:
 
 def track_video_naive(predictor: SlicePredictor, query: VolumeFrames, support: VolumeFrames, masks: np.ndarray,
                       labels: list[int], k: int) -> VideoResult:
-    """The reference ordering: the whole video, both passes from fresh states, every frame encoded every time."""
+    """The reference's ordering: for each pass a fresh state (sam2's init_state encodes frame 0), every prompt
+    added again, the whole video tracked from the first prompt forward and from the last one backward, every frame
+    encoded again. Each query slice is covered by one of the two passes."""
     video = VideoFrames(query, len(support), k, support)
-    seeds_map = np.zeros((len(video), query.height, query.width), dtype=masks.dtype)
-    seeds_map[k:k + len(support)] = np.where(np.isin(masks, labels), masks, 0)
-    logits, presence, _, _ = run_passes(predictor, video, Seeds(seeds_map))
-    rows = torch.from_numpy(query_rows(len(query), len(support), k))
-    return VideoResult(logits[:, rows], presence[:, rows])
+    n_query, n_support = len(query), len(support)
+    drawn = [[int(z) for z in np.flatnonzero((masks == label).any(axis=(1, 2)))] for label in labels]
+    spans = [(k + d[0], k + d[-1]) for d in drawn]
+    low = predictor.image_size // 4
+    logits, presence = torch.zeros(len(labels), n_query, low, low), torch.zeros(len(labels), n_query)
+    passes = (
+        (range(min(a for a, _ in spans), len(video)), False, lambda z: [i for i, (a, _) in enumerate(spans) if z >= a]),
+        (range(max(b for _, b in spans), -1, -1), True, lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]),
+    )
+    with torch.inference_mode(), autocast_for(predictor.device):
+        for order, reverse, objects in passes:
+            state = predictor.init_state_from_frames(video, query.height, query.width)
+            predictor._get_image_feature(state, frame_idx=0, batch_size=1)  # sam2's init_state warms up on frame 0
+            for label, slices in zip(labels, drawn):
+                for z in slices:
+                    predictor.add_new_mask(state, k + z, label, masks[z] == label)
+            for frame, active, out, scores in predictor.track(state, order, reverse, objects):
+                which, row = video.source(frame)
+                if which == "query":
+                    logits[active, row] = out[:, 0].float().cpu()
+                    presence[active, row] = torch.sigmoid(scores[:, 0].float()).cpu()
+    return VideoResult(logits, presence)
 
 
 class SupportMemory:

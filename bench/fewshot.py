@@ -1,0 +1,142 @@
+"""Benchmark: the reference's per-video computation (naive) vs this implementation, same supports and query.
+
+  python bench/fewshot.py --quick      CPU: 2 CHAOS T2 supports + 1 query (synthetic volumes without ../shared/data),
+                                       image size 128, 5 insertions, random-weight SAM2.1 Hiera-T
+  python bench/fewshot.py              full size (GPU): 7 CHAOS supports + 1 query, image size 512 (MedSAM2's)
+  add --checkpoint FILE --model NAME for real weights.
+Each variant runs `sslmedsam2 pseudolabel` in its own process (peak memory is its own). Model building is not
+timed. The last line is `speedup=<naive / ours> max_abs_diff=<largest probability difference>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAOS = ROOT.parent / "shared" / "data" / "chaos_t2"
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    import torch
+
+    from sslmedsam2.fewshot.job import PseudoLabelOptions, run_pseudolabel
+    from sslmedsam2.models import loader
+
+    built = {"seconds": 0.0}
+    original = loader.build_predictor
+
+    def timed_build(*a, **k):
+        start = time.perf_counter()
+        try:
+            return original(*a, **k)
+        finally:
+            built["seconds"] += time.perf_counter() - start
+
+    import sslmedsam2.fewshot.engine as engine
+
+    engine.build_predictor = timed_build
+    work = Path(args.work)
+    options = PseudoLabelOptions(support_images=work / "si", support_labels=work / "sl", query=work / "q",
+                                 output=work / args.variant, model=args.model, checkpoint=Path(args.checkpoint),
+                                 device=args.device, image_size=args.image_size, insertions=args.insertions,
+                                 naive=args.variant == "naive")
+    start = time.perf_counter()
+    run_pseudolabel(options, log=lambda m: None)
+    seconds = time.perf_counter() - start - built["seconds"]
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and args.device != "cpu" else None
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": gpu}
+
+
+def prepare(args: argparse.Namespace, work: Path) -> str:
+    """Folders si/, sl/, q/ under work (links to the shared data, or synthetic volumes); returns a description."""
+    import SimpleITK as sitk
+
+    for name in ("si", "sl", "q"):
+        (work / name).mkdir()
+    cases = sorted(p.name for p in (CHAOS / "images").glob("*.nii.gz")) if CHAOS.exists() else []
+    if cases:
+        supports, query = cases[: args.supports], cases[-1]
+        for name in supports:
+            (work / "si" / name).symlink_to(CHAOS / "images" / name)
+            (work / "sl" / name).symlink_to(CHAOS / "labels" / name)
+        (work / "q" / query).symlink_to(CHAOS / "images" / query)
+        return f"CHAOS T2 supports {supports}, query {query} (4 labels)"
+    sys.path.insert(0, str(ROOT / "Testing" / "Python"))
+    from conftest import synthetic_case, to_image
+
+    for i in range(args.supports):
+        image, labels = synthetic_case((30, 96, 96), seed=i)
+        sitk.WriteImage(to_image(image), str(work / "si" / f"s{i}.nii.gz"))
+        sitk.WriteImage(to_image(labels), str(work / "sl" / f"s{i}.nii.gz"))
+    image, _ = synthetic_case((32, 96, 96), seed=99)
+    sitk.WriteImage(to_image(image), str(work / "q" / "query.nii.gz"))
+    return f"synthetic: {args.supports} supports of 30 x 96 x 96, query 32 x 96 x 96 (2 labels)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small CPU run (a few minutes)")
+    parser.add_argument("--model", default="sam2.1-tiny")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--supports", type=int)
+    parser.add_argument("--insertions", type=int, default=5)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    args.image_size = args.image_size or (128 if args.quick else 512)
+    args.supports = args.supports or (2 if args.quick else 7)
+    if args.quick:
+        args.device = "cpu" if args.device == "auto" else args.device
+    with tempfile.TemporaryDirectory(prefix="bench-fewshot-") as tmp:
+        work = Path(tmp)
+        description = prepare(args, work)
+        if args.checkpoint is None:
+            import torch
+
+            from sslmedsam2.models import get_model
+            from sslmedsam2.models.loader import build_predictor
+
+            torch.manual_seed(0)
+            args.checkpoint = str(work / "random.pt")
+            torch.save({"model": build_predictor(get_model(args.model), None, "cpu", args.image_size).state_dict()},
+                       args.checkpoint)
+        results = {}
+        for variant in ("naive", "ours"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--model", args.model,
+                   "--checkpoint", args.checkpoint, "--device", args.device, "--image-size", str(args.image_size),
+                   "--insertions", str(args.insertions)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        import SimpleITK as sitk
+
+        diff = 0.0
+        for naive_prob in sorted((work / "naive").glob("*.prob_*.nii.gz")):
+            a = sitk.GetArrayFromImage(sitk.ReadImage(str(naive_prob)))
+            b = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "ours" / naive_prob.name)))
+            diff = max(diff, float(np.abs(a - b).max()))
+        print(f"{description}; model {args.model} at image size {args.image_size}, device {args.device}, "
+              f"{args.insertions} insertions per support")
+        for variant, r in results.items():
+            gpu = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else ""
+            print(f"{variant:>5}: {r['seconds']:.1f} s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}")
+        print(f"speedup={results['naive']['seconds'] / results['ours']['seconds']:.2f} max_abs_diff={diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
