@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--csv", type=Path, help="also write one row per case and label (case,label,dice,hd95,assd)")
     e.set_defaults(func=cmd_evaluate)
 
+    from sslmedsam2.cli_study import add_study_commands
+
+    add_study_commands(sub)
+
     m = sub.add_parser("models", help="known SAM2 weights and whether they are downloaded")
     m.add_argument("--json", action="store_true", help="machine-readable listing")
     m.set_defaults(func=cmd_models)

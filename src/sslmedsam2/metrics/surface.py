@@ -32,18 +32,30 @@ def _directed_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]
     return to_b[_surface(a)]
 
 
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; two empty masks agree fully."""
+    total = int(pred.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & truth).sum()) / total
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray, labels: list[int]) -> float:
+    """Mean over `labels` present in either map of their Dice (1 when no label is present in either)."""
+    present = [label for label in labels if (a == label).any() or (b == label).any()]
+    return float(np.mean([dice(a == label, b == label) for label in present])) if present else 1.0
+
+
 def score_mask(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> tuple[float, float, float]:
     p_sum, t_sum = int(pred.sum()), int(truth.sum())
     if p_sum == 0 and t_sum == 0:
         return 1.0, 0.0, 0.0
-    dice = 2.0 * int((pred & truth).sum()) / (p_sum + t_sum)
+    dice_value = dice(pred, truth)
     if p_sum == 0 or t_sum == 0:
-        return dice, math.nan, math.nan
+        return dice_value, math.nan, math.nan
     d_pt = _directed_distances(pred, truth, spacing)
     d_tp = _directed_distances(truth, pred, spacing)
     hd95 = max(float(np.percentile(d_pt, 95)), float(np.percentile(d_tp, 95)))
     assd = (float(d_pt.mean()) + float(d_tp.mean())) / 2
-    return dice, hd95, assd
+    return dice_value, hd95, assd
 
 
 def score_labels(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...],

@@ -1,0 +1,134 @@
+"""nnU-Net v2 through its Python API: planning, preprocessing, training with progress events, prediction.
+
+The command-line trainer lookup imports modules that need torchvision, so the trainer is built directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DATASET_BASE_ID = 500  # round r is nnU-Net dataset 500 + r, inside the workspace's own nnU-Net folders
+TRAINER = "nnUNetTrainer"
+PLANS = "nnUNetPlans"
+
+
+class Cancelled(Exception):
+    """Raised at a safe point after SIGTERM: everything finished so far is kept for a resume."""
+
+
+def use_folders(root: Path) -> dict[str, Path]:
+    """Point nnU-Net at the workspace's folders (its paths are read from the environment when used)."""
+    folders = {name: root / name for name in ("raw", "preprocessed", "results")}
+    for path in folders.values():
+        path.mkdir(parents=True, exist_ok=True)
+    os.environ.update(nnUNet_raw=str(folders["raw"]), nnUNet_preprocessed=str(folders["preprocessed"]),
+                      nnUNet_results=str(folders["results"]))
+    os.environ.setdefault("nnUNet_compile", "f")  # torch.compile costs minutes up front and is fragile on CPU
+    return folders
+
+
+def dataset_name(round_: int) -> str:
+    return f"Dataset{DATASET_BASE_ID + round_:03d}_SSLMedSAM2r{round_:02d}"
+
+
+def plan_and_preprocess(round_: int, configuration: str, reuse_plans_of: int | None = None) -> None:
+    """Round 0 fingerprints and plans; later rounds reuse its plans (same images, same network) and only preprocess."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                       preprocess)
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    dataset_id = DATASET_BASE_ID + round_
+    os.environ["nnUNet_n_proc_DA"] = "1"  # planning calls torch.set_num_threads with it
+    if reuse_plans_of is None:
+        extract_fingerprints([dataset_id], num_processes=1, check_dataset_integrity=True, show_progress_bar=False)
+        plan_experiments([dataset_id])
+    else:
+        source, target = Path(nnUNet_preprocessed) / dataset_name(reuse_plans_of), Path(nnUNet_preprocessed) / dataset_name(round_)
+        target.mkdir(parents=True, exist_ok=True)
+        plans = json.loads((source / f"{PLANS}.json").read_text())
+        plans["dataset_name"] = dataset_name(round_)
+        (target / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
+        shutil.copyfile(source / "dataset_fingerprint.json", target / "dataset_fingerprint.json")
+        shutil.copyfile(Path(os.environ["nnUNet_raw"]) / dataset_name(round_) / "dataset.json", target / "dataset.json")
+    preprocess([dataset_id], PLANS, configurations=(configuration,), num_processes=(1,), show_progress_bar=False)
+
+
+def model_folder(round_: int, configuration: str) -> Path:
+    from nnunetv2.paths import nnUNet_results
+
+    return Path(nnUNet_results) / dataset_name(round_) / f"{TRAINER}__{PLANS}__{configuration}"
+
+
+def train(round_: int, configuration: str, fold: str, device, epochs: int, iterations: int, val_iterations: int,
+          on_epoch: Callable[[dict], None], should_stop: Callable[[], bool], warm_start_from: Path | None = None) -> Path:
+    """Train (or continue an interrupted training from nnU-Net's own latest checkpoint); returns the final checkpoint."""
+    import torch
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    class ReportingTrainer(nnUNetTrainer):
+        """nnU-Net's own trainer, reporting each epoch and stopping cleanly when asked."""
+
+        def on_epoch_end(self) -> None:
+            super().on_epoch_end()  # logs the epoch's end, saves checkpoint_latest (save_every = 1), counts the epoch
+            log = self.logger.get_value
+            seconds = float(log("epoch_end_timestamps", step=-1) - log("epoch_start_timestamps", step=-1))
+            on_epoch({"epoch": self.current_epoch, "epochs": self.num_epochs,
+                      "loss": float(log("train_losses", step=-1)), "val_loss": float(log("val_losses", step=-1)),
+                      "pseudo_dice": [float(v) for v in log("dice_per_class_or_region", step=-1)],
+                      "eta_s": round(seconds * (self.num_epochs - self.current_epoch), 1)})
+            if should_stop() and self.current_epoch < self.num_epochs:
+                raise Cancelled()  # the checkpoint of this epoch is already saved
+
+    ReportingTrainer.__name__ = ReportingTrainer.__qualname__ = TRAINER  # nnU-Net's standard folder and name
+
+    if str(device) == "cpu":
+        os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: no worker processes to orphan
+    else:
+        os.environ.pop("nnUNet_n_proc_DA", None)  # nnU-Net's own choice of augmentation workers
+    preprocessed = Path(nnUNet_preprocessed) / dataset_name(round_)
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    output = model_folder(round_, configuration) / f"fold_{fold}"
+    latest, final = output / "checkpoint_latest.pth", output / "checkpoint_final.pth"
+    if final.is_file():
+        return final
+    plans["continue_training"] = latest.is_file()
+    trainer = ReportingTrainer(plans, configuration, fold if fold == "all" else int(fold),
+                               json.loads((preprocessed / "dataset.json").read_text()), torch.device(device))
+    trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
+    trainer.num_val_iterations_per_epoch, trainer.save_every = val_iterations, 1
+    if latest.is_file():
+        trainer.load_checkpoint(str(latest))
+    elif warm_start_from is not None:
+        trainer.initialize()
+        weights = torch.load(warm_start_from, map_location=trainer.device, weights_only=False)["network_weights"]
+        trainer.network.load_state_dict(weights)
+    trainer.run_training()
+    return final
+
+
+def predict(round_: int, configuration: str, fold: str, device, images: list[Path], outputs: list[Path],
+            should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Predict one image at a time (nnU-Net's sequential path: no worker pool), skipping finished outputs."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    todo = [(i, o) for i, o in zip(images, outputs) if not o.exists()]
+    if not todo:
+        return
+    predictor = nnUNetPredictor(device=torch.device(device), allow_tqdm=False,
+                                perform_everything_on_device=str(device) != "cpu")
+    predictor.initialize_from_trained_model_folder(str(model_folder(round_, configuration)),
+                                                   use_folds=(fold if fold == "all" else int(fold),))
+    for image, output in todo:
+        if should_stop():
+            raise Cancelled()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        truncated = output.parent / f".{output.name[: -len('.nii.gz')]}.tmp{int(time.time() * 1e6)}"
+        predictor.predict_from_files_sequential([[str(image)]], [str(truncated)], False, True, None)
+        os.replace(f"{truncated}.nii.gz", output)

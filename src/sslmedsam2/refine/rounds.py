@@ -1,0 +1,255 @@
+"""`sslmedsam2 refine WS`: train nnU-Net on ground truth + pseudo-labels, predict, replace, repeat until stable.
+
+Each round's steps (export, plan, train, predict, score) leave markers; a rerun after a crash or a kill skips what
+is done, and nnU-Net continues an interrupted training from its own latest checkpoint. SIGTERM stops at the next
+safe point (an epoch's end, between steps or cases). Nothing here writes ground truth, pseudo-labels or review
+state in the workspace: rounds write under WS/refine/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sslmedsam2.atomic import write_text
+from sslmedsam2.errors import UserError
+from sslmedsam2.metrics.surface import mean_dice
+from sslmedsam2.refine import nnunet
+from sslmedsam2.refine.events import EventLog, now, process_alive
+from sslmedsam2.refine.export import export_round
+from sslmedsam2.study.review import IGNORE_POLICIES, human_slices
+from sslmedsam2.study.workspace import Workspace
+from sslmedsam2.volume import read_label_map, slice_axis, write_image
+
+
+@dataclass
+class RefineOptions:
+    rounds: int = 5
+    configuration: str = "3d_fullres"
+    epochs: int = 250
+    iterations: int = 250
+    val_iterations: int = 50
+    warm_start: bool = False
+    warm_epochs: int = 50
+    fold: str = "all"
+    device: str = "auto"
+    convergence: float = 0.99
+    ignore: str = "rejected"
+
+    @classmethod
+    def quick(cls, **overrides) -> "RefineOptions":
+        """A tiny schedule for CPU smoke runs: 2 epochs of 3 iterations (1 when warm-started)."""
+        return cls(**{"epochs": 2, "iterations": 3, "val_iterations": 1, "warm_epochs": 1, **overrides})
+
+    def check(self) -> None:
+        if self.configuration not in ("2d", "3d_fullres", "3d_lowres"):
+            raise UserError(f"--configuration {self.configuration}: choose 2d, 3d_fullres or 3d_lowres")
+        if self.ignore not in IGNORE_POLICIES:
+            raise UserError(f"--ignore {self.ignore}: choose one of {', '.join(IGNORE_POLICIES)}")
+        if min(self.rounds, self.epochs, self.iterations, self.val_iterations, self.warm_epochs) < 1:
+            raise UserError("--rounds, --epochs, --iterations and --warm-epochs must be at least 1")
+        if not 0 < self.convergence <= 1:
+            raise UserError("--convergence must be in (0, 1]")
+        if self.fold != "all" and not self.fold.isdigit():
+            raise UserError("--fold: a number 0-4, or all")
+
+
+class RefineJob:
+    def __init__(self, ws: Workspace, options: RefineOptions, on_event: Callable[[dict], None] = lambda e: None) -> None:
+        self.ws, self.options, self.on_event = ws, options, on_event
+        self.dir = ws.refine_dir
+        self.log = EventLog(self.dir)
+        self.stop_requested = False
+        self.status: dict = {}
+
+    # --- files ---------------------------------------------------------------------------------------------------
+    def round_dir(self, r: int) -> Path:
+        return self.dir / "rounds" / f"round_{r:02d}"
+
+    def _steps(self, r: int) -> dict:
+        path = self.round_dir(r) / "steps.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _mark(self, r: int, step: str) -> None:
+        steps = {**self._steps(r), step: now()}
+        self.round_dir(r).mkdir(parents=True, exist_ok=True)
+        write_text(self.round_dir(r) / "steps.json", json.dumps(steps, indent=2))
+
+    def round_result(self, r: int) -> dict | None:
+        path = self.round_dir(r) / "round.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # --- events --------------------------------------------------------------------------------------------------
+    def emit(self, event: str, round_: int | None = None, **fields) -> None:
+        record = self.log.emit(event, round_, **fields)
+        if event in ("stage", "job", "round", "error"):
+            self.status.update(round=round_ if round_ is not None else self.status.get("round"),
+                               stage=fields.get("stage", self.status.get("stage")))
+            self.log.write_status(self.status)
+        self.on_event(record)
+
+    def _check_stop(self) -> None:
+        if self.stop_requested:
+            raise nnunet.Cancelled()
+
+    # --- the job -------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        self.options.check()
+        cases = list(self.ws.cases.values())
+        if not any(c.has_label for c in cases):
+            raise UserError(f"{self.ws.root}: no case has ground truth; nnU-Net needs at least one (workspace add --label)")
+        if not any(not c.has_label for c in cases):
+            raise UserError(f"{self.ws.root}: every case has ground truth; there is nothing to refine")
+        if not self.ws.labels:
+            raise UserError(f"{self.ws.root}: the workspace declares no labels")
+
+    def run(self) -> str:
+        """Run or resume; returns the final state."""
+        self.validate()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.dir / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = self.log.read_status().get("pid")
+            raise UserError(f"a refine job is already running on {self.ws.root} (pid {pid})") from None
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # nnU-Net opens some pools with the platform default (fork); forking a process that runs threads (torch,
+        # progress bars) can deadlock the children, so pools are spawned while the job runs
+        start_method = multiprocessing.get_start_method(allow_none=True)
+        multiprocessing.set_start_method("spawn", force=True)
+        try:
+            return self._run()
+        finally:
+            multiprocessing.set_start_method(start_method, force=True)
+            signal.signal(signal.SIGTERM, previous)
+            lock.close()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _run(self) -> str:
+        o = self.options
+        old = self.log.read_status()
+        self.status = {"state": "running", "round": None, "stage": None, "pid": os.getpid(),
+                       "started": old.get("started") if old.get("state") == "running" else now(),
+                       "rounds": [self.round_result(r) for r in range(o.rounds) if self.round_result(r)],
+                       "options": asdict(o), "message": ""}
+        self.emit("job", state="running", message="resumed" if self._steps(0) else "started")
+        folders = nnunet.use_folders(self.dir / "nnunet")
+        from sslmedsam2.models.loader import resolve_device
+
+        device = str(resolve_device(o.device))
+        state = "finished"
+        try:
+            with open(self.dir / "nnunet.log", "a") as nnunet_log, contextlib.redirect_stdout(nnunet_log):
+                for r in range(o.rounds):
+                    result = self.round_result(r) or self._round(r, folders, device)
+                    if result["converged"]:
+                        state = "converged"
+                        break
+        except nnunet.Cancelled:
+            state = "cancelled"
+        except Exception as exc:  # the event log must say why the job ended, whatever the reason
+            self.status.update(state="failed", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.emit("error", self.status.get("round"), message=self.status["message"])
+            self.emit("job", self.status.get("round"), state="failed", message=self.status["message"])
+            raise
+        self.status.update(state=state, message="")
+        self._plot()
+        self.emit("job", self.status.get("round"), state=state, message="")
+        return state
+
+    def _previous_pseudo(self, r: int) -> dict[str, Path]:
+        if r == 0:
+            return {c.id: self.ws.file(c.id, "pseudo") for c in self.ws.cases.values() if c.has_pseudo and not c.has_label}
+        return {c.id: self.round_dir(r - 1) / "pseudo" / f"{c.id}.nii.gz" for c in self.ws.cases.values() if not c.has_label}
+
+    def _round(self, r: int, folders: dict[str, Path], device: str) -> dict:
+        o, steps = self.options, self._steps(r)
+        previous = self._previous_pseudo(r)
+        raw = folders["raw"] / nnunet.dataset_name(r)
+        if "export" not in steps:
+            self.emit("stage", r, stage="export", message=f"exporting round {r} to nnU-Net")
+            shutil.rmtree(raw, ignore_errors=True)
+            export_round(self.ws, raw, previous, o.ignore)
+            self._mark(r, "export")
+        self._check_stop()
+        if "plan" not in steps:
+            self.emit("stage", r, stage="plan", message="planning and preprocessing")
+            shutil.rmtree(folders["preprocessed"] / nnunet.dataset_name(r), ignore_errors=True)
+            nnunet.plan_and_preprocess(r, o.configuration, None if r == 0 else 0)
+            self._mark(r, "plan")
+        self._check_stop()
+        warm = o.warm_start and r > 0
+        self.emit("stage", r, stage="train", message="training" + (" (warm start)" if warm else ""))
+        nnunet.train(r, o.configuration, o.fold, device, o.warm_epochs if warm else o.epochs, o.iterations,
+                     o.val_iterations, on_epoch=lambda e: self.emit("epoch", r, **e), should_stop=lambda: self.stop_requested,
+                     warm_start_from=(nnunet.model_folder(r - 1, o.configuration) / f"fold_{o.fold}" / "checkpoint_final.pth"
+                                      if warm else None))
+        self._check_stop()
+        unlabeled = sorted(c.id for c in self.ws.cases.values() if not c.has_label)
+        predicted = self.round_dir(r) / "predicted"
+        self.emit("stage", r, stage="predict", message=f"predicting {len(unlabeled)} cases")
+        nnunet.predict(r, o.configuration, o.fold, device, [self.ws.file(c, "image") for c in unlabeled],
+                       [predicted / f"{c}.nii.gz" for c in unlabeled], should_stop=lambda: self.stop_requested)
+        self.emit("stage", r, stage="score", message="comparing with the previous pseudo-labels")
+        result = self._score(r, unlabeled, predicted, previous)
+        write_text(self.round_dir(r) / "round.json", json.dumps(result, indent=2))
+        self.status["rounds"] = [x for x in self.status["rounds"] if x["round"] != r] + [result]
+        self.emit("round", r, **{k: v for k, v in result.items() if k != "round"})
+        self._plot()
+        return result
+
+    def _score(self, r: int, cases: list[str], predicted: Path, previous: dict[str, Path]) -> dict:
+        """New pseudo-label = prediction, except slices a person vouched for keep the workspace's pseudo-label."""
+        labels = sorted(self.ws.labels.values())
+        change, heldout = {}, {}
+        (self.round_dir(r) / "pseudo").mkdir(parents=True, exist_ok=True)
+        for case_id in cases:
+            prediction = read_label_map(predicted / f"{case_id}.nii.gz")
+            array = sitk.GetArrayFromImage(prediction)
+            case = self.ws.cases[case_id]
+            if case.has_pseudo:
+                human = human_slices(self.ws.review(case_id))
+                if human.any():
+                    kept = sitk.GetArrayFromImage(read_label_map(self.ws.file(case_id, "pseudo")))
+                    axis = slice_axis(prediction, self.ws.axis)
+                    moved, source = np.moveaxis(array, axis, 0), np.moveaxis(kept, axis, 0)
+                    moved[human[: moved.shape[0]]] = source[human[: moved.shape[0]]]
+            new = sitk.GetImageFromArray(array)
+            new.CopyInformation(prediction)
+            write_image(new, self.round_dir(r) / "pseudo" / f"{case_id}.nii.gz")
+            if case_id in previous and previous[case_id].is_file():
+                change[case_id] = mean_dice(array, sitk.GetArrayFromImage(read_label_map(previous[case_id])), labels)
+            if case.has_eval:
+                heldout[case_id] = mean_dice(array, sitk.GetArrayFromImage(read_label_map(self.ws.file(case_id, "eval"))), labels)
+        mean_change = float(np.mean(list(change.values()))) if change else None
+        return {"round": r, "dice_change": change, "mean_dice_change": mean_change,
+                "heldout": heldout, "heldout_dice": float(np.mean(list(heldout.values()))) if heldout else None,
+                "converged": mean_change is not None and mean_change >= self.options.convergence}
+
+    def _plot(self) -> None:
+        from sslmedsam2.refine.plot import plot_rounds
+
+        rounds = [self.round_result(r) for r in range(self.options.rounds)]
+        plot_rounds([x for x in rounds if x], self.dir / "progress.png", self.options.convergence)
+
+
+def refine_status(ws: Workspace) -> dict:
+    """The job's status for `workspace status`: a crashed job (dead pid) shows as failed."""
+    status = EventLog(ws.refine_dir).read_status()
+    if status.get("state") == "running" and not process_alive(status.get("pid")):
+        status = {**status, "state": "failed", "message": "the job stopped without saying so (killed?); run refine again to resume"}
+    return status

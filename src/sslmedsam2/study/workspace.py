@@ -1,0 +1,179 @@
+"""A study workspace on disk: a versioned JSON index and one folder per case. Every write is atomic.
+
+WS/workspace.json             {"schema_version", "axis", "labels": {name: value}, "channel": ..., "cases": {...}}
+WS/cases/<id>/image.nii.gz    the image
+WS/cases/<id>/label.nii.gz    ground truth (optional; never written by a job)
+WS/cases/<id>/pseudo.nii.gz   pseudo-label (optional)
+WS/cases/<id>/eval.nii.gz     held-out ground truth, used only to score rounds (optional)
+WS/cases/<id>/review.json     per-slice review state of the pseudo-label along the workspace axis
+WS/refine/                    the refinement job (see sslmedsam2.refine)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sslmedsam2.atomic import write_text
+from sslmedsam2.errors import UserError
+from sslmedsam2.study.review import SliceState
+from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
+
+SCHEMA_VERSION = 1
+INDEX = "workspace.json"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+FILES = {"image": "image.nii.gz", "label": "label.nii.gz", "pseudo": "pseudo.nii.gz", "eval": "eval.nii.gz"}
+
+
+@dataclass
+class Case:
+    id: str
+    has_label: bool = False
+    has_pseudo: bool = False
+    has_eval: bool = False
+
+
+@dataclass
+class Workspace:
+    root: Path
+    axis: str = "axial"
+    labels: dict[str, int] = field(default_factory=dict)
+    channel: str = "MRI"
+    cases: dict[str, Case] = field(default_factory=dict)
+
+    # --- paths -------------------------------------------------------------------------------------------------
+    def case_dir(self, case_id: str) -> Path:
+        return self.root / "cases" / case_id
+
+    def file(self, case_id: str, kind: str) -> Path:
+        return self.case_dir(case_id) / FILES[kind]
+
+    def review_path(self, case_id: str) -> Path:
+        return self.case_dir(case_id) / "review.json"
+
+    @property
+    def refine_dir(self) -> Path:
+        return self.root / "refine"
+
+    # --- persistence -------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        data = {"schema_version": SCHEMA_VERSION, "axis": self.axis, "labels": self.labels, "channel": self.channel,
+                "cases": {c.id: {"label": c.has_label, "pseudo": c.has_pseudo, "eval": c.has_eval}
+                          for c in sorted(self.cases.values(), key=lambda c: c.id)}}
+        write_text(self.root / INDEX, json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def open(cls, root: Path | str) -> "Workspace":
+        root = Path(root)
+        index = root / INDEX
+        if not index.is_file():
+            raise UserError(f"{root}: not a workspace (no {INDEX}); create one with `sslmedsam2 workspace init {root}`")
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            version = int(data["schema_version"])
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{index}: not a readable workspace index") from None
+        if version > SCHEMA_VERSION:
+            raise UserError(f"{root}: workspace schema version {version} is newer than this sslmedsam2 understands "
+                            f"({SCHEMA_VERSION}); update sslmedsam2")
+        ws = cls(root, data.get("axis", "axial"), {k: int(v) for k, v in data.get("labels", {}).items()},
+                 data.get("channel", "MRI"))
+        for case_id, info in data.get("cases", {}).items():
+            ws.cases[case_id] = Case(case_id, bool(info.get("label")), bool(info.get("pseudo")), bool(info.get("eval")))
+            if not ws.file(case_id, "image").is_file():
+                raise UserError(f"{root}: case {case_id} has no image ({ws.file(case_id, 'image')} is missing)")
+        return ws
+
+    # --- review state ------------------------------------------------------------------------------------------
+    def review(self, case_id: str) -> list[SliceState]:
+        path = self.review_path(case_id)
+        if not path.is_file():
+            return []
+        return [SliceState(s) for s in json.loads(path.read_text(encoding="utf-8"))["states"]]
+
+    def set_review(self, case_id: str, states: list[SliceState]) -> None:
+        write_text(self.review_path(case_id), json.dumps({"axis": self.axis, "states": [s.value for s in states]}) + "\n")
+
+
+def init_workspace(root: Path | str, labels: dict[str, int] | None = None, axis: str = "axial",
+                   channel: str = "MRI") -> Workspace:
+    root = Path(root)
+    if (root / INDEX).exists():
+        raise UserError(f"{root} is already a workspace")
+    if labels is not None:
+        values = sorted(labels.values())
+        if any(v <= 0 for v in values) or len(set(values)) != len(values):
+            raise UserError("label values must be distinct positive integers (0 is background)")
+    root.mkdir(parents=True, exist_ok=True)
+    ws = Workspace(root, axis, dict(labels or {}), channel)
+    ws.save()
+    return ws
+
+
+def parse_labels(items: list[str]) -> dict[str, int]:
+    """["liver=1", "spleen=4"] -> {"liver": 1, "spleen": 4}."""
+    labels = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name or not value.isdigit():
+            raise UserError(f"--label {item!r}: write NAME=VALUE, e.g. liver=1")
+        labels[name] = int(value)
+    return labels
+
+
+def _label_values(image: sitk.Image) -> set[int]:
+    return {int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v}
+
+
+def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo: Path | None = None,
+             eval_label: Path | None = None, case_id: str | None = None, review_from: Path | None = None) -> Case:
+    """Check everything first, then copy; a failed add changes nothing."""
+    from sslmedsam2.atomic import stem
+
+    case_id = case_id or stem(Path(image_path))
+    if not _ID.match(case_id):
+        raise UserError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-'")
+    if case_id in ws.cases:
+        raise UserError(f"case {case_id} is already in the workspace")
+    image = read_image(image_path)
+    maps = {}
+    for kind, path in (("label", label), ("pseudo", pseudo), ("eval", eval_label)):
+        if path is None:
+            continue
+        label_map = read_label_map(path)
+        check_same_grid(image, label_map, what=f"{kind} {Path(path).name}")
+        values = _label_values(label_map)
+        if ws.labels:
+            unknown = sorted(values - set(ws.labels.values()))
+            if unknown:
+                raise UserError(f"{path}: label values {unknown} are not among the workspace's labels "
+                                f"{ws.labels}")
+        maps[kind] = label_map
+    states = None
+    if "pseudo" in maps:
+        n = int(sitk.GetArrayViewFromImage(image).shape[slice_axis(image, ws.axis)])
+        if review_from is not None:
+            from sslmedsam2.propagation.confidence import read_confidence
+            from sslmedsam2.study.review import states_from_confidence
+
+            states = states_from_confidence(read_confidence(review_from), n)
+        else:
+            states = [SliceState.UNREVIEWED] * n
+    if not ws.labels:
+        found = set().union(*(_label_values(m) for m in maps.values())) if maps else set()
+        ws.labels = {f"label_{v}": v for v in sorted(found)}
+    ws.case_dir(case_id).mkdir(parents=True, exist_ok=True)
+    write_image(image, ws.file(case_id, "image"))
+    for kind, label_map in maps.items():
+        write_image(label_map, ws.file(case_id, kind))
+    if states is not None:
+        ws.set_review(case_id, states)
+    case = Case(case_id, "label" in maps, "pseudo" in maps, "eval" in maps)
+    ws.cases[case_id] = case
+    ws.save()
+    return case
