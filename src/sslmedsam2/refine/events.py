@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,10 +33,10 @@ class EventLog:
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / "events.jsonl"
         self.status_path = Path(folder) / "status.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, event: str, round_: int | None = None, **fields: object) -> dict:
         record = {"time": now(), "event": event, "round": round_, **fields}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
@@ -76,7 +75,3 @@ def process_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def elapsed_since(start: float) -> float:
-    return time.monotonic() - start

@@ -1,0 +1,217 @@
+"""The study workspace and nnU-Net refinement rounds, on a tiny synthetic study with a tiny schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import synthetic_case, to_image
+from scipy import ndimage
+
+from sslmedsam2.cli import main
+from sslmedsam2.refine.events import read_events
+from sslmedsam2.refine.export import export_round
+from sslmedsam2.study.review import SliceState
+from sslmedsam2.study.workspace import Workspace
+
+QUICK = ["--quick", "--device", "cpu"]
+
+
+def _inputs(folder: Path, cases: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(cases):
+        image, labels = synthetic_case((12, 40, 40), seed=i)
+        sitk.WriteImage(to_image(image), str(folder / f"c{i}.nii.gz"))
+        sitk.WriteImage(to_image(labels), str(folder / f"c{i}_gt.nii.gz"))
+        rough = labels.copy()
+        rough[~ndimage.binary_erosion(labels > 0)] = 0
+        sitk.WriteImage(to_image(rough), str(folder / f"c{i}_pseudo.nii.gz"))
+
+
+@pytest.fixture
+def study(tmp_path) -> Path:
+    """2 cases with ground truth, 2 with pseudo-labels (and held-out labels to score rounds)."""
+    inputs, ws = tmp_path / "in", tmp_path / "ws"
+    _inputs(inputs)
+    assert main(["workspace", "init", str(ws), "--label", "a=1", "--label", "b=2"]) == 0
+    for i in (0, 1):
+        assert main(["workspace", "add", str(ws), "--image", str(inputs / f"c{i}.nii.gz"),
+                     "--label", str(inputs / f"c{i}_gt.nii.gz")]) == 0
+    for i in (2, 3):
+        assert main(["workspace", "add", str(ws), "--image", str(inputs / f"c{i}.nii.gz"),
+                     "--pseudo", str(inputs / f"c{i}_pseudo.nii.gz"), "--eval-label", str(inputs / f"c{i}_gt.nii.gz")]) == 0
+    return ws
+
+
+def _events(ws: Path) -> list[dict]:
+    return read_events(ws / "refine" / "events.jsonl")[0]
+
+
+def _status(ws: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["workspace", "status", str(ws), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+EVENT_FIELDS = {
+    "job": {"state", "message"},
+    "stage": {"stage", "message"},
+    "epoch": {"epoch", "epochs", "loss", "val_loss", "pseudo_dice", "eta_s"},
+    "round": {"mean_dice_change", "dice_change", "heldout_dice", "converged"},
+    "error": {"message"},
+}
+
+
+def _check_schema(events: list[dict]) -> None:
+    for e in events:
+        assert {"time", "event", "round"} <= set(e), e
+        assert EVENT_FIELDS[e["event"]] <= set(e), e
+        if e["event"] == "job":
+            assert e["state"] in ("running", "finished", "converged", "cancelled", "failed")
+        if e["event"] == "stage":
+            assert e["stage"] in ("export", "plan", "train", "predict", "score")
+
+
+def test_two_rounds_end_to_end_then_predict(study, capsys, tmp_path):
+    before = {p: p.read_bytes() for p in (study / "cases").rglob("*") if p.is_file()}
+    assert main(["refine", str(study), *QUICK, "--rounds", "2", "--convergence", "1.0"]) == 0
+    events = _events(study)
+    _check_schema(events)
+    assert [e["state"] for e in events if e["event"] == "job"] == ["running", "finished"]
+    rounds = [e for e in events if e["event"] == "round"]
+    assert [e["round"] for e in rounds] == [0, 1]
+    assert all(0 <= e["mean_dice_change"] <= 1 and e["heldout_dice"] is not None for e in rounds)
+    epochs = [e for e in events if e["event"] == "epoch" and e["round"] == 0]
+    assert [e["epoch"] for e in epochs] == [1, 2] and len(epochs[0]["pseudo_dice"]) == 2
+    status = _status(study, capsys)
+    assert status["refine"]["state"] == "finished" and status["refine"]["round"] == 1
+    assert (study / "refine" / "progress.png").stat().st_size > 1000
+    # no job writes ground truth, pseudo-labels or review state
+    assert before == {p: p.read_bytes() for p in (study / "cases").rglob("*") if p.is_file()}
+    out = tmp_path / "predicted.nrrd"
+    assert main(["predict", str(study), str(tmp_path / "in" / "c3.nii.gz"), "-o", str(out), "--device", "cpu"]) == 0
+    image, result = sitk.ReadImage(str(tmp_path / "in" / "c3.nii.gz")), sitk.ReadImage(str(out))
+    assert result.GetSize() == image.GetSize() and result.GetOrigin() == image.GetOrigin()
+    assert set(np.unique(sitk.GetArrayFromImage(result))) <= {0, 1, 2}
+
+
+def test_convergence_stops_early(study, capsys):
+    assert main(["refine", str(study), *QUICK, "--rounds", "3", "--convergence", "0.01"]) == 0
+    events = _events(study)
+    assert [e["round"] for e in events if e["event"] == "round"] == [0]
+    assert events[-1]["event"] == "job" and events[-1]["state"] == "converged"
+    assert _status(study, capsys)["refine"]["state"] == "converged"
+
+
+def test_ignore_label_export_marks_distrusted_slices(study, tmp_path):
+    ws = Workspace.open(study)
+    states = ws.review("c2")
+    states[3], states[4], states[7] = SliceState.REJECTED, SliceState.REJECTED, SliceState.ACCEPTED
+    ws.set_review("c2", states)
+    pseudo = {c: ws.file(c, "pseudo") for c in ("c2", "c3")}
+    for policy, ignored_c2 in (("rejected", {3, 4}), ("unreviewed", set(range(12)) - {7}), ("none", set())):
+        raw = tmp_path / f"raw_{policy}"
+        assert export_round(ws, raw, pseudo, policy) == 4
+        dataset = json.loads((raw / "dataset.json").read_text())
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / "c2.nii.gz")))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / "c0.nii.gz")))
+        marked = {z for z in range(label.shape[0]) if (label[z] == 3).all()}
+        assert marked == ignored_c2
+        assert 3 not in truth, "ground truth is never masked"
+        if ignored_c2:
+            assert dataset["labels"] == {"background": 0, "a": 1, "b": 2, "ignore": 3}
+        else:
+            assert "ignore" not in dataset["labels"]
+        assert dataset["channel_names"] == {"0": "MRI"} and dataset["file_ending"] == ".nii.gz"
+
+
+def _start(ws: Path, *extra: str) -> subprocess.Popen:
+    code = f"import sys; from sslmedsam2.cli import main; sys.exit(main({['refine', str(ws), *QUICK, *extra]!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(ws: Path, predicate, job: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and job.poll() is None:
+        if (ws / "refine" / "events.jsonl").exists() and predicate(_events(ws)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out or the job ended (exit {job.poll()})")
+
+
+def test_sigterm_cancels_cleanly_and_the_job_resumes(study, capsys):
+    job = _start(study, "--rounds", "2", "--epochs", "6", "--convergence", "1.0")
+    _wait_for(study, lambda ev: any(e["event"] == "epoch" for e in ev), job)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 3, job.stderr.read()
+    assert _events(study)[-1] == {**_events(study)[-1], "event": "job", "state": "cancelled"}
+    assert _status(study, capsys)["refine"]["state"] == "cancelled"
+    trained = max(e["epoch"] for e in _events(study) if e["event"] == "epoch")
+    assert trained < 6
+    assert main(["refine", str(study), *QUICK, "--rounds", "2", "--epochs", "6", "--convergence", "1.0"]) == 0
+    epochs = [e["epoch"] for e in _events(study) if e["event"] == "epoch" and e["round"] == 0]
+    assert epochs == list(range(1, 7)), "training did not continue from nnU-Net's checkpoint"
+    assert _status(study, capsys)["refine"]["state"] == "finished"
+
+
+def test_sigkill_at_a_random_point_then_resume(study, capsys):
+    delay = random.Random(os.getpid()).uniform(3.0, 25.0)
+    job = _start(study, "--rounds", "2", "--convergence", "1.0")
+    time.sleep(delay)
+    job.kill()
+    job.wait()
+    if _events(study) and _events(study)[-1].get("state") != "finished":
+        assert _status(study, capsys)["refine"]["state"] in ("failed", "running", "not started")
+    assert main(["refine", str(study), *QUICK, "--rounds", "2", "--convergence", "1.0"]) == 0, f"killed after {delay:.1f} s"
+    status = _status(study, capsys)["refine"]
+    assert status["state"] == "finished" and [r["round"] for r in status["rounds"]] == [0, 1]
+    for r in (0, 1):
+        folder = study / "refine" / "rounds" / f"round_{r:02d}"
+        assert (folder / "round.json").is_file()
+        assert sorted(p.name for p in (folder / "pseudo").iterdir()) == ["c2.nii.gz", "c3.nii.gz"]
+    assert not list((study / "refine" / "rounds").rglob(".*tmp*"))
+
+
+def _expect(capsys, argv, fragment):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("sslmedsam2: error: ") and fragment in err[-1], err
+
+
+def test_bad_inputs_change_nothing(study, tmp_path, capsys):
+    index = study / "workspace.json"
+    original = index.read_text()
+    # label values missing from the dataset's labels
+    odd = tmp_path / "odd.nii.gz"
+    _, labels = synthetic_case((12, 40, 40), seed=0)
+    labels[labels == 2] = 7
+    sitk.WriteImage(to_image(labels), str(odd))
+    _expect(capsys, ["workspace", "add", str(study), "--image", str(tmp_path / "in" / "c0.nii.gz"), "--label", str(odd),
+                     "--id", "odd"], "[7]")
+    assert index.read_text() == original and not (study / "cases" / "odd").exists()
+    # zero cases with ground truth
+    empty = tmp_path / "nogt"
+    assert main(["workspace", "init", str(empty)]) == 0
+    assert main(["workspace", "add", str(empty), "--image", str(tmp_path / "in" / "c2.nii.gz"),
+                 "--pseudo", str(tmp_path / "in" / "c2_pseudo.nii.gz")]) == 0
+    _expect(capsys, ["refine", str(empty), *QUICK], "no case has ground truth")
+    assert not (empty / "refine").exists()
+    # a case without image
+    (study / "cases" / "c3" / "image.nii.gz").unlink()
+    _expect(capsys, ["refine", str(study), *QUICK], "case c3 has no image")
+    _expect(capsys, ["workspace", "status", str(study)], "case c3 has no image")
+    # a newer schema
+    data = json.loads(original)
+    data["schema_version"] = 99
+    index.write_text(json.dumps(data))
+    _expect(capsys, ["refine", str(study), *QUICK], "schema version 99")
+    assert not (study / "refine").exists()
