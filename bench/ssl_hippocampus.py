@@ -50,7 +50,7 @@ def round_seconds(events_file: Path) -> list[float]:
 
 
 def build_workspace(ws: Path, labelled: list[str], unlabelled: list[str], work: Path) -> None:
-    from sslmedsam2.propagation.confidence import SliceConfidence, write_confidence
+    from sslmedsam2.propagation.confidence import write_confidence
     from sslmedsam2.propagation.interpolation import interpolate_between_seeds
     from sslmedsam2.propagation.seeds import Seeds
     from sslmedsam2.study.workspace import add_case, init_workspace

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 from conftest import TINY_SIZE, synthetic_case, to_image
 

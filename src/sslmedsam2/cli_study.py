@@ -123,7 +123,6 @@ def _refine_options(args: argparse.Namespace):
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from sslmedsam2.refine.events import process_alive
     from sslmedsam2.refine.rounds import RefineJob, refine_status
     from sslmedsam2.study.workspace import Workspace
 

@@ -97,7 +97,7 @@ def track_video_naive(predictor: SlicePredictor, query: VolumeFrames, support: V
     added again, the whole video tracked from the first prompt forward and from the last one backward, every frame
     encoded again. Each query slice is covered by one of the two passes."""
     video = VideoFrames(query, len(support), k, support)
-    n_query, n_support = len(query), len(support)
+    n_query = len(query)
     drawn = [[int(z) for z in np.flatnonzero((masks == label).any(axis=(1, 2)))] for label in labels]
     spans = [(k + d[0], k + d[-1]) for d in drawn]
     low = predictor.image_size // 4
