@@ -215,3 +215,43 @@ def test_bad_inputs_change_nothing(study, tmp_path, capsys):
     index.write_text(json.dumps(data))
     _expect(capsys, ["refine", str(study), *QUICK], "schema version 99")
     assert not (study / "refine").exists()
+
+
+def test_cancel_and_follow_commands(study, capsys):
+    job = _start(study, "--rounds", "1", "--epochs", "8", "--convergence", "1.0")
+    _wait_for(study, lambda ev: any(e["event"] == "epoch" for e in ev), job)
+    assert main(["refine", str(study), "--cancel"]) == 0
+    assert job.wait(timeout=120) == 3
+    _expect(capsys, ["refine", str(study), "--cancel"], "no refine job is running")
+    job = _start(study, "--rounds", "1", "--epochs", "8", "--convergence", "1.0")
+    _wait_for(study, lambda ev: ev[-1]["event"] != "job" or ev[-1]["state"] == "running", job)
+    assert main(["refine", str(study), "--follow"]) == 0  # returns when the job has finished
+    assert job.wait(timeout=60) == 0
+    assert "refine finished" in capsys.readouterr().err
+
+
+def test_monitor_reads_only_complete_lines_and_the_latest_run(tmp_path):
+    from sslmedsam2.refine.events import EventLog
+    from sslmedsam2.refine.monitor import JobMonitor
+
+    log = EventLog(tmp_path)
+    log.emit("job", None, state="running", message="started")
+    log.emit("job", 0, state="cancelled", message="")
+    log.emit("job", 0, state="running", message="resumed")
+    log.emit("stage", 0, stage="train", message="training")
+    log.emit("epoch", 0, epoch=5, epochs=10, loss=0.5, val_loss=0.6, pseudo_dice=[0.5], eta_s=10.0)
+    with open(log.path, "a") as handle:
+        handle.write('{"time": "2026-01-01", "event": "epo')  # a line still being written
+    monitor = JobMonitor(tmp_path)
+    monitor.attach_to_latest_run()
+    events = monitor.poll()
+    assert [e["event"] for e in events] == ["job", "stage", "epoch"]
+    assert not monitor.finished and monitor.state == "running"
+    assert monitor.describe() == "round 0, train, epoch 5/10"
+    assert 0.0 < monitor.fraction(rounds=2) < 0.5
+    with open(log.path, "a") as handle:
+        handle.write('ch", "round": 0, "epoch": 6, "epochs": 10}\n')
+    assert [e["epoch"] for e in monitor.poll()] == [6]
+    log.emit("job", 1, state="converged", message="")
+    monitor.poll()
+    assert monitor.finished and monitor.fraction(rounds=2) == 1.0

@@ -152,6 +152,7 @@ def follow(ws, status: dict) -> int:
 
     rounds = (status.get("options") or {}).get("rounds", 1)
     bar = _JobBar(ws.refine_dir, rounds)
+    bar.monitor.attach_to_latest_run()
     try:
         while True:
             for event in bar.monitor.poll():

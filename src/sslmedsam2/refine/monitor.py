@@ -24,6 +24,18 @@ class JobMonitor:
         self.state: str | None = None
         self.last_message = ""
 
+    def attach_to_latest_run(self) -> None:
+        """Start from the latest run's first event, so a previous run's ending is not taken for this one's."""
+        events, _ = read_events(self.log.path, 0)
+        starts = [i for i, e in enumerate(events) if e["event"] == "job" and e["state"] == "running"]
+        if not starts:
+            return
+        with open(self.log.path, "rb") as handle:
+            offsets = [0]
+            for line in handle:
+                offsets.append(offsets[-1] + len(line))
+        self.offset = offsets[starts[-1]]
+
     def poll(self) -> list[dict]:
         events, self.offset = read_events(self.log.path, self.offset)
         for event in events:

@@ -92,12 +92,12 @@ class RefineJob:
 
     # --- events --------------------------------------------------------------------------------------------------
     def emit(self, event: str, round_: int | None = None, **fields) -> None:
-        record = self.log.emit(event, round_, **fields)
+        """Status first, then the event: whoever sees an event finds the status at least as new."""
         if event in ("stage", "job", "round", "error"):
             self.status.update(round=round_ if round_ is not None else self.status.get("round"),
                                stage=fields.get("stage", self.status.get("stage")))
             self.log.write_status(self.status)
-        self.on_event(record)
+        self.on_event(self.log.emit(event, round_, **fields))
 
     def _check_stop(self) -> None:
         if self.stop_requested:
