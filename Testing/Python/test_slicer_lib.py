@@ -1,0 +1,82 @@
+"""The Slicer module's Slicer-free library: signals, dependency plans, settings, engine commands and output."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "SSLMedSAM2"
+sys.path.insert(0, str(MODULE_DIR))
+
+from SSLMedSAM2Lib.dependencies import PROTECTED, plan_install  # noqa: E402
+from SSLMedSAM2Lib.engine_output import EngineOutput  # noqa: E402
+from SSLMedSAM2Lib.parameters import (EngineSettings, problems, propagate_command, pseudolabel_command,  # noqa: E402
+                                      refine_command)
+from SSLMedSAM2Lib.signal import Signal  # noqa: E402
+
+from sslmedsam2.cli import build_parser  # noqa: E402
+
+HEADLESS = ["signal.py", "dependencies.py", "parameters.py", "engine_output.py"]
+
+
+def test_headless_files_import_no_slicer():
+    for name in HEADLESS:
+        tree = ast.parse((MODULE_DIR / "SSLMedSAM2Lib" / name).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"slicer", "qt", "ctk", "vtk"}, name
+
+
+def test_signal():
+    seen = []
+    signal = Signal(int, str)
+    signal.connect(lambda a, b: seen.append((a, b)))
+    signal.emit(1, "x")
+    assert seen == [(1, "x")]
+    with pytest.raises(TypeError):
+        signal.emit(1)
+
+
+def test_install_plan_pins_what_slicer_has_and_builds_sam2_against_torch():
+    versions = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "torch": "2.5.1", "scipy": "1.14.0", "tqdm": "4.66.0"}
+    plan = plan_install(versions.get)
+    assert "numpy==1.26.4" in plan.constraints and "SimpleITK==2.4.0" in plan.constraints
+    assert "torch==2.5.1" in plan.constraints and not plan.torch_missing
+    assert "sam2==1.1.0" in plan.missing and not any(r.startswith("scipy") for r in plan.missing)
+    calls = plan.pip_calls("/tmp/c.txt")
+    assert calls[0] == ["install", "--no-build-isolation", "-c", "/tmp/c.txt", "sam2==1.1.0"]
+    assert all(call[call.index("-c") + 1] == "/tmp/c.txt" for call in calls)
+    assert not any(p in " ".join(plan.missing) for p in PROTECTED)
+    nothing = plan_install(lambda name: "9")
+    assert not nothing.needed
+    assert plan_install(lambda name: None).torch_missing
+
+
+def test_settings_problems(tmp_path):
+    assert problems(EngineSettings()) == []
+    bad = EngineSettings(model="sam3", image_size=100, device="tpu", checkpoint=str(tmp_path / "none.pt"))
+    assert len(problems(bad)) == 4
+
+
+def test_commands_are_accepted_by_the_engine_parser():
+    parser = build_parser()
+    settings = EngineSettings(model="sam2.1-tiny", image_size=256, checkpoint="/x.pt", allow_download=False)
+    args = parser.parse_args(propagate_command(settings, "img.nrrd", "seeds.nrrd", "out.nrrd"))
+    assert (args.command, args.model, args.image_size, args.no_download) == ("propagate", "sam2.1-tiny", 256, True)
+    args = parser.parse_args(pseudolabel_command(settings, "si", "sl", "q", "o", insertions=3, supports=2))
+    assert (args.command, args.insertions, args.supports) == ("pseudolabel", 3, 2)
+    args = parser.parse_args(refine_command("ws", rounds=2, quick=True, warm_start=True))
+    assert (args.command, args.rounds, args.quick, args.warm_start) == ("refine", 2, True, True)
+
+
+def test_engine_output_parser_reads_bars_messages_and_errors():
+    output = EngineOutput()
+    update = output.feed("propagate:  20%|##        | 4/20 [00:01<00:04,  3.9slice/s]\rpropagate:  25%|##")
+    assert update.progress == (4, 20)
+    update = output.feed("       | 5/20 [00:01<00:03]\rsslmedsam2: using the cache\n")
+    assert update.progress == (5, 20) and update.messages == ["using the cache"]
+    update = output.feed("sslmedsam2: error: seeds.nrrd: the seed label map has no labelled voxel\n")
+    assert update.error == "seeds.nrrd: the seed label map has no labelled voxel" == output.error
