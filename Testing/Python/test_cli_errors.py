@@ -162,3 +162,17 @@ def test_real_process_exit_code_and_single_line(files):
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+def test_seed_slices_keeps_only_the_listed_slices(tmp_path, capsys):
+    image, labels = synthetic_case(shape=(10, 24, 24))
+    seeds = labels.copy()  # every slice drawn, as a full segmentation after review would be
+    img, sds = _write(tmp_path / "i.nii.gz", image), _write(tmp_path / "s.nii.gz", seeds)
+    out = tmp_path / "o.nii.gz"
+    assert main(["propagate", str(img), str(sds), "-o", str(out), "--method", "interpolate", "--seed-slices", "4,6"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "o.confidence.csv")))
+    assert {int(r["slice"]) for r in rows if r["source"] == "seed"} == {4, 6}
+    _expect_error(capsys, ["propagate", str(img), str(sds), "-o", str(tmp_path / "x.nii.gz"), "--method", "interpolate",
+                           "--seed-slices", "4,60"], tmp_path / "x.nii.gz", "outside")

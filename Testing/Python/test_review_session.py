@@ -66,6 +66,13 @@ def test_undo_redo_and_payloads():
         session.redo()  # a new change drops the redo history
 
 
+def test_checkpoint_is_undoable_without_changing_states():
+    session = _session()
+    before = list(session.states)
+    session.checkpoint("segmentation before the first run")
+    assert session.states == before and session.undo() == "segmentation before the first run"
+
+
 def test_next_unreviewed_wraps_both_ways():
     session = _session()
     assert session.next_unreviewed(1) == 3  # 2 is a seed

@@ -74,7 +74,16 @@ def _intensity(args: argparse.Namespace) -> IntensitySpec:
 def _options(args: argparse.Namespace) -> PropagateOptions:
     return PropagateOptions(method=args.method, model=args.model, checkpoint=args.checkpoint, device=args.device,
                             image_size=args.image_size, axis=args.axis, intensity=_intensity(args),
-                            download=not args.no_download)
+                            download=not args.no_download, seed_slices=_slice_list(getattr(args, "seed_slices", None)))
+
+
+def _slice_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--seed-slices {text!r}: a comma-separated list of slice numbers") from None
 
 
 def cmd_propagate(args: argparse.Namespace) -> int:
@@ -161,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "no suffix: DICOM series folder)")
     p.add_argument("--method", default="auto", choices=METHODS, help="sam2, interpolate (no weights needed) or auto "
                    "(default: sam2 when weights can be had, else interpolate, saying so)")
+    p.add_argument("--seed-slices", help="use only these slices of SEEDS as prompts, e.g. 3,10,17 (re-propagation "
+                   "from reviewed slices); default: every slice with a label")
     _add_model_options(p)
     _add_frame_options(p)
     p.set_defaults(func=cmd_propagate)

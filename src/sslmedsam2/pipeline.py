@@ -34,6 +34,7 @@ class PropagateOptions:
     axis: str = "axial"
     intensity: IntensitySpec = field(default_factory=IntensitySpec)
     download: bool = True
+    seed_slices: list[int] | None = None  # use only these slices of SEEDS as prompts (re-propagation from a review)
 
 
 @dataclass
@@ -63,13 +64,20 @@ class Case:
         return out
 
 
-def load_case(image_path: Path, seeds_path: Path, axis: str = "axial") -> Case:
+def load_case(image_path: Path, seeds_path: Path, axis: str = "axial", seed_slices: list[int] | None = None) -> Case:
     image = read_image(image_path)
     seeds_image = read_label_map(seeds_path)
     check_same_grid(image, seeds_image, what=f"seed label map {Path(seeds_path).name}")
     array_axis = slice_axis(image, axis)
     volume = np.moveaxis(sitk.GetArrayFromImage(image), array_axis, 0)
     seeds = np.moveaxis(sitk.GetArrayFromImage(seeds_image), array_axis, 0)
+    if seed_slices is not None:
+        outside = [z for z in seed_slices if not 0 <= z < seeds.shape[0]]
+        if outside:
+            raise UserError(f"--seed-slices {outside}: outside 0..{seeds.shape[0] - 1}")
+        keep = np.zeros(seeds.shape[0], bool)
+        keep[list(seed_slices)] = True
+        seeds = np.where(keep[:, None, None], seeds, 0)
     if not seeds.any():
         raise UserError(f"{seeds_path}: the seed label map has no labelled voxel; draw the structure on at least one slice")
     return Case(image, array_axis, volume, Seeds(np.ascontiguousarray(seeds)))
@@ -122,7 +130,7 @@ def run_propagate(image_path: Path, seeds_path: Path, output: Path, options: Pro
     output = Path(output)
     check_writable(output)
     started = time.perf_counter()
-    case = load_case(Path(image_path), Path(seeds_path), options.axis)
+    case = load_case(Path(image_path), Path(seeds_path), options.axis, options.seed_slices)
     weights = None if options.method == "interpolate" else find_weights(options, log, download_progress)
     result, method, device = propagate_case(case, options, weights, progress)
     confidence = confidence_path(output)

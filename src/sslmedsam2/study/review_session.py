@@ -71,6 +71,10 @@ class ReviewSession:
         self._check(z)
         return self.states[z] != SliceState.SEED and self._apply({z: SliceState.EDITED})
 
+    def checkpoint(self, payload: object) -> None:
+        """An undoable step that changes no state, e.g. the segmentation before a first propagation."""
+        self._apply({}, payload)
+
     def repropagated(self, payload: object = None) -> None:
         """After a re-propagation from `prompt_slices()`: rejected slices hold new content to review."""
         self._apply({z: SliceState.UNREVIEWED for z, s in enumerate(self.states) if s == SliceState.REJECTED}, payload)

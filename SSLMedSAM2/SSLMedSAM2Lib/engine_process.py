@@ -1,0 +1,92 @@
+"""Runs one engine command (`python -m sslmedsam2 ...`) in a QProcess: Slicer stays responsive, output streams in."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import qt
+
+from SSLMedSAM2Lib.engine_output import EngineOutput
+from SSLMedSAM2Lib.signal import Signal
+
+
+def engine_source() -> Path | None:
+    """Where the engine package is: ../src in a source checkout, beside the module in an installed extension."""
+    here = Path(__file__).resolve()
+    for folder in (here.parents[2] / "src", here.parents[1]):
+        if (folder / "sslmedsam2" / "__init__.py").is_file():
+            return folder
+    return None
+
+
+def engine_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    source = engine_source()
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class EngineProcess:
+    """progress(done, total), message(text) and finished(error or "") signals; cancel() stops it."""
+
+    def __init__(self) -> None:
+        self.progress = Signal(int, int)
+        self.message = Signal(str)
+        self.finished = Signal(str)
+        self._process = None
+        self._output = EngineOutput()
+        self._cancelled = False
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.state() != qt.QProcess.NotRunning
+
+    def start(self, arguments: list[str]) -> None:
+        if self.running:
+            raise RuntimeError("an engine command is already running")
+        self._output, self._cancelled = EngineOutput(), False
+        process = qt.QProcess()
+        process.setProcessChannelMode(qt.QProcess.MergedChannels)
+        environment = qt.QProcessEnvironment()
+        for key, value in engine_environment().items():
+            environment.insert(key, value)
+        process.setProcessEnvironment(environment)
+        process.connect("readyRead()", self._on_output)
+        process.connect("finished(int,QProcess::ExitStatus)", self._on_finished)
+        process.connect("errorOccurred(QProcess::ProcessError)", self._on_error)
+        self._process = process
+        # sys.executable is PythonSlicer inside Slicer
+        process.start(sys.executable, ["-m", "sslmedsam2", *arguments])
+
+    def cancel(self) -> None:
+        """SIGTERM first (the engine writes nothing half-done), a kill if it has not stopped after 5 s."""
+        if not self.running:
+            return
+        self._cancelled = True
+        self._process.terminate()
+        qt.QTimer.singleShot(5000, lambda: self._process.kill() if self.running else None)
+
+    def _on_output(self) -> None:
+        data = self._process.readAll().data().decode("utf-8", errors="replace")
+        update = self._output.feed(data)
+        if update.progress:
+            self.progress.emit(*update.progress)
+        for line in update.messages or []:
+            self.message.emit(line)
+
+    def _on_error(self, error) -> None:
+        if error == qt.QProcess.FailedToStart:
+            self.finished.emit(f"could not start {sys.executable} -m sslmedsam2 (are the dependencies installed?)")
+
+    def _on_finished(self, exit_code: int, exit_status) -> None:
+        self._on_output()
+        if self._cancelled:
+            self.finished.emit("cancelled")
+        elif exit_code != 0:
+            self.finished.emit(self._output.error or f"the engine stopped with exit code {exit_code}; see the log")
+        else:
+            self.finished.emit("")

@@ -1,0 +1,90 @@
+"""The module's self-test in Slicer: the real logic on a synthetic volume with a tiny random-weight SAM2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import slicer
+
+from SSLMedSAM2Lib.engine_process import engine_environment
+from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
+from SSLMedSAM2Lib.parameters import EngineSettings
+
+_MAKE_CHECKPOINT = """
+import sys, torch
+from sslmedsam2.models import get_model
+from sslmedsam2.models.loader import build_predictor
+torch.manual_seed(0)
+predictor = build_predictor(get_model("sam2.1-tiny"), None, "cpu", 128)
+torch.save({"model": predictor.state_dict()}, sys.argv[1])
+"""
+
+
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    grid = np.indices(shape, dtype=float)
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def _wait(logic: SSLMedSAM2Logic, timeout: float = 600) -> str:
+    result = []
+    logic.runFinished.connect(result.append)
+    deadline = time.time() + timeout
+    while not result and time.time() < deadline:
+        slicer.app.processEvents()
+        time.sleep(0.05)
+    logic.runFinished.disconnect(result.append)
+    if not result:
+        raise AssertionError("the propagation did not finish in time")
+    return result[0]
+
+
+def test_propagation_on_synthetic_volume(test) -> None:
+    test.delayDisplay("Building a random-weight SAM2.1 Hiera-T checkpoint")
+    checkpoint = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-test-")) / "tiny.pt"
+    subprocess.run([sys.executable, "-c", _MAKE_CHECKPOINT, str(checkpoint)], check=True, env=engine_environment())
+
+    shape = (20, 48, 48)
+    labels = np.zeros(shape, np.uint8)
+    labels[_ellipsoid(shape, (9, 18, 18), (7, 9, 10))] = 1
+    labels[_ellipsoid(shape, (11, 32, 31), (5, 6, 6))] = 2
+    image = (100 + 250 * (labels == 1) + 150 * (labels == 2)).astype(np.float32)
+    volume = slicer.util.addVolumeFromArray(image, name="synthetic")
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    seeds = {1: [5, 12], 2: [9, 13]}
+    for value, slices in seeds.items():
+        sid = segmentation.GetSegmentation().AddEmptySegment(f"structure{value}")
+        drawn = np.zeros(shape, np.uint8)
+        for z in slices:
+            drawn[z] = labels[z] == value
+        slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentation, sid, volume)
+
+    logic = SSLMedSAM2Logic()
+    settings = EngineSettings(model="sam2.1-tiny", checkpoint=str(checkpoint), image_size=128, device="cpu")
+    test.delayDisplay("Propagating")
+    logic.propagate(volume, segmentation, settings)
+    test.assertEqual(_wait(logic), "")
+    ids = list(segmentation.GetSegmentation().GetSegmentIDs())
+    for sid, (value, slices) in zip(ids, seeds.items()):
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume)
+        for z in slices:
+            test.assertTrue(np.array_equal(result[z] > 0, labels[z] == value), f"seed slice {z} changed")
+    review = logic.review
+    test.assertIsNotNone(review)
+    test.assertEqual(len(review.states), shape[0])
+    test.assertEqual(review.prompt_slices(), sorted({z for s in seeds.values() for z in s}))
+
+    test.delayDisplay("Reviewing and re-propagating")
+    first = review.review_order()[0]
+    review.accept(first)
+    logic.propagate(volume, segmentation, settings, prompt_slices=review.prompt_slices())
+    test.assertEqual(_wait(logic), "")
+    test.assertEqual(review.states[first].value, "accepted")
+    logic.undo(volume, segmentation)  # back to the first propagation's result
+    test.delayDisplay("SSLMedSAM2 self-test passed")

@@ -1,0 +1,346 @@
+"""The panel: binds the .ui to the parameter node and the logic; nothing here computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import qt
+import slicer
+from slicer.util import VTKObservationMixin
+
+from SSLMedSAM2Lib import scene_io
+from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
+from SSLMedSAM2Lib.parameter_node import SSLMedSAM2ParameterNode
+
+SHORTCUTS = {"Alt+A": "onAccept", "Alt+R": "onReject", "Alt+N": "onNextUnreviewed", "Alt+P": "onPreviousUnreviewed",
+             "Alt+L": "onLowestConfidence"}
+REFINE_POLL_MS = 1000
+
+
+class SSLMedSAM2PanelWidget(VTKObservationMixin):
+    def __init__(self, ui, layout) -> None:
+        VTKObservationMixin.__init__(self)
+        self.ui = ui
+        self.logic = SSLMedSAM2Logic()
+        self.parameters: SSLMedSAM2ParameterNode | None = None
+        self._gui_tag = None
+        self._shortcuts: list = []
+        self._importing = False
+        self._monitor = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(REFINE_POLL_MS)
+        self._timer.connect("timeout()", self.onPollRefine)
+        self.logic.process.progress.connect(self.onProgress)
+        self.logic.process.message.connect(lambda line: self.ui.statusLabel.setText(line))
+        self.logic.runFinished.connect(self.onRunFinished)
+        self.logic.reviewChanged.connect(self.updateReview)
+        u = ui
+        u.propagateButton.connect("clicked()", self.onPropagate)
+        u.cancelButton.connect("clicked()", self.logic.cancel)
+        u.repropagateButton.connect("clicked()", self.onRepropagate)
+        u.acceptButton.connect("clicked()", self.onAccept)
+        u.rejectButton.connect("clicked()", self.onReject)
+        u.undoButton.connect("clicked()", self.onUndo)
+        u.nextUnreviewedButton.connect("clicked()", self.onNextUnreviewed)
+        u.previousUnreviewedButton.connect("clicked()", self.onPreviousUnreviewed)
+        u.lowestConfidenceButton.connect("clicked()", self.onLowestConfidence)
+        u.sliceTable.connect("cellDoubleClicked(int,int)", lambda row, column: self.jumpTo(int(u.sliceTable.item(row, 0).text())))
+        u.runFewShotButton.connect("clicked()", self.onRunFewShot)
+        u.addToStudyButton.connect("clicked()", self.onAddToStudy)
+        u.refineButton.connect("clicked()", self.onRefine)
+        u.cancelRefineButton.connect("clicked()", self.onCancelRefine)
+        u.loadRefinedButton.connect("clicked()", self.onLoadRefined)
+        u.installButton.connect("clicked()", self.onInstall)
+        u.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        u.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        editor_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        u.segmentEditorWidget.setMRMLSegmentEditorNode(editor_node)
+        u.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+
+    # --- life cycle ------------------------------------------------------------------------------------------
+    def setParameterNode(self, node: SSLMedSAM2ParameterNode) -> None:
+        if self.parameters is not None and self._gui_tag is not None:
+            self.parameters.disconnectGui(self._gui_tag)
+        self.parameters = node
+        self._gui_tag = node.connectGui(self.ui)
+        self.onSegmentationChanged()
+        self.reattachRefine()
+
+    def enter(self) -> None:
+        main = slicer.util.mainWindow()
+        for key, method in SHORTCUTS.items():
+            shortcut = qt.QShortcut(qt.QKeySequence(key), main)
+            shortcut.connect("activated()", getattr(self, method))
+            self._shortcuts.append(shortcut)
+
+    def exit(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+        self._shortcuts = []
+
+    def cleanup(self) -> None:
+        self.exit()
+        self._timer.stop()
+        self.logic.cancel()
+        self.removeObservers()
+        if self.parameters is not None and self._gui_tag is not None:
+            self.parameters.disconnectGui(self._gui_tag)
+
+    # --- inputs ----------------------------------------------------------------------------------------------
+    def onSegmentationChanged(self, *_) -> None:
+        if self.parameters is None:
+            return
+        self.removeObservers(self.onSegmentEdited)
+        volume, segmentation = self.parameters.inputVolume, self.parameters.segmentation
+        self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
+        self.ui.segmentEditorWidget.setSourceVolumeNode(volume)
+        if segmentation is not None:
+            # voxel edits fire SourceRepresentationModified (SegmentModified is for names and tags)
+            self.addObserver(segmentation, slicer.vtkSegmentation.SourceRepresentationModified, self.onSegmentEdited)
+        self.updateSeedSlices()
+
+    def updateSeedSlices(self) -> None:
+        volume, segmentation = self.parameters.inputVolume, self.parameters.segmentation
+        if volume is None or segmentation is None or not scene_io.segment_ids(segmentation):
+            self.ui.seedSlicesLabel.setText("choose a volume and a segmentation; draw a few slices of each segment")
+            return
+        import numpy as np
+
+        axis = {"axial": 0, "coronal": 1, "sagittal": 2}[self.parameters.axis]
+        lines = []
+        for sid, array in scene_io.snapshot(segmentation, volume).items():
+            drawn = np.flatnonzero(array.any(axis=tuple(a for a in range(3) if a != axis)))
+            name = segmentation.GetSegmentation().GetSegment(sid).GetName()
+            lines.append(f"{name}: {', '.join(map(str, drawn[:12]))}{' ...' if len(drawn) > 12 else ''}" if len(drawn) else f"{name}: none")
+        self.ui.seedSlicesLabel.setText("\n".join(lines))
+
+    def onSegmentEdited(self, caller, event) -> None:
+        """A person painted: the slice in view becomes an edited slice (a new prompt)."""
+        if self._importing or self.logic.review is None or self.logic.process.running:
+            return
+        z = scene_io.current_slice(self.parameters.axis, self.parameters.inputVolume)
+        if z is not None and z < len(self.logic.review.states) and self.logic.review.edited(z):
+            self.updateReview()
+
+    # --- propagation -----------------------------------------------------------------------------------------
+    def _settings(self):
+        settings = self.parameters.engine_settings()
+        question = self.logic.weights_to_download(settings)
+        if question:
+            if not slicer.util.confirmOkCancelDisplay(question, "SSLMedSAM2: download model weights"):
+                return None
+            settings.allow_download = True
+        return settings
+
+    def _start(self, prompt_slices=None) -> None:
+        settings = self._settings()
+        if settings is None:
+            return
+        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the propagation."):
+            self._importing = True
+            self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings, prompt_slices)
+            self._setBusy(True, "propagating...")
+
+    def onPropagate(self) -> None:
+        self.logic.review = None
+        self._start()
+
+    def onRepropagate(self) -> None:
+        if self.logic.review is None:
+            slicer.util.errorDisplay("Propagate first; re-propagation starts from the reviewed slices.")
+            return
+        self._start(self.logic.review.prompt_slices())
+
+    def onProgress(self, done: int, total: int) -> None:
+        self.ui.progressBar.setMaximum(max(total, 1))
+        self.ui.progressBar.setValue(done)
+
+    def onRunFinished(self, error: str) -> None:
+        self._importing = False
+        self._setBusy(False, "cancelled" if error == "cancelled" else error or "done: review the slices below")
+        if error and error != "cancelled":
+            slicer.util.errorDisplay(f"SSLMedSAM2: {error}")
+        elif not error and self.logic.review is None:
+            self._loadFewShotResult()
+        self.updateSeedSlices()
+
+    def _setBusy(self, busy: bool, text: str) -> None:
+        for button in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.runFewShotButton):
+            button.enabled = not busy
+        self.ui.cancelButton.enabled = busy
+        self.ui.statusLabel.setText(text)
+        if busy:
+            self.ui.progressBar.setValue(0)
+
+    # --- review ----------------------------------------------------------------------------------------------
+    def updateReview(self) -> None:
+        review = self.logic.review
+        table = self.ui.sliceTable
+        if review is None:
+            table.setRowCount(0)
+            self.ui.reviewSummaryLabel.setText("Nothing to review yet")
+            return
+        counts = review.counts()
+        self.ui.reviewSummaryLabel.setText(", ".join(f"{v} {k}" for k, v in counts.items() if v))
+        table.setRowCount(len(review.states))
+        for z, (state, confidence) in enumerate(zip(review.states, review.confidence)):
+            for column, text in enumerate((str(z), state.value, "" if confidence != confidence else f"{confidence:.3f}")):
+                table.setItem(z, column, qt.QTableWidgetItem(text))
+        self.ui.undoButton.enabled = review.can_undo
+        self.showMarker()
+
+    def showMarker(self, z: int | None = None) -> None:
+        review = self.logic.review
+        if review is None or self.parameters.inputVolume is None:
+            return
+        z = scene_io.current_slice(self.parameters.axis, self.parameters.inputVolume) if z is None else z
+        if z is None or not 0 <= z < len(review.states):
+            return
+        confidence = review.confidence[z]
+        scene_io.show_marker(self.parameters.axis, f"SSLMedSAM2 slice {z}: {review.states[z].value}"
+                             + ("" if confidence != confidence else f" (confidence {confidence:.2f})"))
+
+    def jumpTo(self, z: int | None) -> None:
+        if z is None:
+            self.ui.statusLabel.setText("no unreviewed slice left")
+            return
+        scene_io.jump_to_slice(self.parameters.axis, self.parameters.inputVolume, z)
+        self.ui.sliceTable.selectRow(z)
+        self.showMarker(z)
+
+    def _here(self) -> int | None:
+        return scene_io.current_slice(self.parameters.axis, self.parameters.inputVolume)
+
+    def onAccept(self) -> None:
+        if self.logic.review is not None and self._here() is not None:
+            self.logic.review.accept(self._here())
+            self.updateReview()
+            self.jumpTo(self.logic.review.next_unreviewed(self._here()))
+
+    def onReject(self) -> None:
+        if self.logic.review is not None and self._here() is not None:
+            self.logic.review.reject(self._here())
+            self.updateReview()
+            self.jumpTo(self.logic.review.next_unreviewed(self._here()))
+
+    def onNextUnreviewed(self) -> None:
+        if self.logic.review is not None:
+            self.jumpTo(self.logic.review.next_unreviewed(self._here() or 0))
+
+    def onPreviousUnreviewed(self) -> None:
+        if self.logic.review is not None:
+            self.jumpTo(self.logic.review.next_unreviewed(self._here() or 0, step=-1))
+
+    def onLowestConfidence(self) -> None:
+        if self.logic.review is not None:
+            order = self.logic.review.review_order()
+            self.jumpTo(order[0] if order else None)
+
+    def onUndo(self) -> None:
+        if self.logic.review is not None and self.logic.review.can_undo:
+            self._importing = True
+            try:
+                self.logic.undo(self.parameters.inputVolume, self.parameters.segmentation)
+            finally:
+                self._importing = False
+
+    # --- few-shot --------------------------------------------------------------------------------------------
+    def onRunFewShot(self) -> None:
+        p = self.parameters
+        settings = self._settings()
+        if settings is None:
+            return
+        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the few-shot run."):
+            self.logic.review = None
+            self.logic.run_few_shot(settings, str(p.supportImages), str(p.supportLabels), str(p.queryImages),
+                                    str(p.fewShotOutput), p.insertions, p.supports)
+            self._setBusy(True, "few-shot pseudo-labels...")
+
+    def _loadFewShotResult(self) -> None:
+        name = self.logic.least_trustworthy(self.parameters.fewShotOutput)
+        if name is None:
+            return
+        output, stem = Path(self.parameters.fewShotOutput), name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        volume, segmentation = self.logic.load_pseudo_label(Path(self.parameters.queryImages) / name, output / name,
+                                                            output / f"{stem}.confidence.csv")
+        self.parameters.inputVolume, self.parameters.segmentation = volume, segmentation
+        self.ui.statusLabel.setText(f"loaded {name}, the least trustworthy query (see ranking.csv for the others)")
+
+    # --- study and refinement --------------------------------------------------------------------------------
+    def _workspace(self) -> Path | None:
+        path = self.parameters.workspace
+        if not path or str(path) in ("", "."):
+            slicer.util.errorDisplay("Choose a workspace folder first.")
+            return None
+        return Path(path)
+
+    def onAddToStudy(self) -> None:
+        workspace = self._workspace()
+        if workspace is None:
+            return
+        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not add the case to the study.", waitCursor=True):
+            case = self.logic.add_to_study(workspace, self.parameters.inputVolume, self.parameters.segmentation,
+                                           self.parameters.axis)
+            self.ui.refineStatusLabel.setText(f"added case {case} to {workspace}")
+
+    def onRefine(self) -> None:
+        workspace = self._workspace()
+        if workspace is None:
+            return
+        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the refinement."):
+            self.logic.start_refine(workspace, self.parameters.rounds, self.parameters.quick,
+                                    self.parameters.warmStart, self.parameters.device)
+            self._follow(workspace, fresh=True)
+
+    def reattachRefine(self) -> None:
+        """Opening the module (or Slicer) while a job runs: follow it again."""
+        path = self.parameters.workspace
+        if path and str(path) not in ("", ".") and self.logic.refine_status(Path(path)).get("state") == "running":
+            self._follow(Path(path), fresh=False)
+
+    def _follow(self, workspace: Path, fresh: bool) -> None:
+        self._monitor = self.logic.refine_monitor(workspace, fresh)
+        self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = False, True
+        self._timer.start()
+
+    def onPollRefine(self) -> None:
+        monitor = self._monitor
+        for event in monitor.poll():
+            if event["event"] in ("stage", "round", "error", "job"):
+                self.ui.refineLog.appendPlainText(f"{event['time']} {event['event']}: "
+                                                  + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event")))
+        rounds = (monitor.log.read_status().get("options") or {}).get("rounds", self.parameters.rounds)
+        self.ui.refineProgressBar.setValue(int(100 * monitor.fraction(rounds)))
+        self.ui.refineStatusLabel.setText(monitor.describe() + (f" ({monitor.state})" if monitor.state else ""))
+        if monitor.finished or self.logic.refine_died(monitor):
+            self._timer.stop()
+            self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = True, False
+            if not monitor.finished:
+                self.ui.refineStatusLabel.setText("the job stopped without finishing; press Refine to resume it")
+
+    def onCancelRefine(self) -> None:
+        workspace = self._workspace()
+        if workspace is not None and not self.logic.cancel_refine(workspace):
+            self.ui.refineStatusLabel.setText("no refinement is running")
+
+    def onLoadRefined(self) -> None:
+        workspace = self._workspace()
+        if workspace is None:
+            return
+        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not load the refined pseudo-labels."):
+            volume, segmentation, case, round_name = self.logic.load_refined(workspace)
+            self.parameters.inputVolume, self.parameters.segmentation = volume, segmentation
+            self.ui.refineStatusLabel.setText(f"loaded {case} from {round_name} for review")
+
+    # --- dependencies ----------------------------------------------------------------------------------------
+    def onInstall(self) -> None:
+        missing = self.logic.missing_dependencies()
+        if not missing:
+            self.ui.dependencyStatusLabel.setText("All dependencies are installed.")
+            return
+        if not slicer.util.confirmOkCancelDisplay(missing, "SSLMedSAM2: install dependencies"):
+            return
+        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed; see the Python console for pip's output.",
+                                             waitCursor=True):
+            self.logic.install_dependencies()
+            self.ui.dependencyStatusLabel.setText("Dependencies installed.")
