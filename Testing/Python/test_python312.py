@@ -38,9 +38,9 @@ def venv312(tmp_path_factory) -> Path:
     return venv / "bin" / "python"
 
 
-def test_every_engine_module_compiles_on_312(venv312):
-    done = subprocess.run([str(venv312), "-m", "compileall", "-q", "-f", str(ROOT / "src" / "sslmedsam2")],
-                          capture_output=True, text=True)
+def test_every_engine_and_module_file_compiles_on_312(venv312):
+    done = subprocess.run([str(venv312), "-m", "compileall", "-q", "-f", str(ROOT / "src" / "sslmedsam2"),
+                           str(ROOT / "SSLMedSAM2")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
