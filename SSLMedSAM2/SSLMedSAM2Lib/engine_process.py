@@ -67,8 +67,9 @@ class EngineProcess:
         if not self.running:
             return
         self._cancelled = True
-        self._process.terminate()
-        qt.QTimer.singleShot(5000, lambda: self._process.kill() if self.running else None)
+        process = self._process  # not whatever runs 5 s from now
+        process.terminate()
+        qt.QTimer.singleShot(5000, lambda: process.kill() if process.state() != qt.QProcess.NotRunning else None)
 
     def _on_output(self) -> None:
         data = self._process.readAll().data().decode("utf-8", errors="replace")
@@ -86,6 +87,8 @@ class EngineProcess:
         self._on_output()
         if self._cancelled:
             self.finished.emit("cancelled")
+        elif exit_status == qt.QProcess.CrashExit:
+            self.finished.emit(self._output.error or "the engine crashed; see the log")
         elif exit_code != 0:
             self.finished.emit(self._output.error or f"the engine stopped with exit code {exit_code}; see the log")
         else:

@@ -18,7 +18,8 @@ def segment_ids(segmentation_node) -> list[str]:
 
 def export_volume(volume_node, path: Path) -> Path:
     """Write without touching the node's own storage (exportNode, unlike saveNode)."""
-    if not slicer.util.exportNode(volume_node, str(path)):
+    # an explicit {}: exportNode's default properties dict is shared and remembers the last file format
+    if not slicer.util.exportNode(volume_node, str(path), {}):
         raise RuntimeError(f"could not write {volume_node.GetName()} to {path}")
     return path
 
@@ -28,21 +29,32 @@ def export_segments(segmentation_node, volume_node, path: Path) -> tuple[Path, l
     ids = segment_ids(segmentation_node)
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
-        slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node)
+        if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap,
+                                                                                 volume_node):
+            raise RuntimeError(f"could not export the segments of {segmentation_node.GetName()}")
         export_volume(labelmap, path)
     finally:
-        slicer.mrmlScene.RemoveNode(labelmap)
+        _remove_labelmap(labelmap)
     return path, ids
+
+
+def _remove_labelmap(labelmap) -> None:
+    """The export adds a colour table too; it goes with the label map."""
+    display = labelmap.GetDisplayNode()
+    if display is not None and display.GetColorNode() is not None:
+        slicer.mrmlScene.RemoveNode(display.GetColorNode())
+    slicer.mrmlScene.RemoveNode(labelmap)
 
 
 def import_labels(path: Path, segmentation_node, ids: list[str]) -> None:
     """Label value i + 1 of the file replaces the content of segment ids[i]."""
-    labelmap = slicer.util.loadLabelVolume(str(path))
+    labelmap = slicer.util.loadVolume(str(path), {"labelmap": True, "show": False})
     try:
-        updated = vtk.vtkStringArray()
+        updated = vtk.vtkStringArray()  # this overload needs a vtkStringArray, not a list
         for segment_id in ids:
             updated.InsertNextValue(segment_id)
-        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation_node, updated)
+        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation_node, updated):
+            raise RuntimeError(f"could not import {path.name} into {segmentation_node.GetName()}")
     finally:
         slicer.mrmlScene.RemoveNode(labelmap)
 
@@ -69,21 +81,44 @@ def current_slice(axis: str, volume_node) -> int | None:
     return index - 1 if index > 0 else None
 
 
-def jump_to_slice(axis: str, volume_node, z: int) -> None:
-    """Centre every view on slice z along the axis (the IJK axis closest to it)."""
+def _ijk_axis(volume_node, axis: str) -> int:
+    """The IJK axis that runs closest to the anatomical axis (as the engine chooses it)."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    dims = volume_node.GetImageData().GetDimensions()
     row = {"sagittal": 0, "coronal": 1, "axial": 2}[axis]  # R, A, S
-    normal = [abs(matrix.GetElement(row, k)) for k in range(3)]  # how much each IJK axis runs along it
-    ijk = [(d - 1) / 2 for d in dims]
-    ijk[int(np.argmax(normal))] = z
+    return int(np.argmax([abs(matrix.GetElement(row, k)) for k in range(3)]))
+
+
+def array_axis(volume_node, axis: str) -> int:
+    """The numpy axis (of Slicer's KJI arrays) along which `axis` slices are stacked."""
+    return 2 - _ijk_axis(volume_node, axis)
+
+
+def jump_to_slice(axis: str, volume_node, z: int) -> None:
+    """Centre every view on slice z along the axis."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    ijk = [(d - 1) / 2 for d in volume_node.GetImageData().GetDimensions()]
+    ijk[_ijk_axis(volume_node, axis)] = z
     ras = matrix.MultiplyPoint([*ijk, 1.0])[:3]
     slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
 
+_markers: dict[str, vtk.vtkTextActor] = {}
+
+
 def show_marker(axis: str, text: str) -> None:
-    """A line in the corner of the axis's slice view: the slice's review state."""
+    """A line at the bottom of the axis's slice view: the slice's review state.
+
+    Its own text actor, since DataProbe rewrites the corner annotations on every slice change.
+    """
     view = slicer.app.layoutManager().sliceWidget(VIEW_OF_AXIS[axis]).sliceView()
-    view.cornerAnnotation().SetText(vtk.vtkCornerAnnotation.UpperRight, text)
+    actor = _markers.get(axis)
+    if actor is None:
+        actor = _markers[axis] = vtk.vtkTextActor()
+        actor.GetTextProperty().SetFontSize(14)
+        actor.GetTextProperty().SetColor(1.0, 0.85, 0.2)
+        actor.SetDisplayPosition(10, 28)
+        view.renderWindow().GetRenderers().GetFirstRenderer().AddActor2D(actor)
+    actor.SetInput(text)
     view.forceRender()

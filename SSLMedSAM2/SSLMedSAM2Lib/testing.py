@@ -59,7 +59,7 @@ def test_propagation_on_synthetic_volume(test) -> None:
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     seeds = {1: [5, 12], 2: [9, 13]}
     for value, slices in seeds.items():
-        sid = segmentation.GetSegmentation().AddEmptySegment(f"structure{value}")
+        sid = segmentation.GetSegmentation().AddEmptySegment("", f"structure{value}")
         drawn = np.zeros(shape, np.uint8)
         for z in slices:
             drawn[z] = labels[z] == value

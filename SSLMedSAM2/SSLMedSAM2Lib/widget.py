@@ -6,6 +6,7 @@ from pathlib import Path
 
 import qt
 import slicer
+import vtk
 from slicer.util import VTKObservationMixin
 
 from SSLMedSAM2Lib import scene_io
@@ -51,32 +52,56 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         u.cancelRefineButton.connect("clicked()", self.onCancelRefine)
         u.loadRefinedButton.connect("clicked()", self.onLoadRefined)
         u.installButton.connect("clicked()", self.onInstall)
-        u.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
-        u.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
-        editor_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-        u.segmentEditorWidget.setMRMLSegmentEditorNode(editor_node)
-        u.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self._inputs = (None, None)
+        self._ensureEditorNode()
 
     # --- life cycle ------------------------------------------------------------------------------------------
+    def _ensureEditorNode(self) -> None:
+        """The embedded editor's node, created again after the scene was closed or cleared."""
+        editor = self.ui.segmentEditorWidget
+        node = editor.mrmlSegmentEditorNode()
+        if node is None or node.GetScene() is None:
+            editor.setMRMLSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+        editor.setMRMLScene(slicer.mrmlScene)
+
     def setParameterNode(self, node: SSLMedSAM2ParameterNode) -> None:
-        if self.parameters is not None and self._gui_tag is not None:
-            self.parameters.disconnectGui(self._gui_tag)
+        if self.parameters is not None:
+            if self._gui_tag is not None:
+                self.parameters.disconnectGui(self._gui_tag)
+            self.removeObserver(self.parameters.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
         self.parameters = node
         self._gui_tag = node.connectGui(self.ui)
-        self.onSegmentationChanged()
+        # read inputs from the parameter node once it has changed, never from a selector's signal (order of slots)
+        self.addObserver(node.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+        self.onParameterChanged()
         self.reattachRefine()
 
+    def onParameterChanged(self, *_) -> None:
+        inputs = (self.parameters.inputVolume, self.parameters.segmentation)
+        if inputs != self._inputs:
+            self._inputs = inputs
+            self.onSegmentationChanged()
+
     def enter(self) -> None:
+        self._ensureEditorNode()
+        if slicer.app.layoutManager() is not None:
+            for axis in scene_io.VIEW_OF_AXIS:  # the marker follows scrolling in any of the three views
+                self.addObserver(scene_io.slice_logic(axis).GetSliceNode(), vtk.vtkCommand.ModifiedEvent, self.onSliceMoved)
         main = slicer.util.mainWindow()
+        if main is None:  # Slicer without a main window (tests, batch): no shortcuts
+            return
         for key, method in SHORTCUTS.items():
             shortcut = qt.QShortcut(qt.QKeySequence(key), main)
             shortcut.connect("activated()", getattr(self, method))
             self._shortcuts.append(shortcut)
 
     def exit(self) -> None:
+        self.removeObservers(self.onSliceMoved)
         for shortcut in self._shortcuts:
             shortcut.setParent(None)
         self._shortcuts = []
+        self.ui.segmentEditorWidget.setActiveEffect(None)
+        self.ui.segmentEditorWidget.removeViewObservations()
 
     def cleanup(self) -> None:
         self.exit()
@@ -87,9 +112,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             self.parameters.disconnectGui(self._gui_tag)
 
     # --- inputs ----------------------------------------------------------------------------------------------
-    def onSegmentationChanged(self, *_) -> None:
-        if self.parameters is None:
-            return
+    def onSegmentationChanged(self) -> None:
         self.removeObservers(self.onSegmentEdited)
         volume, segmentation = self.parameters.inputVolume, self.parameters.segmentation
         self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
@@ -106,7 +129,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             return
         import numpy as np
 
-        axis = {"axial": 0, "coronal": 1, "sagittal": 2}[self.parameters.axis]
+        axis = scene_io.array_axis(volume, self.parameters.axis)
         lines = []
         for sid, array in scene_io.snapshot(segmentation, volume).items():
             drawn = np.flatnonzero(array.any(axis=tuple(a for a in range(3) if a != axis)))
@@ -137,8 +160,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         if settings is None:
             return
         with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the propagation."):
-            self._importing = True
             self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings, prompt_slices)
+            self._importing = True  # our own import of the result is not a person's edit
             self._setBusy(True, "propagating...")
 
     def onPropagate(self) -> None:
@@ -199,6 +222,10 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         confidence = review.confidence[z]
         scene_io.show_marker(self.parameters.axis, f"SSLMedSAM2 slice {z}: {review.states[z].value}"
                              + ("" if confidence != confidence else f" (confidence {confidence:.2f})"))
+
+    def onSliceMoved(self, *_) -> None:
+        if self.parameters is not None and self.parameters.inputVolume is not None:
+            self.showMarker()
 
     def jumpTo(self, z: int | None) -> None:
         if z is None:
