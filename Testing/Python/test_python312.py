@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TORCH_FREE_TESTS = ["test_volume.py", "test_evaluate.py", "test_download.py", "test_cli_errors.py"]
+TORCH_FREE_TESTS = ["test_volume.py", "test_evaluate.py", "test_download.py", "test_cli_errors.py", "test_interpolation.py"]
 
 
 def _python312() -> str | None:
@@ -32,7 +32,8 @@ def venv312(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("py312") / "venv"
     subprocess.run([python, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    done = subprocess.run([*pip, "numpy", "scipy", "SimpleITK", "pooch", "tqdm", "pytest"], capture_output=True, text=True)
+    done = subprocess.run([*pip, "numpy", "scipy", "SimpleITK", "itk-morphologicalcontourinterpolation", "pooch", "tqdm",
+                           "pytest"], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"could not install the 3.12 test environment: {done.stderr.strip().splitlines()[-1:]}")
     return venv / "bin" / "python"
