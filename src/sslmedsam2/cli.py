@@ -1,4 +1,4 @@
-"""The `sslmedsam2` command: propagate, evaluate, models, demo."""
+"""The `sslmedsam2` command: propagate, pseudolabel, evaluate, models, demo (study commands: cli_study)."""
 
 from __future__ import annotations
 
