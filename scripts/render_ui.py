@@ -21,7 +21,7 @@ def load_panel(ui_path: Path = UI):
         """Slicer's CTK/MRML widgets do not exist outside Slicer: similar Qt widgets take their place."""
 
         def createWidget(self, class_name, parent=None, name=""):  # noqa: N802 (Qt's name)
-            stand_in = {"ctkCollapsibleButton": QGroupBox, "qMRMLNodeComboBox": QComboBox,
+            stand_in = {"ctkCollapsibleButton": QGroupBox, "qMRMLNodeComboBox": QComboBox, "qMRMLCheckableNodeComboBox": QComboBox,
                         "ctkPathLineEdit": QLineEdit, "qMRMLWidget": QWidget}.get(class_name)
             if class_name == "qMRMLSegmentEditorWidget":
                 widget = QLabel("[Slicer's Segment Editor: segments, effects, Paint, Draw, Erase, ...]", parent)
@@ -47,7 +47,8 @@ def load_panel(ui_path: Path = UI):
         box.setTitle(box.property("text") or box.objectName())
     for combo, items in {"modelComboBox": ["medsam2"], "deviceComboBox": ["auto"], "axisComboBox": ["axial"],
                          "modalityComboBox": ["mri"], "inputVolumeSelector": ["MRHead"],
-                         "segmentationSelector": ["Segmentation"]}.items():
+                         "segmentationSelector": ["Segmentation"], "supportSegmentationsSelector": ["(none checked)"],
+                         "queryVolumesSelector": ["(none checked)"]}.items():
         widget = panel.findChild(QComboBox, combo)
         if widget is not None:
             widget.addItems(items)

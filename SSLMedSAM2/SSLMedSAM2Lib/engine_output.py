@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_BAR = re.compile(r"^(?P<desc>[\w .:-]+?):\s+\d+%\|.*?\|\s*(?P<done>\d+)/(?P<total>\d+)")
+# tqdm bars: "propagate:  45%|####  | 21/46 [...]", and pooch's download bar "  2%|#  | 3.15M/156M [...]"
+_BAR = re.compile(r"^(?:[\w .:-]+?:)?\s*\d+%\|.*?\|\s*(?P<done>[\d.]+)(?P<done_unit>[kMGT]?)"
+                  r"/(?P<total>[\d.]+)(?P<total_unit>[kMGT]?)")
+_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 _MESSAGE = "sslmedsam2: "
 _ERROR = "sslmedsam2: error: "
 
@@ -34,7 +37,8 @@ class EngineOutput:
                 continue
             bar = _BAR.match(piece)
             if bar:
-                update.progress = (int(bar["done"]), int(bar["total"]))
+                update.progress = (int(float(bar["done"]) * _UNITS[bar["done_unit"]]),
+                                   int(float(bar["total"]) * _UNITS[bar["total_unit"]]))
             elif piece.startswith(_ERROR):
                 self.error = update.error = piece[len(_ERROR):]
             else:

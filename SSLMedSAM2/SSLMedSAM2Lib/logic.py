@@ -45,6 +45,7 @@ class SSLMedSAM2Logic:
         self.process = EngineProcess()
         self.process.finished.connect(self._on_finished)
         self.review = None  # sslmedsam2.study.review_session.ReviewSession of the current segmentation
+        self.fewshot_query_nodes: dict[str, object] = {}  # exported query file name -> its scene volume
         self.reviewChanged = Signal()
         self.runFinished = Signal(str)  # error message, "" on success
         self._run: Run | None = None
@@ -149,15 +150,61 @@ class SSLMedSAM2Logic:
 
     # --- few-shot --------------------------------------------------------------------------------------------
     def run_few_shot(self, settings: EngineSettings, support_images: str, support_labels: str, queries: str,
-                     output: str, insertions: int, supports: int) -> None:
-        found = problems(settings) + [f"Choose the {what} folder." for what, path in
-                                      (("support images", support_images), ("support labels", support_labels),
-                                       ("query images", queries), ("output", output)) if not path or path == "."]
+                     output: str, insertions: int, supports: int, support_nodes=(), query_nodes=()) -> str:
+        """Folders when given, else the checked scene nodes (exported to a temporary folder); returns the output."""
+        def chosen(path: str) -> bool:
+            return bool(path) and path != "."
+
+        found = problems(settings)
+        self.fewshot_query_nodes = {}
+        if not (chosen(support_images) and chosen(support_labels)) and support_nodes:
+            support_images, support_labels = self._export_supports(list(support_nodes), found)
+        if not chosen(queries) and query_nodes:
+            queries = self._export_queries(list(query_nodes))
+        found += [f"Choose the {what} (folder or scene nodes)." for what, path in
+                  (("support images", support_images), ("support labels", support_labels), ("query images", queries))
+                  if not chosen(path)]
         if found:
             raise ValueError(" ".join(found))
+        if not chosen(output):
+            output = tempfile.mkdtemp(prefix="SSLMedSAM2-fewshot-")
         self._run = None
         self.process.start(pseudolabel_command(settings, support_images, support_labels, queries, output,
                                                insertions, supports))
+        return output
+
+    def _export_supports(self, segmentations, found: list[str]) -> tuple[str, str]:
+        """Each support segmentation with the volume it was drawn on; label values follow segment names, so that
+        "liver" has the same value in every support (the engine refuses supports whose labels differ)."""
+        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-supports-"))
+        (folder / "images").mkdir()
+        (folder / "labels").mkdir()
+        names = sorted({seg.GetSegmentation().GetSegment(sid).GetName()
+                        for seg in segmentations for sid in scene_io.segment_ids(seg)})
+        for seg in segmentations:
+            volume = scene_io.reference_volume(seg)
+            if volume is None:
+                found.append(f"Support {seg.GetName()} has no reference volume: set its source volume in Segment Editor.")
+                continue
+            segmentation = seg.GetSegmentation()
+            ids = [segmentation.GetSegmentIdBySegmentName(name) for name in names]
+            missing = [name for name, sid in zip(names, ids) if not sid]
+            if missing:
+                found.append(f"Support {seg.GetName()} has no segment named {', '.join(missing)}; every support needs "
+                             "the same segments.")
+                continue
+            name = f"{scene_io.file_name(seg)}.nrrd"
+            scene_io.export_volume(volume, folder / "images" / name)
+            scene_io.export_segments(seg, volume, folder / "labels" / name, ids)
+        return str(folder / "images"), str(folder / "labels")
+
+    def _export_queries(self, volumes) -> str:
+        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-queries-"))
+        for volume in volumes:
+            name = f"{scene_io.file_name(volume)}.nrrd"
+            scene_io.export_volume(volume, folder / name)
+            self.fewshot_query_nodes[name] = volume
+        return str(folder)
 
     @staticmethod
     def least_trustworthy(output: Path) -> str | None:
@@ -174,7 +221,7 @@ class SSLMedSAM2Logic:
         from sslmedsam2.propagation.confidence import read_confidence
         from sslmedsam2.study.review_session import ReviewSession
 
-        volume = slicer.util.loadVolume(str(image))
+        volume = self.fewshot_query_nodes.get(Path(image).name) or slicer.util.loadVolume(str(image))
         segmentation = slicer.util.loadSegmentation(str(labels))
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         if confidence is not None and confidence.is_file():

@@ -24,9 +24,9 @@ def export_volume(volume_node, path: Path) -> Path:
     return path
 
 
-def export_segments(segmentation_node, volume_node, path: Path) -> tuple[Path, list[str]]:
-    """Segments as one label map on the volume's grid; label i + 1 is the i-th segment returned."""
-    ids = segment_ids(segmentation_node)
+def export_segments(segmentation_node, volume_node, path: Path, ids: list[str] | None = None) -> tuple[Path, list[str]]:
+    """Segments as one label map on the volume's grid; label i + 1 is the i-th segment id (default: all, in order)."""
+    ids = segment_ids(segmentation_node) if ids is None else ids
     labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
     try:
         if not slicer.modules.segmentations.logic().ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap,
@@ -44,6 +44,16 @@ def _remove_labelmap(labelmap) -> None:
     if display is not None and display.GetColorNode() is not None:
         slicer.mrmlScene.RemoveNode(display.GetColorNode())
     slicer.mrmlScene.RemoveNode(labelmap)
+
+
+def reference_volume(segmentation_node):
+    """The volume a segmentation was drawn on (its reference geometry), or None."""
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
+def file_name(node) -> str:
+    """A file-system-safe name for a node."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in node.GetName()) or node.GetID()
 
 
 def import_labels(path: Path, segmentation_node, ids: list[str]) -> None:

@@ -53,6 +53,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         u.loadRefinedButton.connect("clicked()", self.onLoadRefined)
         u.installButton.connect("clicked()", self.onInstall)
         self._inputs = (None, None)
+        self._fewShot = ""
         self._ensureEditorNode()
 
     # --- life cycle ------------------------------------------------------------------------------------------
@@ -279,17 +280,21 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the few-shot run."):
             self.logic.review = None
-            self.logic.run_few_shot(settings, str(p.supportImages), str(p.supportLabels), str(p.queryImages),
-                                    str(p.fewShotOutput), p.insertions, p.supports)
+            self._fewShot = self.logic.run_few_shot(
+                settings, str(p.supportImages), str(p.supportLabels), str(p.queryImages), str(p.fewShotOutput),
+                p.insertions, p.supports, self.ui.supportSegmentationsSelector.checkedNodes(),
+                self.ui.queryVolumesSelector.checkedNodes())
             self._setBusy(True, "few-shot pseudo-labels...")
 
     def _loadFewShotResult(self) -> None:
-        name = self.logic.least_trustworthy(self.parameters.fewShotOutput)
+        output = Path(self._fewShot)
+        name = self.logic.least_trustworthy(output)
         if name is None:
             return
-        output, stem = Path(self.parameters.fewShotOutput), name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
-        volume, segmentation = self.logic.load_pseudo_label(Path(self.parameters.queryImages) / name, output / name,
-                                                            output / f"{stem}.confidence.csv")
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        queries = self.parameters.queryImages
+        image = Path(queries) / name if queries and str(queries) != "." else Path(name)  # a scene node otherwise
+        volume, segmentation = self.logic.load_pseudo_label(image, output / name, output / f"{stem}.confidence.csv")
         self.parameters.inputVolume, self.parameters.segmentation = volume, segmentation
         self.ui.statusLabel.setText(f"loaded {name}, the least trustworthy query (see ranking.csv for the others)")
 

@@ -247,7 +247,7 @@ def test_monitor_reads_only_complete_lines_and_the_latest_run(tmp_path):
     events = monitor.poll()
     assert [e["event"] for e in events] == ["job", "stage", "epoch"]
     assert not monitor.finished and monitor.state == "running"
-    assert monitor.describe() == "round 0, train, epoch 5/10"
+    assert monitor.describe() == "round 0, train, epoch 5/10, pseudo-Dice 0.50"
     assert 0.0 < monitor.fraction(rounds=2) < 0.5
     with open(log.path, "a") as handle:
         handle.write('ch", "round": 0, "epoch": 6, "epochs": 10}\n')

@@ -78,5 +78,7 @@ def test_engine_output_parser_reads_bars_messages_and_errors():
     assert update.progress == (4, 20)
     update = output.feed("       | 5/20 [00:01<00:03]\rsslmedsam2: using the cache\n")
     assert update.progress == (5, 20) and update.messages == ["using the cache"]
+    update = output.feed("  2%|#          | 3.15M/156M [00:01<00:50, 3.1MB/s]\r")
+    assert update.progress == (3_150_000, 156_000_000)
     update = output.feed("sslmedsam2: error: seeds.nrrd: the seed label map has no labelled voxel\n")
     assert update.error == "seeds.nrrd: the seed label map has no labelled voxel" == output.error

@@ -21,6 +21,7 @@ class JobMonitor:
         self.round: int | None = None
         self.stage: str | None = None
         self.epoch = self.epochs = 0
+        self.pseudo_dice: list[float] = []  # nnU-Net's per-label pseudo-Dice of the latest epoch
         self.state: str | None = None
         self.last_message = ""
 
@@ -53,6 +54,7 @@ class JobMonitor:
             self.last_message = event.get("message", "")
         elif kind == "epoch":
             self.epoch, self.epochs = event["epoch"], event["epochs"]
+            self.pseudo_dice = event.get("pseudo_dice", [])
         elif kind == "error":
             self.last_message = event.get("message", "")
 
@@ -77,4 +79,6 @@ class JobMonitor:
             parts.append(self.stage)
         if self.stage == "train" and self.epochs:
             parts.append(f"epoch {self.epoch}/{self.epochs}")
+            if self.pseudo_dice:
+                parts.append("pseudo-Dice " + "/".join(f"{d:.2f}" for d in self.pseudo_dice))
         return ", ".join(parts)
