@@ -11,11 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from sslmedsam2.cli import _say
 from sslmedsam2.errors import UserError
-
-
-def _say(message: str) -> None:
-    print(f"sslmedsam2: {message}", file=sys.stderr, flush=True)
 
 
 class _JobBar:

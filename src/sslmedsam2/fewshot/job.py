@@ -20,7 +20,7 @@ from sslmedsam2.fewshot.insertions import insertion_positions
 from sslmedsam2.fewshot.similarity import most_similar
 from sslmedsam2.fewshot.volumes import FewShotVolume, check_label_sets, list_images, load_volume, pair_supports
 from sslmedsam2.frames import IntensitySpec
-from sslmedsam2.propagation.confidence import write_confidence
+from sslmedsam2.propagation.confidence import read_confidence, write_confidence
 from sslmedsam2.volume import write_image
 
 RANKING = "ranking.csv"
@@ -98,8 +98,6 @@ def write_case(outdir: Path, query: FewShotVolume, result: PseudoLabel, info: di
 
 def write_ranking(outdir: Path) -> Path:
     """Cases from least to most trustworthy, each followed by its slices in the same order: what to review first."""
-    from sslmedsam2.propagation.confidence import read_confidence
-
     cases = []
     for case_file in sorted(outdir.glob("*.case.json")):
         info = json.loads(case_file.read_text())

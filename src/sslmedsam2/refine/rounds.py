@@ -90,6 +90,9 @@ class RefineJob:
         path = self.round_dir(r) / "round.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def finished_rounds(self) -> list[dict]:
+        return [result for result in map(self.round_result, range(self.options.rounds)) if result]
+
     # --- events --------------------------------------------------------------------------------------------------
     def emit(self, event: str, round_: int | None = None, **fields) -> None:
         """Status first, then the event: whoever sees an event finds the status at least as new."""
@@ -144,7 +147,7 @@ class RefineJob:
         old = self.log.read_status()
         self.status = {"state": "running", "round": None, "stage": None, "pid": os.getpid(),
                        "started": old.get("started") if old.get("state") == "running" else now(),
-                       "rounds": [self.round_result(r) for r in range(o.rounds) if self.round_result(r)],
+                       "rounds": self.finished_rounds(),
                        "options": asdict(o), "message": ""}
         self.emit("job", state="running", message="resumed" if self._steps(0) else "started")
         folders = nnunet.use_folders(self.dir / "nnunet")
@@ -243,8 +246,7 @@ class RefineJob:
     def _plot(self) -> None:
         from sslmedsam2.refine.plot import plot_rounds
 
-        rounds = [self.round_result(r) for r in range(self.options.rounds)]
-        plot_rounds([x for x in rounds if x], self.dir / "progress.png", self.options.convergence)
+        plot_rounds(self.finished_rounds(), self.dir / "progress.png", self.options.convergence)
 
 
 def refine_status(ws: Workspace) -> dict:

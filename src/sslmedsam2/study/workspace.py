@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import write_text
+from sslmedsam2.atomic import stem, write_text
 from sslmedsam2.errors import UserError
-from sslmedsam2.study.review import SliceState
+from sslmedsam2.propagation.confidence import read_confidence
+from sslmedsam2.study.review import SliceState, states_from_confidence
 from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
 
 SCHEMA_VERSION = 1
@@ -133,8 +134,6 @@ def _label_values(image: sitk.Image) -> set[int]:
 def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo: Path | None = None,
              eval_label: Path | None = None, case_id: str | None = None, review_from: Path | None = None) -> Case:
     """Check everything first, then copy; a failed add changes nothing."""
-    from sslmedsam2.atomic import stem
-
     case_id = case_id or stem(Path(image_path))
     if not _ID.match(case_id):
         raise UserError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-'")
@@ -158,9 +157,6 @@ def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo:
     if "pseudo" in maps:
         n = int(sitk.GetArrayViewFromImage(image).shape[slice_axis(image, ws.axis)])
         if review_from is not None:
-            from sslmedsam2.propagation.confidence import read_confidence
-            from sslmedsam2.study.review import states_from_confidence
-
             states = states_from_confidence(read_confidence(review_from), n)
         else:
             states = [SliceState.UNREVIEWED] * n
