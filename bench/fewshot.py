@@ -3,6 +3,10 @@
   python bench/fewshot.py --quick      CPU: 2 CHAOS T2 supports + 1 query (synthetic volumes without ../shared/data),
                                        image size 128, 5 insertions, random-weight SAM2.1 Hiera-T
   python bench/fewshot.py              full size (GPU): 7 CHAOS supports + 1 query, image size 512 (MedSAM2's)
+  python bench/fewshot.py --memory     GPU memory check: 10 synthetic supports of 512 x 512 x 100 and a query of
+                                       the same size at image size 512, this implementation only; the last line is
+                                       `peak_gpu_mb=<MB> within_16gb=<yes|no>` (--slices/--size shrink it for a
+                                       CPU smoke run)
   add --checkpoint FILE --model NAME for real weights.
 Each variant runs `sslmedsam2 pseudolabel` in its own process (peak memory is its own). Model building is not
 timed. The last line is `speedup=<naive / ours> max_abs_diff=<largest probability difference>`.
@@ -52,8 +56,24 @@ def run_variant(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     run_pseudolabel(options, log=lambda m: None)
     seconds = time.perf_counter() - start - built["seconds"]
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() and args.device != "cpu" else None
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": gpu}
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    # reserved (what the allocator took from the card) is what must fit; allocated is what tensors used
+    gpu = torch.cuda.max_memory_reserved() / 2**20 if on_gpu else None
+    used = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
+    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_gpu_mb": gpu, "peak_gpu_allocated_mb": used}
+
+
+def phantom(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An abdomen-like volume: a liver-sized and a kidney-sized ellipsoid scaled to the shape, MR-like noise."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape, dtype=np.float32) / np.array(shape, np.float32).reshape(3, 1, 1, 1)
+    labels = np.zeros(shape, np.uint8)
+    for value, centre, radii in ((1, (0.5, 0.45, 0.35), (0.3, 0.25, 0.22)), (2, (0.55, 0.6, 0.7), (0.15, 0.1, 0.08))):
+        centre = np.array(centre) + rng.uniform(-0.03, 0.03, 3)
+        labels[sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0] = value
+    image = rng.normal(100, 20, shape).astype(np.float32) + np.where(labels == 1, 300, np.where(labels == 2, 180, 0))
+    return image.astype(np.float32), labels
 
 
 def prepare(args: argparse.Namespace, work: Path) -> str:
@@ -62,6 +82,14 @@ def prepare(args: argparse.Namespace, work: Path) -> str:
 
     for name in ("si", "sl", "q"):
         (work / name).mkdir()
+    if args.memory:
+        shape = (args.slices, args.size, args.size)
+        for i in range(args.supports):
+            image, labels = phantom(shape, seed=i)
+            sitk.WriteImage(sitk.GetImageFromArray(image), str(work / "si" / f"s{i}.nii.gz"))
+            sitk.WriteImage(sitk.GetImageFromArray(labels), str(work / "sl" / f"s{i}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(phantom(shape, seed=99)[0]), str(work / "q" / "query.nii.gz"))
+        return f"synthetic: {args.supports} supports and a query of {args.size} x {args.size} x {args.slices} (2 labels)"
     cases = sorted(p.name for p in (CHAOS / "images").glob("*.nii.gz")) if CHAOS.exists() else []
     if cases:
         supports, query = cases[: args.supports], cases[-1]
@@ -91,6 +119,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--supports", type=int)
     parser.add_argument("--insertions", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="GPU memory check (10 supports of 512 x 512 x 100)")
+    parser.add_argument("--slices", type=int, default=100, help="--memory: slices per volume")
+    parser.add_argument("--size", type=int, default=512, help="--memory: in-plane size of every volume")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,7 +129,7 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
     args.image_size = args.image_size or (128 if args.quick else 512)
-    args.supports = args.supports or (2 if args.quick else 7)
+    args.supports = args.supports or (2 if args.quick else 10 if args.memory else 7)
     if args.quick:
         args.device = "cpu" if args.device == "auto" else args.device
     with tempfile.TemporaryDirectory(prefix="bench-fewshot-") as tmp:
@@ -115,7 +146,7 @@ def main() -> None:
             torch.save({"model": build_predictor(get_model(args.model), None, "cpu", args.image_size).state_dict()},
                        args.checkpoint)
         results = {}
-        for variant in ("naive", "ours"):
+        for variant in ("ours",) if args.memory else ("naive", "ours"):
             cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--model", args.model,
                    "--checkpoint", args.checkpoint, "--device", args.device, "--image-size", str(args.image_size),
                    "--insertions", str(args.insertions)]
@@ -123,6 +154,17 @@ def main() -> None:
             if done.returncode:
                 sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
             results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{description}; model {args.model} at image size {args.image_size}, device {args.device}, "
+              f"{args.insertions} insertions per support")
+        for variant, r in results.items():
+            gpu = (f", peak GPU {r['peak_gpu_mb']:.0f} MB reserved ({r['peak_gpu_allocated_mb']:.0f} MB allocated)"
+                   if r["peak_gpu_mb"] is not None else "")
+            print(f"{variant:>5}: {r['seconds']:.1f} s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}")
+        if args.memory:
+            peak = results["ours"]["peak_gpu_mb"]
+            print(f"peak_gpu_mb={peak:.0f} within_16gb={'yes' if peak <= 16 * 1024 else 'no'}" if peak is not None
+                  else "peak_gpu_mb=n/a (not run on a GPU)")
+            return
         import SimpleITK as sitk
 
         diff = 0.0
@@ -130,11 +172,6 @@ def main() -> None:
             a = sitk.GetArrayFromImage(sitk.ReadImage(str(naive_prob)))
             b = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "ours" / naive_prob.name)))
             diff = max(diff, float(np.abs(a - b).max()))
-        print(f"{description}; model {args.model} at image size {args.image_size}, device {args.device}, "
-              f"{args.insertions} insertions per support")
-        for variant, r in results.items():
-            gpu = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else ""
-            print(f"{variant:>5}: {r['seconds']:.1f} s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}")
         print(f"speedup={results['naive']['seconds'] / results['ours']['seconds']:.2f} max_abs_diff={diff:.2e}")
 
 

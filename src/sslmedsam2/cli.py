@@ -19,25 +19,25 @@ def _say(message: str) -> None:
     print(f"sslmedsam2: {message}", file=sys.stderr, flush=True)
 
 
-class _SliceBar:
+class _ProgressBar:
     """A tqdm bar that appears only once work with a known size starts (nothing for a 1-second interpolation)."""
 
-    def __init__(self, desc: str) -> None:
-        self.desc = desc
+    def __init__(self, desc: str, unit: str = "slice") -> None:
+        self.desc, self.unit = desc, unit
         self.bar = None
 
     def reset(self, total: int | None = None) -> None:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(desc=self.desc, unit="slice", total=total, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(desc=self.desc, unit=self.unit, total=total, file=sys.stderr, dynamic_ncols=True)
         else:
             self.bar.reset(total=total)
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
 
-    def __enter__(self) -> "_SliceBar":
+    def __enter__(self) -> "_ProgressBar":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -89,7 +89,7 @@ def _slice_list(text: str | None) -> list[int] | None:
 def cmd_propagate(args: argparse.Namespace) -> int:
     from sslmedsam2.pipeline import run_propagate
 
-    with _SliceBar("propagate") as bar:
+    with _ProgressBar("propagate") as bar:
         report = run_propagate(args.image, args.seeds, args.output, _options(args), log=_say, progress=bar,
                                download_progress=True)
     how = f"SAM2 {report.model} on {report.device}" if report.method == "sam2" else "contour interpolation"
@@ -110,7 +110,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
         model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
         insertions=args.insertions, seed=args.seed, supports=args.supports, shard=parse_shard(args.shard),
         axis=args.axis, intensity=_intensity(args), download=not args.no_download, naive=args.naive)
-    with _SliceBar("videos") as bar:
+    with _ProgressBar("pseudolabel", unit="slice") as bar:
         written = run_pseudolabel(options, log=_say, progress=bar, download_progress=True)
     _say(f"{len(written)} pseudo-labels written; review order in {args.output / 'ranking.csv'}")
     return 0
@@ -150,7 +150,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sslmedsam2.demo import run_demo
 
-    with _SliceBar("propagate") as bar:
+    with _ProgressBar("propagate") as bar:
         run_demo(args.output, _options(args), log=_say, progress=bar, download_progress=True)
     return 0
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 
 from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import ProbabilityMean, PseudoLabel
-from sslmedsam2.fewshot.tracking import (FeatureStore, SupportMemory, support_masks, track_video_cached,
-                                         track_video_naive)
+from sslmedsam2.fewshot.tracking import (FeatureStore, SupportMemory, VideoResult, support_masks,
+                                         track_video_naive, track_videos_cached)
 from sslmedsam2.fewshot.volumes import FewShotVolume
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.models import get_model
@@ -33,7 +34,12 @@ class FewShotEngine:
         self.supports = {s.name: s for s in supports}
         self.labels = labels
         self.naive = options.naive
-        self._memories: dict[tuple, SupportMemory] = {}
+        self.log = log
+        # one per support and query grid; queries of other grids evict the least recently used
+        self._memories: OrderedDict[tuple, SupportMemory] = OrderedDict()
+        self._video_batch: int | None = None  # set when the GPU ran out of memory on a larger batch
+        # query slices encoded together: a GPU is faster on a batch; a CPU gains nothing and would hold more
+        self._encode_chunk = 8 if self.device.type == "cuda" else 1
 
     def _frames(self, volume: FewShotVolume) -> VolumeFrames:
         return VolumeFrames(volume.slices, self.image_size, self.device)
@@ -48,6 +54,9 @@ class FewShotEngine:
             masks = support_masks(support.labels, height, width)
             self._memories[key] = SupportMemory(self.predictor, self._frames(support), masks, self.labels,
                                                 video_length, height, width, FeatureStore(self.device))
+            while len(self._memories) > 2 * len(self.supports):
+                self._memories.popitem(last=False)
+        self._memories.move_to_end(key)
         return self._memories[key]
 
     def _query_store(self, query: FewShotVolume) -> FeatureStore:
@@ -59,24 +68,57 @@ class FewShotEngine:
         on_gpu = per_frame * len(query.slices) < _GPU_FEATURE_SHARE * free
         return FeatureStore(self.device if on_gpu else "cpu")
 
+    def _track(self, frames: VolumeFrames, store: FeatureStore, memory: SupportMemory, ks: list[int],
+               progress=None) -> list[VideoResult]:
+        """One support's videos as one batch; smaller batches, then query features in CPU memory, when the GPU
+        runs out of memory."""
+        size = self._video_batch or len(ks)
+        reported = 0
+
+        def step(slices: int) -> None:
+            nonlocal reported
+            reported += slices
+            if progress is not None:
+                progress.update(slices)
+
+        try:
+            return [video for start in range(0, len(ks), size)
+                    for video in track_videos_cached(self.predictor, frames, store, memory, ks[start:start + size],
+                                                     self._encode_chunk, on_step=step)]
+        except torch.OutOfMemoryError:
+            if progress is not None:
+                progress.update(-reported)  # this support's videos start again
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size > 1:
+                self._video_batch = size // 2
+                self.log(f"out of GPU memory: now at most {self._video_batch} video(s) per batch")
+            elif store.device.type != "cpu":
+                store.move_to("cpu")
+                self.log("out of GPU memory: keeping the query's image features in CPU memory")
+            else:
+                raise UserError("out of GPU memory even for one video: lower --image-size or use --device cpu") \
+                    from None
+            return self._track(frames, store, memory, ks, progress)
+
     def pseudo_label(self, query: FewShotVolume, positions: dict[str, list[int]], progress=None) -> PseudoLabel:
+        """`progress` counts query slices tracked, summed over videos."""
         n, height, width = query.slices.shape
         mean = ProbabilityMean(self.labels, n, height, width)
         frames = self._frames(query)
         store = self._query_store(query)
         if progress is not None:
-            progress.reset(total=sum(len(p) for p in positions.values()))
+            progress.reset(total=n * sum(len(p) for p in positions.values()))
         for name, ks in positions.items():
             if self.naive:
                 support = self.supports[name]
                 support_frames = self._frames(support)
                 masks = support_masks(support.labels, height, width)
-                results = (track_video_naive(self.predictor, frames, support_frames, masks, self.labels, k) for k in ks)
+                for k in ks:
+                    mean.add(track_video_naive(self.predictor, frames, support_frames, masks, self.labels, k))
+                    if progress is not None:
+                        progress.update(n)
             else:
-                memory = self._memory(name, query)
-                results = (track_video_cached(self.predictor, frames, store, memory, k) for k in ks)
-            for result in results:
-                mean.add(result)
-                if progress is not None:
-                    progress.update(1)
+                for result in self._track(frames, store, self._memory(name, query), ks, progress):
+                    mean.add(result)
         return mean.finish()

@@ -3,13 +3,14 @@
 In every video, the forward pass starts at the support's first prompted slice and the backward pass at its last,
 so until a pass leaves the support block it sees only support frames, at the same relative positions whatever
 the query and k. SAM2 reads frame positions only as differences, so the block's outputs (its prompts' memories
-and its tracked slices) are computed once per support and reused; each video then tracks only its query slices.
+and its tracked slices) are computed once per support and reused; each video then tracks only its query slices,
+and one support's videos are tracked together as a batch.
 The naive path (`track_video_naive`) builds and tracks each video in full, as the reference code does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,24 @@ class FeatureStore:
     def put(self, key: object, backbone_out: dict) -> None:
         self._fpn[key] = [f.to(self.device) for f in backbone_out["backbone_fpn"]]
         if self._pos is None:
-            self._pos = [p.to(self.device) for p in backbone_out["vision_pos_enc"]]
+            self._pos = [p[:1].to(self.device) for p in backbone_out["vision_pos_enc"]]
+
+    def move_to(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._fpn = {key: [f.to(self.device) for f in fpn] for key, fpn in self._fpn.items()}
+        self._pos = None if self._pos is None else [p.to(self.device) for p in self._pos]
+
+    @torch.inference_mode()
+    def encode(self, predictor: SlicePredictor, frames: Sequence, keys: Sequence, chunk: int) -> None:
+        """Encode the frames not stored yet, `chunk` at a time (a GPU encodes a batch faster than one by one)."""
+        todo = [(i, key) for i, key in enumerate(keys) if key not in self._fpn]
+        with autocast_for(predictor.device):
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
+                out = predictor.forward_image(torch.stack([frames[i] for i, _ in part]).to(predictor.device).float())
+                for b, (_, key) in enumerate(part):
+                    self.put(key, {"backbone_fpn": [f[b:b + 1] for f in out["backbone_fpn"]],
+                                   "vision_pos_enc": out["vision_pos_enc"]})
 
 
 class VideoFrames(Sequence):
@@ -75,12 +93,6 @@ def support_masks(labels: np.ndarray, height: int, width: int) -> np.ndarray:
         return labels
     resized = F.interpolate(torch.from_numpy(labels.astype(np.int32))[:, None].float(), size=(height, width), mode="nearest")
     return resized[:, 0].numpy().astype(labels.dtype)
-
-
-def query_rows(n_query: int, n_support: int, k: int) -> np.ndarray:
-    """Video frame index of each query slice."""
-    rows = np.arange(n_query)
-    return np.where(rows < k, rows, rows + n_support)
 
 
 @dataclass
@@ -153,28 +165,74 @@ class SupportMemory:
         return [dict(state["output_dict_per_obj"][i]["non_cond_frame_outputs"]) for i in range(len(state["obj_ids"]))]
 
 
-def track_video_cached(predictor: SlicePredictor, query: VolumeFrames, query_store: FeatureStore,
-                       memory: SupportMemory, k: int) -> VideoResult:
-    """The same numbers as `track_video_naive`, tracking only the query slices of the video."""
+def _fit(output: dict, batch: int) -> dict:
+    """A stored frame output for `batch` videos: a shared one (batch 1) is expanded, a batched one is cut to its
+    first `batch` videos (those still tracking)."""
+    def fit(value):
+        if isinstance(value, torch.Tensor):
+            return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value[:batch]
+        return [fit(v) for v in value] if isinstance(value, list) else value
+    return {key: fit(value) for key, value in output.items()}
+
+
+def track_videos_cached(predictor: SlicePredictor, query: VolumeFrames, query_store: FeatureStore,
+                        memory: SupportMemory, ks: Sequence[int], encode_chunk: int = 8,
+                        on_step: Callable[[int], None] | None = None) -> list[VideoResult]:
+    """The numbers `track_video_naive` gives for each k, tracking only the query slices, all videos as one batch.
+
+    A pass reads frame positions only as differences, and every video's query slices follow (or, backward,
+    precede) the same support block; so the videos are laid out in one frame numbering in which the block starts
+    at 0 (forward) or ends at the last frame (backward), and step t of every video is one batch element. Videos
+    that run out of query slices leave the batch. Videos of different supports hold different numbers of prompt
+    memories, and SAM2's memory attention has no padding mask, so only one support's videos share a batch.
+    """
     n_query, n_support = len(query), memory.length
-    video = VideoFrames(query, n_support, k)
-    state = predictor.init_state_from_frames(video, query.height, query.width)
-    state["feature_store"] = query_store
-    state["frame_keys"] = [video.source(i) for i in range(len(video))]
-    low = predictor.image_size // 4
-    objects = len(memory.labels)
-    logits, presence = torch.zeros(objects, n_query, low, low), torch.zeros(objects, n_query)
+    low, objects = predictor.image_size // 4, len(memory.labels)
+    # pinned host memory lets a GPU copy each step's masks out without waiting for the step to finish
+    pin = predictor.device.type == "cuda"
+    results = [VideoResult(torch.zeros(objects, n_query, low, low, pin_memory=pin),
+                           torch.zeros(objects, n_query, pin_memory=pin)) for _ in ks]
+    query_store.encode(predictor, query, [("query", z) for z in range(n_query)], encode_chunk)
     with torch.inference_mode(), autocast_for(predictor.device):
-        for i, label in enumerate(memory.labels):
-            predictor._obj_id_to_idx(state, label)
-            state["output_dict_per_obj"][i]["cond_frame_outputs"] = {k + z: out for z, out in memory.prompts[i].items()}
-        everyone = list(range(objects))
-        for block, order, reverse in ((memory.forward, range(k + n_support, len(video)), False),
-                                      (memory.backward, range(k - 1, -1, -1), True)):
-            for i in everyone:
-                state["output_dict_per_obj"][i]["non_cond_frame_outputs"] = {k + z: out for z, out in block[i].items()}
-            for frame, active, masks, scores in predictor.track(state, order, reverse, objects=lambda z: everyone):
-                row = video.source(frame)[1]
-                logits[active, row] = masks[:, 0].float().cpu()
-                presence[active, row] = torch.sigmoid(scores[:, 0].float()).cpu()
-    return VideoResult(logits, presence)
+        for block, reverse in ((memory.forward, False), (memory.backward, True)):
+            rows = [range(k - 1, -1, -1) if reverse else range(k, n_query) for k in ks]
+            videos = sorted((j for j in range(len(ks)) if rows[j]), key=lambda j: -len(rows[j]))
+            if not videos:
+                continue
+            block_start = n_query if reverse else 0
+            video = VideoFrames(query, n_support, block_start)
+            state = predictor.init_state_from_frames(video, query.height, query.width)
+            state["feature_store"] = query_store
+            outputs = [{"cond_frame_outputs": {block_start + z: out for z, out in memory.prompts[i].items()},
+                        "non_cond_frame_outputs": {block_start + z: out for z, out in block[i].items()}}
+                       for i in range(objects)]
+            step = -1 if reverse else 1
+            first = n_query - 1 if reverse else n_support
+            batch = 0
+            for t in range(len(rows[videos[0]])):
+                active = [j for j in videos if len(rows[j]) > t]  # a prefix of `videos`: longest first
+                if len(active) != batch:
+                    batch = len(active)
+                    for per_object in outputs:
+                        for stored in per_object.values():
+                            stored.update({f: _fit(out, batch) for f, out in stored.items()})
+                frame = first + step * t
+                state["frame_keys"] = {frame: [("query", rows[j][t]) for j in active]}
+                for i, per_object in enumerate(outputs):
+                    out, _ = predictor._run_single_frame_inference(
+                        inference_state=state, output_dict=per_object, frame_idx=frame, batch_size=batch,
+                        is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
+                        run_mem_encoder=True)
+                    tracked = per_object["non_cond_frame_outputs"]
+                    tracked[frame] = out
+                    tracked.pop(frame - step * predictor.memory_window, None)
+                    masks = out["pred_masks"][:, 0].float()
+                    presence = torch.sigmoid(out["object_score_logits"][:, 0].float())
+                    for b, j in enumerate(active):
+                        results[j].logits[i, rows[j][t]].copy_(masks[b], non_blocking=True)
+                        results[j].presence[i, rows[j][t]].copy_(presence[b], non_blocking=True)
+                if on_step is not None:
+                    on_step(batch)
+    if pin:
+        torch.cuda.synchronize(predictor.device)
+    return results

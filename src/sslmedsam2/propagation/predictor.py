@@ -58,22 +58,33 @@ class SlicePredictor(SAM2VideoPredictor):
         """With a feature store in the state, each distinct frame is encoded once, whichever video it appears in.
 
         `state["frame_keys"][i]` names frame i's content; `state["feature_store"]` maps names to encoder outputs.
-        Without them this is sam2's own method (which keeps only the most recent frame).
+        A list of names is a batch of videos tracked together, one frame each (already in the store).
+        Without a store this is sam2's own method (which keeps only the most recent frame).
         """
         store = inference_state.get("feature_store")
         if store is None:
             return super()._get_image_feature(inference_state, frame_idx, batch_size)
         key = inference_state["frame_keys"][frame_idx]
-        backbone_out = store.get(key)
-        if backbone_out is None:
-            image = inference_state["images"][frame_idx].to(inference_state["device"]).float().unsqueeze(0)
-            backbone_out = self.forward_image(image)
-            store.put(key, backbone_out)
         device = inference_state["device"]
-        expanded = {
-            "backbone_fpn": [f.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]],
-            "vision_pos_enc": [p.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for p in backbone_out["vision_pos_enc"]],
-        }
+        if isinstance(key, list):
+            if len(key) != batch_size:
+                raise ValueError(f"{len(key)} frames named for a batch of {batch_size}")
+            found = [store.get(k) for k in key]
+            if any(f is None for f in found):
+                raise LookupError("batched tracking reads only frames already in the feature store")
+            fpn = [torch.cat([f["backbone_fpn"][level] for f in found]).to(device, non_blocking=True)
+                   for level in range(len(found[0]["backbone_fpn"]))]
+            pos = found[0]["vision_pos_enc"]
+        else:
+            backbone_out = store.get(key)
+            if backbone_out is None:
+                image = inference_state["images"][frame_idx].to(device).float().unsqueeze(0)
+                backbone_out = self.forward_image(image)
+                store.put(key, backbone_out)
+            fpn = [f.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for f in backbone_out["backbone_fpn"]]
+            pos = backbone_out["vision_pos_enc"]
+        expanded = {"backbone_fpn": fpn,
+                    "vision_pos_enc": [p.to(device, non_blocking=True).expand(batch_size, -1, -1, -1) for p in pos]}
         # the first element (the input image) is not read by tracking; a placeholder avoids keeping frames
         return (None, *self._prepare_backbone_features(expanded))
 
