@@ -176,3 +176,15 @@ def test_seed_slices_keeps_only_the_listed_slices(tmp_path, capsys):
     assert {int(r["slice"]) for r in rows if r["source"] == "seed"} == {4, 6}
     _expect_error(capsys, ["propagate", str(img), str(sds), "-o", str(tmp_path / "x.nii.gz"), "--method", "interpolate",
                            "--seed-slices", "4,60"], tmp_path / "x.nii.gz", "outside")
+
+
+@pytest.mark.parametrize("error", ["gpu", "ram"])
+def test_out_of_memory_is_one_line(files, capsys, monkeypatch, error):
+    import torch
+
+    def exhausted(seeds):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)") if error == "gpu" else MemoryError()
+
+    monkeypatch.setattr("sslmedsam2.propagation.interpolation.interpolate_between_seeds", exhausted)
+    image, seeds, out = files
+    _expect_error(capsys, _propagate(image, seeds, out), out, "out of GPU memory" if error == "gpu" else "out of memory")

@@ -232,3 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted; no output was written")
         return 130
+    except MemoryError:
+        _say("error: out of memory; no output was written: lower --image-size or close other programs")
+        return 1
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch's; named so that torch-free commands need no torch
+            raise
+        _say("error: out of GPU memory; no output was written: lower --image-size or use --device cpu")
+        return 1
