@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.propagation.sam2_propagation import autocast_for
+from sslmedsam2.propagation.sam2_propagation import autocast_for, tracking_passes
+from sslmedsam2.propagation.seeds import slices_with
 
 
 class FeatureStore:
@@ -110,16 +111,11 @@ def track_video_naive(predictor: SlicePredictor, query: VolumeFrames, support: V
     encoded again. Each query slice is covered by one of the two passes."""
     video = VideoFrames(query, len(support), k, support)
     n_query = len(query)
-    drawn = [[int(z) for z in np.flatnonzero((masks == label).any(axis=(1, 2)))] for label in labels]
-    spans = [(k + d[0], k + d[-1]) for d in drawn]
+    drawn = [slices_with(masks, label) for label in labels]
     low = predictor.image_size // 4
     logits, presence = torch.zeros(len(labels), n_query, low, low), torch.zeros(len(labels), n_query)
-    passes = (
-        (range(min(a for a, _ in spans), len(video)), False, lambda z: [i for i, (a, _) in enumerate(spans) if z >= a]),
-        (range(max(b for _, b in spans), -1, -1), True, lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]),
-    )
     with torch.inference_mode(), autocast_for(predictor.device):
-        for order, reverse, objects in passes:
+        for order, reverse, objects in tracking_passes([(k + d[0], k + d[-1]) for d in drawn], len(video)):
             state = predictor.init_state_from_frames(video, query.height, query.width)
             predictor._get_image_feature(state, frame_idx=0, batch_size=1)  # sam2's init_state warms up on frame 0
             for label, slices in zip(labels, drawn):
@@ -146,14 +142,12 @@ class SupportMemory:
         spans = []
         with torch.inference_mode(), autocast_for(predictor.device):
             for label in labels:
-                drawn = [int(z) for z in np.flatnonzero((masks == label).any(axis=(1, 2)))]
+                drawn = slices_with(masks, label)
                 spans.append((drawn[0], drawn[-1]))
                 for z in drawn:
                     predictor.add_new_mask(state, z, label, masks[z] == label)
-            self.forward = self._track_block(predictor, state, range(min(s[0] for s in spans), len(support)), False,
-                                             lambda z: [i for i, (a, _) in enumerate(spans) if z >= a])
-            self.backward = self._track_block(predictor, state, range(max(s[1] for s in spans), -1, -1), True,
-                                              lambda z: [i for i, (_, b) in enumerate(spans) if z <= b])
+            self.forward, self.backward = (self._track_block(predictor, state, *one_pass)
+                                           for one_pass in tracking_passes(spans, len(support)))
         self.prompts = [dict(state["output_dict_per_obj"][i]["cond_frame_outputs"]) for i in range(len(labels))]
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,6 +40,14 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total, dtype=torch.float32))
 
 
+def tracking_passes(spans: list[tuple[int, int]], length: int) -> tuple[tuple[range, bool, Callable], ...]:
+    """(frames in order, reverse, objects on a frame) for the forward pass from the earliest first seed and the
+    backward pass from the latest last seed; on each frame the objects are those whose seeds the pass has reached.
+    `spans` holds each object's (first, last) seeded frame."""
+    return ((range(min(a for a, _ in spans), length), False, lambda z: [i for i, (a, _) in enumerate(spans) if z >= a]),
+            (range(max(b for _, b in spans), -1, -1), True, lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]))
+
+
 def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds,
                progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Track each label forward from its first seed and backward from its last, each pass from a fresh state.
@@ -49,26 +58,22 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds,
     """
     n = len(frames)
     spans = [(min(s), max(s)) for s in seeds.seed_slices().values()]
-    first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+    passes = tracking_passes(spans, n)
     if progress is not None:
-        progress.reset(total=(n - first) + (last + 1))
+        progress.reset(total=sum(len(order) for order, _, _ in passes))
     low = predictor.image_size // 4
     logits = torch.zeros(len(spans), n, low, low)
     presence = torch.zeros(len(spans), n)
     agreement = torch.ones(len(spans), n)
     covered = torch.zeros(len(spans), n, 2, dtype=torch.bool)
-    passes = (
-        (range(first, n), lambda z: [i for i, (a, _) in enumerate(spans) if z >= a]),
-        (range(last, -1, -1), lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]),
-    )
     with torch.inference_mode(), autocast_for(predictor.device):
         state = predictor.init_state_from_frames(frames, frames.height, frames.width)
         for label, slices in seeds.seed_slices().items():
             for z in slices:
                 predictor.add_new_mask(state, z, label, seeds.labels_map[z] == label)
-        for direction, (order, objects) in enumerate(passes):
+        for direction, (order, reverse, objects) in enumerate(passes):
             predictor.forget_tracking(state)
-            tracked = predictor.track(state, order, reverse=direction == 1, objects=objects)
+            tracked = predictor.track(state, order, reverse=reverse, objects=objects)
             for z, active, masks, scores in tracked:
                 masks = masks[:, 0].float().cpu()
                 prob = torch.sigmoid(scores[:, 0].float()).cpu()

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def slices_with(labels_map: np.ndarray, label: int) -> list[int]:
+    """The slices of a slice-first label map (n, h, w) on which `label` has voxels."""
+    return [int(z) for z in np.flatnonzero((labels_map == label).any(axis=(1, 2)))]
+
+
 @dataclass(frozen=True)
 class Seeds:
     """A label map in slice-first order (n, h, w) of which only the drawn slices matter.
@@ -22,8 +27,8 @@ class Seeds:
         """Simulate a user who draws every `step`-th slice of each label's extent, its last slice included."""
         seeds = np.zeros_like(reference)
         for label in (int(v) for v in np.unique(reference) if v != 0):
-            present = np.flatnonzero((reference == label).any(axis=(1, 2)))
-            for z in sorted(set(range(present[0], present[-1] + 1, step)) | {int(present[-1])}):
+            present = slices_with(reference, label)
+            for z in sorted(set(range(present[0], present[-1] + 1, step)) | {present[-1]}):
                 seeds[z][reference[z] == label] = label
         return cls(seeds)
 
@@ -36,8 +41,7 @@ class Seeds:
         return [int(v) for v in np.unique(self.labels_map) if v != 0]
 
     def slices_of(self, label: int) -> list[int]:
-        present = (self.labels_map == label).any(axis=(1, 2))
-        return [int(z) for z in np.flatnonzero(present)]
+        return slices_with(self.labels_map, label)
 
     def seed_slices(self) -> dict[int, list[int]]:
         return {label: self.slices_of(label) for label in self.labels}
