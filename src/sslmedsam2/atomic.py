@@ -1,16 +1,25 @@
-"""Atomic writes: a reader sees either the old file or the complete new one, never a half-written file."""
+"""Safe outputs: atomic, verified writes that honour the umask, and the checks that keep a run from overwriting
+what it did not create (an input, a folder of someone's files) or another job's temporary files."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from sslmedsam2.errors import UserError
 
 # Multi-part suffixes that tools (SimpleITK, nnU-Net) recognise by the whole ending.
 _COMPOUND_SUFFIXES = (".nii.gz", ".seg.nrrd", ".tar.gz")
+# Temporary names carry host and pid, so a cleanup removes only what a dead process of this host left behind
+# (shards of one job may share a folder, also from other hosts over a network file system).
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_TEMP = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-[^.]*\.tmp")
 
 
 def full_suffix(path: Path) -> str:
@@ -27,15 +36,43 @@ def stem(path: Path) -> str:
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, folder: bool = False) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; a result is created as any file the user makes."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def fsync_file(path: Path) -> None:
+    """Flush to disk: a full disk surfaces here (delayed allocation), and a crash cannot leave an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.{_HOST}-{os.getpid()}-"
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target` (same suffix, so writers pick the same format); rename on success."""
+    """Yield a temporary path beside `target` (same suffix, so writers pick the same format); on success it is
+    flushed to disk, given the umask's mode and renamed over `target`; on failure it is removed."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem(target)}.", suffix=f".tmp{full_suffix(target)}", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(stem(target)), suffix=f".tmp{full_suffix(target)}",
+                               dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_file(tmp_path)
+        _publish_mode(tmp_path)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -43,14 +80,22 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` (an old folder is removed)."""
+    """Yield a temporary folder beside `target`; on success it replaces `target`.
+
+    Callers must have checked (check_output) that an existing `target` is a folder this tool wrote.
+    """
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        for entry in tmp.iterdir():
+            if entry.is_file():
+                fsync_file(entry)
+                _publish_mode(entry)
+        _publish_mode(tmp, folder=True)
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f"{_temp_prefix(target.name)}old.tmp")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:
@@ -60,20 +105,27 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def write_text(target: Path, text: str) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Atomic; a failed write (full disk, permissions) is a UserError naming the file and leaves nothing."""
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
-def check_writable(target: Path) -> None:
-    """Fail before long work, not after it, when the output cannot be written."""
-    from sslmedsam2.errors import UserError
+def check_writable(target: Path, folder_output: bool = False) -> None:
+    """Fail before long work, not after it, when the output cannot be written.
 
+    `folder_output`: the output is a folder (a DICOM series) that the writer replaces as a whole.
+    """
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"cannot write {target}: folder {parent} does not exist")
-    if target.is_dir() and full_suffix(target):
-        raise UserError(f"cannot write {target}: it is a folder")
+    if target.is_dir() and not folder_output:
+        raise UserError(f"cannot write {target}: it is a folder; name a file")
+    if target.exists() and not target.is_dir() and folder_output:
+        raise UserError(f"cannot write a DICOM series folder {target}: a file of that name exists")
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=parent)
     except OSError as exc:
@@ -82,14 +134,65 @@ def check_writable(target: Path) -> None:
     os.unlink(probe)
 
 
+def same_path(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_not_input(outputs: Iterable[Path], inputs: Iterable[Path | None]) -> None:
+    """Refuse an output that is one of the inputs, lies inside an input folder, or is a folder holding an input:
+    writing it would destroy what the run reads."""
+    inputs = [Path(p) for p in inputs if p is not None]
+    for output in (Path(o) for o in outputs):
+        out = output.resolve()
+        for source in inputs:
+            src = source.resolve()
+            if same_path(output, source) or out == src:
+                raise UserError(f"output {output} is the input {source}; choose another output name")
+            if source.is_dir() and src in out.parents:
+                raise UserError(f"output {output} is inside the input folder {source}; write it elsewhere")
+            if src.is_relative_to(out) and out != src:
+                raise UserError(f"output {output} is a folder that holds the input {source}; write it elsewhere")
+        cwd = Path.cwd().resolve()
+        if cwd == out or out in cwd.parents:
+            raise UserError(f"output {output} is the current folder or one of its parents; name a new file or folder")
+
+
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files a killed process left in `folder` (ours are named `.<stem>.<random>.tmp<suffix>`)."""
+    """Delete temporary files and folders that a killed process of this host left in `folder`.
+
+    Only names of our pattern whose process is gone; a job still running (another shard) keeps its files.
+    """
     removed = 0
     for path in Path(folder).glob(".*.tmp*"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed += 1
-        elif path.is_dir():
+        match = _TEMP.match(path.name)
+        if match is None or match["host"] != _HOST or _pid_alive(int(match["pid"])):
+            continue
+        if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-            removed += 1
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
     return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) is not a liveness check on Windows
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -109,7 +109,8 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
         support_images=args.support_images, support_labels=args.support_labels, query=args.query, output=args.output,
         model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
         insertions=args.insertions, seed=args.seed, supports=args.supports, shard=parse_shard(args.shard),
-        axis=args.axis, intensity=_intensity(args), download=not args.no_download, naive=args.naive)
+        axis=args.axis, intensity=_intensity(args), download=not args.no_download, naive=args.naive,
+        redo=args.redo)
     with _ProgressBar("pseudolabel", unit="slice") as bar:
         written = run_pseudolabel(options, log=_say, progress=bar, download_progress=True)
     _say(f"{len(written)} pseudo-labels written; review order in {args.output / 'ranking.csv'}")
@@ -120,9 +121,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from sslmedsam2.metrics.evaluate import evaluate_paths, scores_table, write_scores_csv
 
     if args.csv is not None:
-        from sslmedsam2.atomic import check_writable
+        from sslmedsam2.atomic import check_not_input, check_writable
 
         check_writable(args.csv)
+        check_not_input([args.csv], [args.pred, args.gt])
     results, unmatched = evaluate_paths(args.pred, args.gt)
     for name in unmatched:
         _say(f"{name}: present in one folder only, not scored")
@@ -190,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=42, help="seed of the insertion positions (default 42)")
     f.add_argument("--supports", type=int, help="use the N supports most similar to each query (default: all)")
     f.add_argument("--shard", default="1/1", help="I/N: this job takes every N-th query from the I-th (1-based)")
+    f.add_argument("--redo", action="store_true", help="recompute finished cases in OUTDIR that were made with other "
+                   "settings (model, image size, insertions, seed, supports, axis, intensity); without it such a "
+                   "folder is refused")
     f.add_argument("--naive", action="store_true", help="compute every video in full, as the reference code does "
                    "(same result, several times slower; for comparison)")
     _add_model_options(f)
@@ -200,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare PRED with GT: two label maps, or two folders matched by file name.")
     e.add_argument("pred", type=Path)
     e.add_argument("gt", type=Path)
-    e.add_argument("--csv", type=Path, help="also write one row per case and label (case,label,dice,hd95,assd)")
+    e.add_argument("--csv", type=Path, help="also write one row per case and label (case,label,dice,hd95,assd); a "
+                   "label absent from both maps of a case scores dice 1, hd95 0, assd 0; absent from one only: dice 0, "
+                   "hd95 and assd nan (no surface to measure to)")
     e.set_defaults(func=cmd_evaluate)
 
     from sslmedsam2.cli_study import add_study_commands
@@ -212,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="run on the hippocampus sample shipped with the package",
-                       description="Propagate three drawn slices per label of a shipped hippocampus MRI, score the "
+                       description="Propagate the drawn coronal slices (every 5th of each structure) of a shipped hippocampus MRI, score the "
                        "result against its full manual label and draw a picture.")
     d.add_argument("-o", "--output", type=Path, default=Path("sslmedsam2-demo"), help="output folder")
     d.add_argument("--method", default="auto", choices=METHODS)
@@ -232,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted; no output was written")
         return 130
+    except OSError as exc:  # a read-only folder, a full disk: the environment, not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"error: {where}{exc.strerror or exc}")
+        return 1
     except MemoryError:
         _say("error: out of memory; no output was written: lower --image-size or close other programs")
         return 1

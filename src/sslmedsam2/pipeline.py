@@ -10,18 +10,21 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import check_writable
+from sslmedsam2.atomic import check_not_input
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec, to_uint8
 from sslmedsam2.models import get_model
 from sslmedsam2.models.cache import cached_path, ensure_weights, is_cached, manual_install_hint
-from sslmedsam2.models.registry import DEFAULT_MODEL
+from sslmedsam2.models.registry import DEFAULT_MODEL, check_image_size
 from sslmedsam2.propagation.confidence import confidence_path, write_confidence
 from sslmedsam2.propagation.result import Progress, Propagation
 from sslmedsam2.propagation.seeds import Seeds
-from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
+from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis
+from sslmedsam2.volume.io import check_geometry_fits, check_output, staged_image
 
 METHODS = ("auto", "sam2", "interpolate")
+# More distinct values than this in a seed map means it is not a drawing (IMAGE and SEEDS swapped?).
+MAX_SEED_LABELS = 50
 
 
 @dataclass
@@ -64,22 +67,34 @@ class Case:
         return out
 
 
-def load_case(image_path: Path, seeds_path: Path, axis: str = "axial", seed_slices: list[int] | None = None) -> Case:
+def load_case(image_path: Path, seeds_path: Path, axis: str = "axial", seed_slices: list[int] | None = None,
+              log: Callable[[str], None] = print) -> Case:
     image = read_image(image_path)
     seeds_image = read_label_map(seeds_path)
     check_same_grid(image, seeds_image, what=f"seed label map {Path(seeds_path).name}")
     array_axis = slice_axis(image, axis)
     volume = np.moveaxis(sitk.GetArrayFromImage(image), array_axis, 0)
     seeds = np.moveaxis(sitk.GetArrayFromImage(seeds_image), array_axis, 0)
+    values = np.unique(seeds)
+    if len(values) > MAX_SEED_LABELS + 1:
+        raise UserError(f"{seeds_path}: holds {len(values) - 1} distinct labels; a seed map holds a few drawn "
+                        "structures (0 = background). Are IMAGE and SEEDS swapped?")
+    if not seeds.any():
+        raise UserError(f"{seeds_path}: the seed label map has no labelled voxel; draw the structure on at least one slice")
     if seed_slices is not None:
         outside = [z for z in seed_slices if not 0 <= z < seeds.shape[0]]
         if outside:
             raise UserError(f"--seed-slices {outside}: outside 0..{seeds.shape[0] - 1}")
+        labelled = [int(z) for z in np.flatnonzero(seeds.any(axis=(1, 2)))]
+        empty = [z for z in seed_slices if z not in labelled]
+        if len(empty) == len(seed_slices):
+            raise UserError(f"--seed-slices: none of slices {empty} carries a label in {Path(seeds_path).name}; "
+                            f"its labelled slices are {labelled}")
+        if empty:
+            log(f"--seed-slices: slices {empty} carry no label and are not prompts")
         keep = np.zeros(seeds.shape[0], bool)
         keep[list(seed_slices)] = True
         seeds = np.where(keep[:, None, None], seeds, 0)
-    if not seeds.any():
-        raise UserError(f"{seeds_path}: the seed label map has no labelled voxel; draw the structure on at least one slice")
     return Case(image, array_axis, volume, Seeds(np.ascontiguousarray(seeds)))
 
 
@@ -127,14 +142,22 @@ def run_propagate(image_path: Path, seeds_path: Path, output: Path, options: Pro
     if options.method not in METHODS:
         raise UserError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     get_model(options.model)
-    output = Path(output)
-    check_writable(output)
+    if options.image_size is not None:
+        check_image_size(options.image_size)
+    if options.method == "interpolate":
+        from sslmedsam2.propagation.interpolation import WORKER
+
+        WORKER.start()  # ITK loads (seconds) while the inputs are read and checked
+    output, inputs = Path(output), (Path(image_path), Path(seeds_path))
+    check_output(output, inputs)
+    confidence = confidence_path(output)
+    check_not_input([confidence], inputs)
     started = time.perf_counter()
-    case = load_case(Path(image_path), Path(seeds_path), options.axis, options.seed_slices)
+    case = load_case(*inputs, options.axis, options.seed_slices, log)
+    check_geometry_fits(case.image, output, what=str(image_path))
     weights = None if options.method == "interpolate" else find_weights(options, log, download_progress)
     result, method, device = propagate_case(case, options, weights, progress)
-    confidence = confidence_path(output)
-    write_confidence(result.confidence, confidence)
-    write_image(case.to_image(result.labels), output)
+    with staged_image(case.to_image(result.labels), output):  # the label map appears last
+        write_confidence(result.confidence, confidence)
     return PropagateReport(method, output, confidence, case.seeds.labels, case.volume.shape[0],
                            time.perf_counter() - started, options.model if method == "sam2" else None, device)

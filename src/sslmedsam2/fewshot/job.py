@@ -7,13 +7,13 @@ import io
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import check_writable, remove_stale_temporaries, stem, write_text
+from sslmedsam2.atomic import check_writable, remove_stale_temporaries, same_path, stem, write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import PseudoLabel
 from sslmedsam2.fewshot.insertions import insertion_positions
@@ -21,7 +21,9 @@ from sslmedsam2.fewshot.similarity import most_similar
 from sslmedsam2.fewshot.volumes import FewShotVolume, check_label_sets, list_images, load_volume, pair_supports
 from sslmedsam2.frames import IntensitySpec
 from sslmedsam2.propagation.confidence import read_confidence, write_confidence
+from sslmedsam2.models.registry import get_model
 from sslmedsam2.volume import write_image
+from sslmedsam2.volume.io import is_orthogonal
 
 RANKING = "ranking.csv"
 
@@ -44,6 +46,16 @@ class PseudoLabelOptions:
     intensity: IntensitySpec = field(default_factory=IntensitySpec)
     download: bool = True
     naive: bool = False  # the reference's per-video computation (for comparison)
+    redo: bool = False  # recompute finished cases made with other settings (else such a folder is refused)
+
+    def settings(self, support_files: list[str]) -> dict:
+        """What a finished case's result depends on: a resumed run must not mix results of other settings.
+        (--naive is left out: it gives the same numbers.)"""
+        size = get_model(self.model).image_size if self.image_size is None else self.image_size
+        record = {"model": self.model, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                  "image_size": size, "insertions": self.insertions, "seed": self.seed, "supports": self.supports,
+                  "support_files": sorted(support_files), "axis": self.axis, "intensity": asdict(self.intensity)}
+        return json.loads(json.dumps(record))
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -69,9 +81,26 @@ def output_files(outdir: Path, query: Path) -> dict[str, Path]:
 
 
 def is_done(outdir: Path, query: Path) -> bool:
-    """The label map is written last, atomically: its presence means every other file is complete."""
+    """The label map is written last, atomically and verified: its presence means every other file is complete."""
     files = output_files(outdir, query)
     return files["labels"].exists() and files["case"].exists()
+
+
+def mismatched_cases(outdir: Path, settings: dict) -> dict[str, list[str]]:
+    """Finished cases in `outdir` made with other settings: {query file: the settings that differ}."""
+    found = {}
+    for case_file in sorted(outdir.glob("*.case.json")):
+        try:
+            info = json.loads(case_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not (outdir / str(info.get("query_file"))).exists():
+            continue
+        used = info.get("settings") or {}
+        differ = [key for key in settings if used.get(key) != settings[key]]
+        if differ:
+            found[info["query_file"]] = differ
+    return found
 
 
 def _validate_queries(queries: list[Path]) -> None:
@@ -84,6 +113,9 @@ def _validate_queries(queries: list[Path]) -> None:
             raise UserError(f"query {path}: not a readable image") from None
         if reader.GetDimension() != 3:
             raise UserError(f"query {path}: is {reader.GetDimension()}D; a 3D volume is needed")
+        if not is_orthogonal(reader.GetDirection()):
+            raise UserError(f"query {path}: its direction matrix is not orthogonal (a sheared grid), which the NIfTI "
+                            "outputs cannot store exactly; resample it onto an orthogonal grid first")
 
 
 def write_case(outdir: Path, query: FewShotVolume, result: PseudoLabel, info: dict) -> None:
@@ -124,18 +156,27 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
     from sslmedsam2.fewshot.engine import FewShotEngine
 
     outdir = Path(options.output)
-    if outdir.resolve() == Path(options.query).resolve():
-        raise UserError("the output folder must not be the query folder (outputs take the queries' file names)")
+    for what, folder in (("query", options.query), ("support images", options.support_images),
+                         ("support labels", options.support_labels)):
+        if same_path(outdir, Path(folder)):
+            raise UserError(f"the output folder is the {what} folder; outputs take the queries' file names and "
+                            "would overwrite its files: choose another folder")
     pairs = pair_supports(options.support_images, options.support_labels)
     queries = shard_of(list_images(options.query, "query"), options.shard)
     _validate_queries(queries)
+    settings = options.settings([image.name for image, _ in pairs])
     outdir.mkdir(parents=True, exist_ok=True)
     check_writable(outdir / RANKING)
+    mismatched = mismatched_cases(outdir, settings)
+    if mismatched and not options.redo:
+        first, differ = next(iter(mismatched.items()))
+        raise UserError(f"{outdir} holds {len(mismatched)} finished case(s) made with other settings ({first}: "
+                        f"{', '.join(differ)}); use another output folder, the same settings, or --redo to recompute them")
     if remove_stale_temporaries(outdir):
         log("removed temporary files left by an interrupted run")
     supports = [load_volume(image, options.axis, options.intensity, label) for image, label in pairs]
     labels = check_label_sets(supports)
-    todo = [q for q in queries if not is_done(outdir, q)]
+    todo = [q for q in queries if not is_done(outdir, q) or q.name in mismatched]
     if len(todo) < len(queries):
         log(f"resuming: {len(queries) - len(todo)} of {len(queries)} queries of this shard are already done")
     written = []
@@ -150,7 +191,8 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
             result = engine.pseudo_label(query, positions, progress)
             info = {"query_file": path.name, "labels": labels, "supports": chosen, "insertions": positions,
                     "videos": sum(len(p) for p in positions.values()), "seconds": round(time.perf_counter() - started, 2),
-                    "model": options.model, "image_size": engine.image_size, "naive": options.naive}
+                    "model": options.model, "image_size": engine.image_size, "naive": options.naive,
+                    "settings": settings}
             write_case(outdir, query, result, info)
             written.append(output_files(outdir, path)["labels"])
             log(f"{path.name}: {info['videos']} videos from {len(chosen)} supports, case confidence "

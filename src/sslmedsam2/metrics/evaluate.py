@@ -51,6 +51,11 @@ def evaluate_paths(pred: Path, truth: Path) -> tuple[list[CaseScores], list[str]
         spacing = tuple(reversed(t_img.GetSpacing()))  # numpy arrays are z, y, x
         scores = score_labels(sitk.GetArrayViewFromImage(p_img), sitk.GetArrayViewFromImage(t_img), spacing)
         results.append(CaseScores(name, scores))
+    # a label found in any case gets a row in every case: absent from both maps there, they agree fully
+    labels = sorted({s.label for r in results for s in r.scores})
+    results = [CaseScores(r.case, sorted(r.scores + [LabelScores(label, 1.0, 0.0, 0.0) for label in labels
+                                                     if label not in {s.label for s in r.scores}],
+                                         key=lambda s: s.label)) for r in results]
     unmatched = []
     if pred.is_dir():
         names = {r.case for r in results}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.models.registry import ModelSpec
+from sslmedsam2.models.registry import ModelSpec, check_image_size
 
 PREDICTOR_TARGET = "sslmedsam2.propagation.predictor.SlicePredictor"
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -32,9 +32,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def hydra_overrides(spec: ModelSpec, image_size: int | None = None) -> list[str]:
-    size = int(image_size or spec.image_size)
-    if size % 16 or size < 64:
-        raise UserError(f"--image-size {size}: must be a multiple of 16, at least 64")
+    size = check_image_size(spec.image_size if image_size is None else int(image_size))
     feat = size // 16
     overrides = [f"++model._target_={PREDICTOR_TARGET}", f"++model.image_size={size}"]
     for attention in ("self_attention", "cross_attention"):

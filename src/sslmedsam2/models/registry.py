@@ -51,6 +51,13 @@ MODELS: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "medsam2"
 
 
+def check_image_size(size: int) -> int:
+    """SAM2's encoder works on multiples of 16; below 64 its feature maps vanish."""
+    if size % 16 or size < 64:
+        raise UserError(f"--image-size {size}: must be a multiple of 16, at least 64")
+    return int(size)
+
+
 def get_model(name: str) -> ModelSpec:
     try:
         return MODELS[name]

@@ -21,11 +21,13 @@ class Cancelled(Exception):
     """Raised at a safe point after SIGTERM: everything finished so far is kept for a resume."""
 
 
-def use_folders(root: Path) -> dict[str, Path]:
-    """Point nnU-Net at the workspace's folders (its paths are read from the environment when used)."""
+def use_folders(root: Path, create: bool = True) -> dict[str, Path]:
+    """Point nnU-Net at the workspace's folders (its paths are read from the environment when used).
+    `create=False` for readers (predict), which must not write into a workspace."""
     folders = {name: root / name for name in ("raw", "preprocessed", "results")}
     for path in folders.values():
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
     os.environ.update(nnUNet_raw=str(folders["raw"]), nnUNet_preprocessed=str(folders["preprocessed"]),
                       nnUNet_results=str(folders["results"]))
     os.environ.setdefault("nnUNet_compile", "f")  # torch.compile costs minutes up front and is fragile on CPU

@@ -11,22 +11,27 @@ WS/refine/                    the refinement job (see sslmedsam2.refine)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import stem, write_text
+from sslmedsam2.atomic import atomic_dir, remove_stale_temporaries, stem, write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.propagation.confidence import read_confidence
 from sslmedsam2.study.review import SliceState, states_from_confidence
 from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
+from sslmedsam2.volume.io import check_geometry_fits
 
 SCHEMA_VERSION = 1
 INDEX = "workspace.json"
+LOCK = ".workspace.lock"
+LOCK_TIMEOUT_S = 120
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 FILES = {"image": "image.nii.gz", "label": "label.nii.gz", "pseudo": "pseudo.nii.gz", "eval": "eval.nii.gz"}
 
@@ -90,6 +95,22 @@ class Workspace:
                 raise UserError(f"{root}: case {case_id} has no image ({ws.file(case_id, 'image')} is missing)")
         return ws
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["Workspace"]:
+        """Serialise changes between processes; yields the index as it is now on disk (another process may have
+        added cases since this one was opened) and keeps this object in step with it."""
+        from filelock import FileLock, Timeout
+
+        try:
+            with FileLock(str(self.root / LOCK), timeout=LOCK_TIMEOUT_S):
+                current = Workspace.open(self.root)
+                yield current
+                self.labels, self.cases = current.labels, current.cases
+        except Timeout:
+            raise UserError(f"{self.root}: another process has held the workspace lock for {LOCK_TIMEOUT_S} s") from None
+        except PermissionError as exc:
+            raise UserError(f"cannot change workspace {self.root}: {exc.strerror} (read-only?)") from None
+
     # --- review state ------------------------------------------------------------------------------------------
     def review(self, case_id: str) -> list[SliceState]:
         path = self.review_path(case_id)
@@ -131,45 +152,69 @@ def _label_values(image: sitk.Image) -> set[int]:
     return {int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v}
 
 
+def _review_states(review_from: Path, n: int) -> list[SliceState]:
+    """A propagation's drawn slices as seeds, from its confidence table, which must be this image's."""
+    try:
+        rows = read_confidence(review_from)
+    except (OSError, UnicodeDecodeError, KeyError, ValueError, TypeError):
+        raise UserError(f"--review-from {review_from}: not a confidence table (.confidence.csv of propagate or "
+                        "pseudolabel)") from None
+    slices = {r.slice for r in rows}
+    if not rows or slices != set(range(n)):
+        count = max(slices) + 1 if slices else 0
+        raise UserError(f"--review-from {review_from}: the table covers {count} slices, the image has {n} along the "
+                        "workspace axis; it belongs to another case or axis")
+    return states_from_confidence(rows, n)
+
+
 def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo: Path | None = None,
-             eval_label: Path | None = None, case_id: str | None = None, review_from: Path | None = None) -> Case:
-    """Check everything first, then copy; a failed add changes nothing."""
+             eval_label: Path | None = None, case_id: str | None = None, review_from: Path | None = None,
+             states: list[SliceState] | None = None) -> Case:
+    """Check everything first, then copy; a failed add changes nothing. `states`: the pseudo-label's review
+    states (instead of `review_from`)."""
     case_id = case_id or stem(Path(image_path))
     if not _ID.match(case_id):
         raise UserError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-'")
     if case_id in ws.cases:
         raise UserError(f"case {case_id} is already in the workspace")
+    if (review_from is not None or states is not None) and pseudo is None:
+        raise UserError("--review-from gives the review state of a pseudo-label: add --pseudo too")
     image = read_image(image_path)
+    check_geometry_fits(image, ws.file(case_id, "image"), what=str(image_path))
     maps = {}
     for kind, path in (("label", label), ("pseudo", pseudo), ("eval", eval_label)):
         if path is None:
             continue
         label_map = read_label_map(path)
         check_same_grid(image, label_map, what=f"{kind} {Path(path).name}")
-        values = _label_values(label_map)
-        if ws.labels:
-            unknown = sorted(values - set(ws.labels.values()))
-            if unknown:
-                raise UserError(f"{path}: label values {unknown} are not among the workspace's labels "
-                                f"{ws.labels}")
         maps[kind] = label_map
-    states = None
     if "pseudo" in maps:
         n = int(sitk.GetArrayViewFromImage(image).shape[slice_axis(image, ws.axis)])
         if review_from is not None:
-            states = states_from_confidence(read_confidence(review_from), n)
-        else:
-            states = [SliceState.UNREVIEWED] * n
-    if not ws.labels:
+            states = _review_states(Path(review_from), n)
+        elif states is not None and len(states) != n:
+            raise UserError(f"{len(states)} review states for an image of {n} slices")
+        states = states or [SliceState.UNREVIEWED] * n
+    with ws.locked() as current:
+        if case_id in current.cases:
+            raise UserError(f"case {case_id} is already in the workspace")
         found = set().union(*(_label_values(m) for m in maps.values())) if maps else set()
-        ws.labels = {f"label_{v}": v for v in sorted(found)}
-    ws.case_dir(case_id).mkdir(parents=True, exist_ok=True)
-    write_image(image, ws.file(case_id, "image"))
-    for kind, label_map in maps.items():
-        write_image(label_map, ws.file(case_id, kind))
-    if states is not None:
-        ws.set_review(case_id, states)
-    case = Case(case_id, "label" in maps, "pseudo" in maps, "eval" in maps)
-    ws.cases[case_id] = case
-    ws.save()
+        if current.labels:
+            unknown = sorted(found - set(current.labels.values()))
+            if unknown:
+                raise UserError(f"label values {unknown} are not among the workspace's labels {current.labels}")
+        else:
+            current.labels = {f"label_{v}": v for v in sorted(found)}
+        (current.root / "cases").mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(current.root / "cases")
+        # a folder left by an add that died before updating the index is not a case: it is replaced
+        with atomic_dir(current.case_dir(case_id)) as folder:
+            write_image(image, folder / FILES["image"])
+            for kind, label_map in maps.items():
+                write_image(label_map, folder / FILES[kind])
+            if states is not None:
+                write_text(folder / "review.json", json.dumps({"axis": current.axis, "states": [s.value for s in states]}) + "\n")
+        case = Case(case_id, "label" in maps, "pseudo" in maps, "eval" in maps)
+        current.cases[case_id] = case
+        current.save()
     return case

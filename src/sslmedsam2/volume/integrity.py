@@ -1,0 +1,89 @@
+"""Checks that a NIfTI file is whole and holds only finite values: what SimpleITK's NIfTI reader cannot tell us.
+
+niftilib, under SimpleITK, fills the missing part of a truncated file with zeros and turns NaN and infinite
+voxels into 0, silently. NRRD and MetaImage readers refuse truncated files themselves and keep NaN as NaN.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sslmedsam2.errors import UserError
+
+_CHUNK = 1 << 22
+_HEADER_BYTES = 544  # NIfTI-2's 540-byte header and its 4-byte extension flag
+
+
+def is_nifti(path: Path) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def _header(head: bytes, path: Path):
+    import nibabel as nib
+
+    for cls in (nib.Nifti1Header, nib.Nifti2Header):
+        if len(head) >= cls.sizeof_hdr and cls.may_contain_header(head[: cls.sizeof_hdr]):
+            return cls.from_fileobj(io.BytesIO(head), check=False)
+    raise UserError(f"{path}: not a readable image (no NIfTI header)")
+
+
+def check_complete_nifti(path: Path) -> None:
+    """A written file, read back without keeping it: the gzip stream is complete and its checksum right (or,
+    uncompressed, every voxel is there)."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as source:
+            header = _header(source.read(_HEADER_BYTES), path)
+            while source.read(_CHUNK):
+                pass
+            total = source.tell()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise UserError(f"{path}: damaged or incomplete compressed file ({exc})") from None
+    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
+        * header.get_data_dtype().itemsize
+    if total < expected:
+        raise UserError(f"{path}: incomplete file ({total} of {expected} bytes)")
+
+
+def read_nifti(path: Path) -> sitk.Image:
+    """The image SimpleITK would give, read once and checked: a damaged or incomplete file, or non-finite voxels,
+    are refused instead of being filled with zeros. SimpleITK supplies the geometry (header only); the voxels
+    come from the checked bytes."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as source:
+            data = source.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise UserError(f"{path}: not a readable image: damaged or incomplete compressed file ({exc}); "
+                        "copy it again") from None
+    header = _header(data[:_HEADER_BYTES], path)
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()  # raises RuntimeError for what SimpleITK cannot read at all
+    size = tuple(int(v) for v in info.GetSize())
+    if info.GetNumberOfComponents() != 1 or len(size) != 3:
+        return sitk.ReadImage(str(path))  # not a scalar 3D volume: the caller refuses it with SimpleITK's words
+    dtype, offset = header.get_data_dtype(), int(header.get_data_offset())
+    count = int(np.prod(size, dtype=np.int64))
+    if len(data) < offset + count * dtype.itemsize:
+        raise UserError(f"{path}: not a readable image: incomplete file ({len(data)} of "
+                        f"{offset + count * dtype.itemsize} bytes); copy it again")
+    voxels = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(size[::-1])
+    if dtype.kind in "fc" and not np.isfinite(voxels).all():
+        bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
+        raise UserError(f"{path}: {bad} voxels are NaN or infinite")
+    slope, inter = header.get_slope_inter()
+    if slope is not None and (slope != 1.0 or inter):  # as ITK does: scaled data becomes float32
+        voxels = voxels.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    image = sitk.GetImageFromArray(voxels.astype(voxels.dtype.newbyteorder("="), copy=False))
+    image.SetSpacing(info.GetSpacing())
+    image.SetOrigin(info.GetOrigin())
+    image.SetDirection(info.GetDirection())
+    return image
