@@ -9,17 +9,14 @@ import torch
 
 from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import ProbabilityMean, PseudoLabel
-from sslmedsam2.fewshot.tracking import (FeatureStore, SupportMemory, VideoResult, support_masks,
-                                         track_video_naive, track_videos_cached)
+from sslmedsam2.fewshot.tracking import (SupportMemory, VideoResult, support_masks, track_video_naive,
+                                         track_videos_cached)
 from sslmedsam2.fewshot.volumes import FewShotVolume
 from sslmedsam2.frames.video import VolumeFrames
+from sslmedsam2.propagation.features import FeatureStore, encode_chunk, feature_device
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor, resolve_device
 from sslmedsam2.pipeline import PropagateOptions, find_weights
-
-# Share of free GPU memory the query's cached image features may take before they are kept in CPU memory.
-_GPU_FEATURE_SHARE = 0.4
-
 
 class FewShotEngine:
     def __init__(self, options, supports: list[FewShotVolume], labels: list[int], log: Callable[[str], None],
@@ -38,8 +35,7 @@ class FewShotEngine:
         # one per support and query grid; queries of other grids evict the least recently used
         self._memories: OrderedDict[tuple, SupportMemory] = OrderedDict()
         self._video_batch: int | None = None  # set when the GPU ran out of memory on a larger batch
-        # query slices encoded together: a GPU is faster on a batch; a CPU gains nothing and would hold more
-        self._encode_chunk = 8 if self.device.type == "cuda" else 1
+        self._encode_chunk = encode_chunk(self.device)
 
     def _frames(self, volume: FewShotVolume) -> VolumeFrames:
         return VolumeFrames(volume.slices, self.image_size, self.device)
@@ -60,13 +56,8 @@ class FewShotEngine:
         return self._memories[key]
 
     def _query_store(self, query: FewShotVolume) -> FeatureStore:
-        if self.device.type != "cuda":
-            return FeatureStore(self.device)
-        s = self.image_size
-        per_frame = 4 * (32 * (s // 4) ** 2 + 64 * (s // 8) ** 2 + 256 * (s // 16) ** 2)
-        free, _ = torch.cuda.mem_get_info(self.device)
-        on_gpu = per_frame * len(query.slices) < _GPU_FEATURE_SHARE * free
-        return FeatureStore(self.device if on_gpu else "cpu")
+        """Every video reads each query slice: its features stay in memory (CPU memory at worst)."""
+        return FeatureStore(feature_device(self.device, self.image_size, len(query.slices)) or "cpu")
 
     def _track(self, frames: VolumeFrames, store: FeatureStore, memory: SupportMemory, ks: list[int],
                progress=None) -> list[VideoResult]:

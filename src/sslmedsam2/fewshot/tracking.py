@@ -18,47 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from sslmedsam2.frames.video import VolumeFrames
+from sslmedsam2.propagation.features import FeatureStore
 from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.sam2_propagation import autocast_for, tracking_passes
 from sslmedsam2.propagation.seeds import slices_with
-
-
-class FeatureStore:
-    """Image-encoder outputs by frame name, kept on `device` (CPU when the GPU would not hold them)."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.device = torch.device(device)
-        self._fpn: dict[object, list[torch.Tensor]] = {}
-        self._pos: list[torch.Tensor] | None = None  # positional encodings are the same for every frame
-
-    def __len__(self) -> int:
-        return len(self._fpn)
-
-    def get(self, key: object) -> dict | None:
-        fpn = self._fpn.get(key)
-        return None if fpn is None else {"backbone_fpn": fpn, "vision_pos_enc": self._pos}
-
-    def put(self, key: object, backbone_out: dict) -> None:
-        self._fpn[key] = [f.to(self.device) for f in backbone_out["backbone_fpn"]]
-        if self._pos is None:
-            self._pos = [p[:1].to(self.device) for p in backbone_out["vision_pos_enc"]]
-
-    def move_to(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self._fpn = {key: [f.to(self.device) for f in fpn] for key, fpn in self._fpn.items()}
-        self._pos = None if self._pos is None else [p.to(self.device) for p in self._pos]
-
-    @torch.inference_mode()
-    def encode(self, predictor: SlicePredictor, frames: Sequence, keys: Sequence, chunk: int) -> None:
-        """Encode the frames not stored yet, `chunk` at a time (a GPU encodes a batch faster than one by one)."""
-        todo = [(i, key) for i, key in enumerate(keys) if key not in self._fpn]
-        with autocast_for(predictor.device):
-            for start in range(0, len(todo), chunk):
-                part = todo[start:start + chunk]
-                out = predictor.forward_image(torch.stack([frames[i] for i, _ in part]).to(predictor.device).float())
-                for b, (_, key) in enumerate(part):
-                    self.put(key, {"backbone_fpn": [f[b:b + 1] for f in out["backbone_fpn"]],
-                                   "vision_pos_enc": out["vision_pos_enc"]})
 
 
 class VideoFrames(Sequence):

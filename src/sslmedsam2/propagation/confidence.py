@@ -8,7 +8,23 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from sslmedsam2.atomic import stem, write_text
+
+# Pixels whose probability exceeds this count towards a slice's certainty (the mask and its uncertain rim).
+CERTAINTY_FLOOR = 0.05
+
+
+def slice_certainty(prob: np.ndarray) -> np.ndarray:
+    """Mean |2p - 1| over the pixels where p > 0.05, per leading index of (k, h, w) probabilities (k objects of one
+    slice, or k slices of one label); 1 where no pixel is above 0.05. The one rule for every source (SAM2, few-shot,
+    nnU-Net's softmax); torch-free."""
+    flat = np.asarray(prob, dtype=np.float32).reshape(len(prob), -1)
+    rim = flat > CERTAINTY_FLOOR
+    count = rim.sum(1)
+    total = np.where(rim, np.abs(2 * flat - 1), 0).sum(1, dtype=np.float32)
+    return np.where(count > 0, total / np.maximum(count, 1), 1.0).astype(np.float32)
 
 
 @dataclass

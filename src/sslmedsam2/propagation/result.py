@@ -10,6 +10,10 @@ import numpy as np
 from sslmedsam2.propagation.confidence import SliceConfidence
 
 
+class Cancelled(Exception):
+    """A run stopped at a safe point because it was asked to; nothing was written."""
+
+
 class Progress(Protocol):
     """A tqdm instance fits."""
 

@@ -10,20 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from sslmedsam2.frames.video import VolumeFrames
+from sslmedsam2.propagation import confidence
 from sslmedsam2.propagation.confidence import SliceConfidence
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.propagation.result import Progress, Propagation
+from sslmedsam2.propagation.result import Cancelled, Progress, Propagation
 from sslmedsam2.propagation.seeds import Seeds
-
-# Pixels whose probability exceeds this count towards a slice's certainty (the mask and its uncertain rim).
-_CERTAINTY_FLOOR = 0.05
 
 
 def slice_certainty(prob: torch.Tensor) -> torch.Tensor:
-    """Mean |2p - 1| over the pixels where p > 0.05, per object of (objects, h, w); 1 where there are none."""
-    rim = (prob > _CERTAINTY_FLOOR).flatten(1)
-    sharp = (2 * prob - 1).abs().flatten(1)
-    return torch.where(rim.any(1), (sharp * rim).sum(1) / rim.sum(1).clamp(min=1), 1.0)
+    """Per object of (objects, h, w): `sslmedsam2.propagation.confidence.slice_certainty` (one rule for every source)."""
+    return torch.from_numpy(confidence.slice_certainty(prob.detach().float().cpu().numpy()))
 
 
 def autocast_for(device: torch.device):
@@ -48,19 +44,32 @@ def tracking_passes(spans: list[tuple[int, int]], length: int) -> tuple[tuple[ra
             (range(max(b for _, b in spans), -1, -1), True, lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]))
 
 
-def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds,
-               progress: Progress | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, progress: Progress | None = None,
+               store=None, should_stop: Callable[[], bool] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Track each label forward from its first seed and backward from its last, each pass from a fresh state.
 
     Returns low-resolution logits (objects, n, S/4, S/4) averaged where both passes exist, object-presence
     probabilities (objects, n), forward/backward agreement (objects, n) and which passes covered each slice
     (objects, n, 2) as booleans (forward, backward). Objects are `seeds.labels` in order.
+    With a FeatureStore (`store`), every slice not in it yet is encoded first, once, and both passes read the
+    store; without one, sam2 encodes each frame as a pass reaches it. `should_stop` is asked after every step;
+    when it answers True the run raises Cancelled.
     """
     n = len(frames)
     spans = [(min(s), max(s)) for s in seeds.seed_slices().values()]
     passes = tracking_passes(spans, n)
+    keys = [("slice", z) for z in range(n)]
+    missing = 0 if store is None else sum(store.get(key) is None for key in keys)
     if progress is not None:
-        progress.reset(total=sum(len(order) for order, _, _ in passes))
+        progress.reset(total=missing + sum(len(order) for order, _, _ in passes))
+
+    def step(count: int = 1) -> None:
+        if progress is not None:
+            progress.update(count)
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+
     low = predictor.image_size // 4
     logits = torch.zeros(len(spans), n, low, low)
     presence = torch.zeros(len(spans), n)
@@ -68,6 +77,11 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds,
     covered = torch.zeros(len(spans), n, 2, dtype=torch.bool)
     with torch.inference_mode(), autocast_for(predictor.device):
         state = predictor.init_state_from_frames(frames, frames.height, frames.width)
+        if store is not None:
+            from sslmedsam2.propagation.features import encode_chunk
+
+            store.encode(predictor, frames, keys, encode_chunk(predictor.device), on_chunk=step)
+            state["feature_store"], state["frame_keys"] = store, keys
         for label, slices in seeds.seed_slices().items():
             for z in slices:
                 predictor.add_new_mask(state, z, label, seeds.labels_map[z] == label)
@@ -86,8 +100,7 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds,
                         logits[i, z] = masks[k]
                         presence[i, z] = prob[k]
                     covered[i, z, direction] = True
-                if progress is not None:
-                    progress.update(1)
+                step()
     return logits, presence, agreement, covered
 
 
@@ -126,7 +139,7 @@ def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, 
 
 def propagate_sam2(predictor: SlicePredictor, slices: np.ndarray, seeds: Seeds,
                    progress: Progress | None = None) -> Propagation:
-    """8-bit slices (n, h, w) and seeds on the same grid -> a label map on every slice."""
-    frames = VolumeFrames(slices, predictor.image_size, predictor.device)
-    logits, presence, agreement, covered = run_passes(predictor, frames, seeds, progress)
-    return fuse(logits, presence, agreement, covered, seeds, frames.height, frames.width)
+    """8-bit slices (n, h, w) and seeds on the same grid -> a label map on every slice (a one-shot session)."""
+    from sslmedsam2.propagation.session import VolumeSession
+
+    return VolumeSession(predictor, slices).propagate(seeds, progress)

@@ -1,0 +1,67 @@
+"""A volume open for interactive work: its slices' SAM2 features are encoded once and kept, so propagating again
+after an edit runs only the tracking. A one-shot `propagate` is a session used once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from sslmedsam2.frames.video import VolumeFrames
+from sslmedsam2.propagation.features import FeatureStore, feature_device, frame_feature_bytes
+from sslmedsam2.propagation.predictor import SlicePredictor
+from sslmedsam2.propagation.result import Cancelled, Progress, Propagation
+from sslmedsam2.propagation.sam2_propagation import fuse, run_passes
+from sslmedsam2.propagation.seeds import Seeds
+
+__all__ = ["Cancelled", "VolumeSession"]
+
+
+class VolumeSession:
+    """One open volume: its 8-bit slices (n, h, w) along the chosen axis and the image features of its slices."""
+
+    def __init__(self, predictor: SlicePredictor, slices: np.ndarray,
+                 features_on: torch.device | str | None = "auto") -> None:
+        """`features_on`: where the features are kept ("auto": the GPU while they fit, else CPU memory; None: not
+        kept, each pass encodes what it reads, as sam2 does)."""
+        self.predictor = predictor
+        self.frames = VolumeFrames(slices, predictor.image_size, predictor.device)
+        if features_on == "auto":
+            features_on = feature_device(predictor.device, predictor.image_size, len(self.frames))
+        self.store = None if features_on is None else FeatureStore(features_on)
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.frames)
+
+    @property
+    def height(self) -> int:
+        return self.frames.height
+
+    @property
+    def width(self) -> int:
+        return self.frames.width
+
+    def expected_feature_bytes(self) -> int:
+        """What this volume's features take once every slice is encoded (float32)."""
+        return frame_feature_bytes(self.predictor.image_size) * self.n_slices
+
+    def feature_bytes(self) -> int:
+        return 0 if self.store is None else self.store.nbytes()
+
+    def drop_features(self) -> None:
+        """Release the features (eviction); the next propagation encodes again."""
+        if self.store is not None:
+            self.store = FeatureStore(self.store.device)
+
+    def propagate(self, seeds: Seeds, progress: Progress | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> Propagation:
+        """Seeds on this volume's slice grid -> a label map and its confidence table. Raises Cancelled when
+        `should_stop()` answers True (checked after every encoded chunk and tracking step)."""
+        if seeds.labels_map.shape != (self.n_slices, self.height, self.width):
+            raise ValueError(f"seeds of shape {seeds.labels_map.shape} for a volume of "
+                             f"{(self.n_slices, self.height, self.width)}")
+        logits, presence, agreement, covered = run_passes(self.predictor, self.frames, seeds, progress, self.store,
+                                                          should_stop)
+        return fuse(logits, presence, agreement, covered, seeds, self.height, self.width)
