@@ -3,8 +3,10 @@
 Same volume, weights and seeds. Each variant runs in its own process so peak memory is its own.
   python bench/propagate.py                      # CHAOS T2 case 2 (liver) if ../shared/data exists, else the sample
   python bench/propagate.py --image-size 1024 --device cuda --checkpoint sam2.1_hiera_tiny.pt
+  python bench/propagate.py --device cuda --image-size 512 --model medsam2 --synthetic-slices 300
 Without --checkpoint the weights are random (same architecture and cost as the real model).
-Prints one line per variant and a summary: overhead = end to end / SAM2's own tracking time.
+Prints one line per variant, the stages of ours (read, frames, encode, track, fuse + confidence, write) and a
+summary: overhead = end to end / SAM2's own time (encoding + tracking).
 """
 
 from __future__ import annotations
@@ -49,22 +51,28 @@ def _timed(module, name: str, seconds: dict) -> None:
 
 
 def run_ours(args: argparse.Namespace) -> dict:
+    from sslmedsam2 import pipeline
     from sslmedsam2.models import loader
-    from sslmedsam2.pipeline import PropagateOptions, run_propagate
-    from sslmedsam2.propagation import sam2_propagation
+    from sslmedsam2.propagation import session
+    from sslmedsam2.propagation.features import FeatureStore
 
     seconds: dict[str, float] = {}
-    _timed(sam2_propagation, "run_passes", seconds)
-    _timed(loader, "build_predictor", seconds)
-    options = PropagateOptions(method="sam2", model=args.model, checkpoint=Path(args.checkpoint), device=args.device,
-                               image_size=args.image_size, axis=args.axis)
+    for module, name in ((session, "run_passes"), (session, "fuse"), (loader, "build_predictor"),
+                         (pipeline, "load_case"), (pipeline, "to_uint8"), (FeatureStore, "encode")):
+        _timed(module, name, seconds)
+    options = pipeline.PropagateOptions(method="sam2", model=args.model, checkpoint=Path(args.checkpoint),
+                                        device=args.device, image_size=args.image_size, axis=args.axis)
     device = str(loader.resolve_device(args.device))
     start = time.perf_counter()
-    run_propagate(Path(args.image), Path(args.seeds), Path(args.work) / "ours.nii.gz", options, log=lambda m: None)
+    pipeline.run_propagate(Path(args.image), Path(args.seeds), Path(args.work) / "ours.nii.gz", options,
+                           log=lambda m: None)
     # model building costs the same in both routes and is not part of the comparison
     total = time.perf_counter() - start - seconds["build_predictor"]
-    return {"variant": "ours", "seconds": total, "model_seconds": seconds["run_passes"], "peak_rss_mb": _peak_rss_mb(),
-            "peak_gpu_mb": _gpu_peak_mb(device)}
+    stages = {"read": seconds["load_case"], "frames": seconds["to_uint8"], "encode": seconds.get("encode", 0.0),
+              "track": seconds["run_passes"] - seconds.get("encode", 0.0), "fuse": seconds["fuse"]}
+    stages["write"] = total - sum(stages.values())
+    return {"variant": "ours", "seconds": total, "model_seconds": seconds["run_passes"], "stages": stages,
+            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(device)}
 
 
 def _build(args: argparse.Namespace, device: str):
@@ -127,6 +135,22 @@ def run_jpeg(args: argparse.Namespace) -> dict:
             "peak_gpu_mb": _gpu_peak_mb(device)}
 
 
+def synthetic_volume(work: Path, slices: int) -> tuple[str, str]:
+    """A 512 x 512 x N MR-like volume with one ellipsoid organ, as the GPU figures of the README were measured on."""
+    import SimpleITK as sitk
+
+    z, y, x = np.ogrid[:slices, :512, :512]
+    organ = ((z - slices / 2) / (slices * 0.35)) ** 2 + ((y - 250) / 120) ** 2 + ((x - 260) / 150) ** 2 <= 1
+    rng = np.random.default_rng(0)
+    image = (100 + 20 * rng.standard_normal((slices, 512, 512)) + 250 * organ).astype(np.float32)
+    paths = str(work / "synthetic.nii.gz"), str(work / "synthetic_label.nii.gz")
+    for array, path in zip((image, organ.astype(np.uint8)), paths):
+        volume = sitk.GetImageFromArray(array)
+        volume.SetSpacing((0.8, 0.8, 2.0))
+        sitk.WriteImage(volume, path)
+    return paths
+
+
 def prepare(args: argparse.Namespace, work: Path) -> None:
     """Seeds (3 slices per label: both ends of its extent and the middle) and a random-weight checkpoint if needed."""
     import SimpleITK as sitk
@@ -173,6 +197,7 @@ def main() -> None:
     parser.add_argument("--checkpoint")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--synthetic-slices", type=int, help="use a synthetic 512 x 512 x N volume (one label)")
     parser.add_argument("--variant", choices=("ours", "jpeg"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", help=argparse.SUPPRESS)
@@ -182,6 +207,9 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="bench-propagate-") as tmp:
         work = Path(tmp)
+        if args.synthetic_slices:
+            args.image, args.label = synthetic_volume(work, args.synthetic_slices)
+            args.labels = [1]
         prepare(args, work)
         results = {}
         for variant in ("jpeg", "ours"):
@@ -200,6 +228,7 @@ def main() -> None:
             gpu = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else ""
             print(f"{r['variant']:>5}: end to end {r['seconds']:.2f} s, SAM2 tracking {r['model_seconds']:.2f} s, "
                   f"{n[2] / r['seconds']:.2f} slices/s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}")
+        print("stages of ours: " + ", ".join(f"{k} {v:.2f} s" for k, v in ours["stages"].items()))
         print(f"overhead={ours['seconds'] / ours['model_seconds']:.3f} "
               f"speedup_vs_jpeg={jpeg['seconds'] / ours['seconds']:.2f}")
 

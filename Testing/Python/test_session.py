@@ -98,3 +98,23 @@ def test_seeds_on_another_grid_are_refused(predictor, volume):
     slices, _ = volume
     with pytest.raises(ValueError):
         VolumeSession(predictor, slices, features_on="cpu").propagate(Seeds(np.ones((3, 4, 5), np.uint8)))
+
+
+def test_a_checkpoint_build_skips_random_initialisation_and_loads_every_weight(tiny_checkpoint):
+    drawn = []
+    original = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor, *args, **kwargs):
+        drawn.append(tensor.shape)
+        return original(tensor, *args, **kwargs)
+
+    torch.nn.init.kaiming_uniform_ = spy
+    try:
+        built = build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", TINY_SIZE)
+    finally:
+        torch.nn.init.kaiming_uniform_ = original
+    assert drawn == [], "random weights were drawn before the checkpoint replaced them"
+    assert torch.nn.init.kaiming_uniform_ is original
+    saved = torch.load(tiny_checkpoint, weights_only=True)["model"]
+    state = built.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)

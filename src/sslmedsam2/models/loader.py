@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import zipfile
@@ -48,6 +49,25 @@ def _has_cuda_extension() -> bool:
     return True
 
 
+# The initialisers a model's constructor draws random weights with; a strict checkpoint load replaces them all.
+_RANDOM_INITS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                 "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """Build without drawing random weights that the checkpoint overwrites anyway (sam2 loads strictly: every
+    parameter and persistent buffer must come from the file)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _RANDOM_INITS}
+    for name in _RANDOM_INITS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def build_predictor(spec: ModelSpec, checkpoint: Path | None, device: torch.device | str = "cpu",
                     image_size: int | None = None):
     """A `SlicePredictor` with `checkpoint` loaded (None: random weights, for tests and benchmarks)."""
@@ -62,8 +82,9 @@ def build_predictor(spec: ModelSpec, checkpoint: Path | None, device: torch.devi
     level = sam2_log.level
     sam2_log.setLevel(logging.CRITICAL)  # sam2 logs key lists before its bare RuntimeError; we say it in one line
     try:
-        predictor = build_sam2_video_predictor(spec.config, str(checkpoint) if checkpoint else None,
-                                               device=str(device), hydra_overrides_extra=overrides)
+        with _no_random_init() if checkpoint is not None else contextlib.nullcontext():
+            predictor = build_sam2_video_predictor(spec.config, str(checkpoint) if checkpoint else None,
+                                                   device=str(device), hydra_overrides_extra=overrides)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as exc:
         raise UserError(f"checkpoint {checkpoint}: not a readable PyTorch checkpoint ({type(exc).__name__})") from None
     except KeyError as exc:

@@ -70,11 +70,12 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
         if should_stop is not None and should_stop():
             raise Cancelled()
 
-    low = predictor.image_size // 4
-    logits = torch.zeros(len(spans), n, low, low)
-    presence = torch.zeros(len(spans), n)
-    agreement = torch.ones(len(spans), n)
-    covered = torch.zeros(len(spans), n, 2, dtype=torch.bool)
+    low, device = predictor.image_size // 4, predictor.device
+    # accumulated on the compute device: no step waits for a copy to the host; one copy at the end
+    logits = torch.zeros(len(spans), n, low, low, device=device)
+    presence = torch.zeros(len(spans), n, device=device)
+    agreement = torch.ones(len(spans), n, device=device)
+    covered = torch.zeros(len(spans), n, 2, dtype=torch.bool)  # host bookkeeping, known without the GPU
     with torch.inference_mode(), autocast_for(predictor.device):
         state = predictor.init_state_from_frames(frames, frames.height, frames.width)
         if store is not None:
@@ -89,8 +90,8 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
             predictor.forget_tracking(state)
             tracked = predictor.track(state, order, reverse=reverse, objects=objects)
             for z, active, masks, scores in tracked:
-                masks = masks[:, 0].float().cpu()
-                prob = torch.sigmoid(scores[:, 0].float()).cpu()
+                masks = masks[:, 0].float()
+                prob = torch.sigmoid(scores[:, 0].float())
                 for k, i in enumerate(active):
                     if covered[i, z, 0]:  # the backward pass over a slice the forward pass saw: fuse
                         agreement[i, z] = _dice(logits[i, z][None] > 0, masks[k][None] > 0)[0]
@@ -101,7 +102,7 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
                         presence[i, z] = prob[k]
                     covered[i, z, direction] = True
                 step()
-    return logits, presence, agreement, covered
+    return logits.cpu(), presence.cpu(), agreement.cpu(), covered
 
 
 def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, covered: torch.Tensor,
