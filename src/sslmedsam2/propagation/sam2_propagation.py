@@ -71,11 +71,16 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
             raise Cancelled()
 
     low, device = predictor.image_size // 4, predictor.device
-    # accumulated on the compute device: no step waits for a copy to the host; one copy at the end
-    logits = torch.zeros(len(spans), n, low, low, device=device)
-    presence = torch.zeros(len(spans), n, device=device)
-    agreement = torch.ones(len(spans), n, device=device)
+    # each pass's outputs, kept on the compute device: no step waits for a copy to the host; one copy at the end
+    per_pass = torch.zeros(2, len(spans), n, low, low, device=device)
+    presence = torch.zeros(2, len(spans), n, device=device)
     covered = torch.zeros(len(spans), n, 2, dtype=torch.bool)  # host bookkeeping, known without the GPU
+
+    def record(obj: int, z: int, reverse: bool, mask: torch.Tensor, score: torch.Tensor) -> None:
+        per_pass[int(reverse), obj, z] = mask.float()
+        presence[int(reverse), obj, z] = torch.sigmoid(score.float())
+        covered[obj, z, int(reverse)] = True
+
     with torch.inference_mode(), autocast_for(predictor.device):
         state = predictor.init_state_from_frames(frames, frames.height, frames.width)
         if store is not None:
@@ -86,23 +91,35 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
         for label, slices in seeds.seed_slices().items():
             for z in slices:
                 predictor.add_new_mask(state, z, label, seeds.labels_map[z] == label)
-        for direction, (order, reverse, objects) in enumerate(passes):
-            predictor.forget_tracking(state)
-            tracked = predictor.track(state, order, reverse=reverse, objects=objects)
-            for z, active, masks, scores in tracked:
-                masks = masks[:, 0].float()
-                prob = torch.sigmoid(scores[:, 0].float())
-                for k, i in enumerate(active):
-                    if covered[i, z, 0]:  # the backward pass over a slice the forward pass saw: fuse
-                        agreement[i, z] = _dice(logits[i, z][None] > 0, masks[k][None] > 0)[0]
-                        logits[i, z] = (logits[i, z] + masks[k]) / 2
-                        presence[i, z] = (presence[i, z] + prob[k]) / 2
-                    else:
-                        logits[i, z] = masks[k]
-                        presence[i, z] = prob[k]
-                    covered[i, z, direction] = True
-                step()
-    return logits.cpu(), presence.cpu(), agreement.cpu(), covered
+        if store is not None:  # every label and both passes advance together, one batched step at a time
+            from sslmedsam2.propagation.batched import run_tracks
+
+            predictor.propagate_in_video_preflight(state)
+            run_tracks(predictor, state, passes, on_step=step, on_output=lambda obj, z, reverse, out: record(
+                obj, z, reverse, out["pred_masks"][0, 0], out["object_score_logits"][0, 0]))
+        else:
+            for order, reverse, objects in passes:
+                predictor.forget_tracking(state)
+                for z, active, masks, scores in predictor.track(state, order, reverse=reverse, objects=objects):
+                    for k, obj in enumerate(active):
+                        record(obj, z, reverse, masks[k, 0], scores[k, 0])
+                    step()
+    return merge_passes(per_pass, presence, covered)
+
+
+def merge_passes(per_pass: torch.Tensor, presence: torch.Tensor, covered: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean logits and presence where both passes covered a slice, with their agreement (Dice of the two masks);
+    a single pass's own values elsewhere."""
+    both = covered.all(-1).to(per_pass.device)
+    forward_only = covered[..., 0].to(per_pass.device) & ~both
+    logits = torch.where(both[..., None, None], per_pass.mean(0), torch.where(
+        forward_only[..., None, None], per_pass[0], per_pass[1]))
+    mean_presence = torch.where(both, presence.mean(0), torch.where(forward_only, presence[0], presence[1]))
+    agreement = torch.ones_like(mean_presence)
+    if both.any():
+        agreement[both] = _dice(per_pass[0][both] > 0, per_pass[1][both] > 0)
+    return logits.cpu(), mean_presence.cpu(), agreement.cpu(), covered
 
 
 def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, covered: torch.Tensor,
