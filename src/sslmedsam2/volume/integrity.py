@@ -6,7 +6,6 @@ voxels into 0, silently. NRRD and MetaImage readers refuse truncated files thems
 
 from __future__ import annotations
 
-import gzip
 import io
 import zlib
 from pathlib import Path
@@ -16,7 +15,6 @@ import SimpleITK as sitk
 
 from sslmedsam2.errors import UserError
 
-_CHUNK = 1 << 22
 _HEADER_BYTES = 544  # NIfTI-2's 540-byte header and its 4-byte extension flag
 
 
@@ -34,22 +32,36 @@ def _header(head: bytes, path: Path):
     raise UserError(f"{path}: not a readable image (no NIfTI header)")
 
 
-def check_complete_nifti(path: Path) -> None:
-    """A written file, read back without keeping it: the gzip stream is complete and its checksum right (or,
-    uncompressed, every voxel is there)."""
-    path = Path(path)
+def _file_bytes(path: Path) -> bytes:
+    """The uncompressed bytes of a NIfTI file; a gzip stream must be complete and its checksum right (zlib checks
+    the CRC and length of each member)."""
+    raw = path.read_bytes()
+    if not path.name.lower().endswith(".gz"):
+        return raw
+    pieces = []
     try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as source:
-            header = _header(source.read(_HEADER_BYTES), path)
-            while source.read(_CHUNK):
-                pass
-            total = source.tell()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise UserError(f"{path}: damaged or incomplete compressed file ({exc})") from None
+        while raw:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            pieces.append(inflater.decompress(raw))
+            if not inflater.eof:
+                raise EOFError("the compressed stream ends early")
+            raw = inflater.unused_data.lstrip(b"\0")
+    except (EOFError, zlib.error) as exc:
+        raise UserError(f"{path}: not a readable image: damaged or incomplete compressed file ({exc}); "
+                        "copy it again") from None
+    return b"".join(pieces)
+
+
+def check_complete_nifti(path: Path) -> None:
+    """A written file, read back: the gzip stream is complete and its checksum right (or, uncompressed, every
+    voxel is there)."""
+    path = Path(path)
+    data = _file_bytes(path)
+    header = _header(data[:_HEADER_BYTES], path)
     expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
         * header.get_data_dtype().itemsize
-    if total < expected:
-        raise UserError(f"{path}: incomplete file ({total} of {expected} bytes)")
+    if len(data) < expected:
+        raise UserError(f"{path}: incomplete file ({len(data)} of {expected} bytes)")
 
 
 def read_nifti(path: Path) -> sitk.Image:
@@ -57,12 +69,7 @@ def read_nifti(path: Path) -> sitk.Image:
     are refused instead of being filled with zeros. SimpleITK supplies the geometry (header only); the voxels
     come from the checked bytes."""
     path = Path(path)
-    try:
-        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as source:
-            data = source.read()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise UserError(f"{path}: not a readable image: damaged or incomplete compressed file ({exc}); "
-                        "copy it again") from None
+    data = _file_bytes(path)
     header = _header(data[:_HEADER_BYTES], path)
     info = sitk.ImageFileReader()
     info.SetFileName(str(path))
