@@ -38,7 +38,8 @@ class SSLMedSAM2Widget(ScriptedLoadableModuleWidget):
         self.layout.addWidget(ui_widget)
         ui = slicer.util.childWidgetVariables(ui_widget)
         ui_widget.setMRMLScene(slicer.mrmlScene)
-        self.panel = SSLMedSAM2PanelWidget(ui, self.layout)
+        # the panel asks for the parameter node again after a scene close (the template module's pattern)
+        self.panel = SSLMedSAM2PanelWidget(ui, self.layout, lambda: SSLMedSAM2Logic().getParameterNode())
         self.panel.setParameterNode(SSLMedSAM2Logic().getParameterNode())
 
     def enter(self) -> None:

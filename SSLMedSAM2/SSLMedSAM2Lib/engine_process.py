@@ -1,33 +1,19 @@
-"""Runs one engine command (`python -m sslmedsam2 ...`) in a QProcess: Slicer stays responsive, output streams in."""
+"""Runs one engine command (`python -m sslmedsam2 ...`) in a QProcess: Slicer stays responsive, output streams in.
+
+The process is the real interpreter, not Slicer's PythonSlicer launcher (see launch.py): Cancel reaches the engine.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import qt
 
 from SSLMedSAM2Lib.engine_output import EngineOutput
+from SSLMedSAM2Lib.launch import engine_command, engine_environment
 from SSLMedSAM2Lib.signal import Signal
 
-
-def engine_source() -> Path | None:
-    """Where the engine package is: ../src in a source checkout, beside the module in an installed extension."""
-    here = Path(__file__).resolve()
-    for folder in (here.parents[2] / "src", here.parents[1]):
-        if (folder / "sslmedsam2" / "__init__.py").is_file():
-            return folder
-    return None
-
-
-def engine_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    source = engine_source()
-    if source is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+KILL_AFTER_MS = 5000
 
 
 class EngineProcess:
@@ -38,6 +24,7 @@ class EngineProcess:
         self.message = Signal(str)
         self.finished = Signal(str)
         self._process = None
+        self._program = ""
         self._output = EngineOutput()
         self._cancelled = False
 
@@ -59,17 +46,25 @@ class EngineProcess:
         process.connect("finished(int,QProcess::ExitStatus)", self._on_finished)
         process.connect("errorOccurred(QProcess::ProcessError)", self._on_error)
         self._process = process
-        # sys.executable is PythonSlicer inside Slicer
-        process.start(sys.executable, ["-m", "sslmedsam2", *arguments])
+        self._program, program_arguments = engine_command(arguments)
+        process.start(self._program, program_arguments)
 
     def cancel(self) -> None:
-        """SIGTERM first (the engine writes nothing half-done), a kill if it has not stopped after 5 s."""
+        """Stops the engine itself (its outputs are written atomically: nothing half-done is left).
+
+        POSIX: SIGTERM, then a kill if it has not stopped after 5 s. Windows: a kill at once, since terminate()
+        only posts WM_CLOSE, which a console process never reads.
+        """
         if not self.running:
             return
         self._cancelled = True
         process = self._process  # not whatever runs 5 s from now
+        if os.name == "nt":
+            process.kill()
+            return
         process.terminate()
-        qt.QTimer.singleShot(5000, lambda: process.kill() if process.state() != qt.QProcess.NotRunning else None)
+        qt.QTimer.singleShot(KILL_AFTER_MS,
+                             lambda: process.kill() if process.state() != qt.QProcess.NotRunning else None)
 
     def _on_output(self) -> None:
         data = self._process.readAll().data().decode("utf-8", errors="replace")
@@ -81,7 +76,7 @@ class EngineProcess:
 
     def _on_error(self, error) -> None:
         if error == qt.QProcess.FailedToStart:
-            self.finished.emit(f"could not start {sys.executable} -m sslmedsam2 (are the dependencies installed?)")
+            self.finished.emit(f"could not start {self._program} -m sslmedsam2 (are the dependencies installed?)")
 
     def _on_finished(self, exit_code: int, exit_status) -> None:
         self._on_output()

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,19 +12,12 @@ import slicer
 
 from SSLMedSAM2Lib import scene_io
 from SSLMedSAM2Lib.dependencies import describe, plan_install
-from SSLMedSAM2Lib.engine_process import EngineProcess, engine_environment, engine_source
+from SSLMedSAM2Lib.engine_process import EngineProcess
+from SSLMedSAM2Lib.geometry import put_in_frame_of
+from SSLMedSAM2Lib.launch import import_engine
 from SSLMedSAM2Lib.parameters import EngineSettings, problems, propagate_command, pseudolabel_command, refine_command
+from SSLMedSAM2Lib.refine_control import RefineControl
 from SSLMedSAM2Lib.signal import Signal
-
-
-def _engine():
-    """The engine's Qt-free modules, importable in Slicer's Python once the dependencies are installed."""
-    source = engine_source()
-    if source is not None and str(source) not in sys.path:
-        sys.path.insert(0, str(source))
-    import sslmedsam2  # noqa: F401
-
-    return sslmedsam2
 
 
 class Run:
@@ -50,6 +40,7 @@ class SSLMedSAM2Logic:
         self.runFinished = Signal(str)  # error message, "" on success
         self._run: Run | None = None
         self._before = None  # the segmentation before the current run, for Undo
+        self.refine: RefineControl | None = None  # the refine job of the workspace the panel follows
 
     # --- dependencies and weights ----------------------------------------------------------------------------
     def missing_dependencies(self) -> str:
@@ -76,7 +67,7 @@ class SSLMedSAM2Logic:
         """A sentence asking to download the model's weights, or "" when a file is already at hand."""
         if settings.checkpoint:
             return ""
-        _engine()
+        import_engine()
         from sslmedsam2.models import get_model
         from sslmedsam2.models.cache import cached_path, is_cached
 
@@ -117,7 +108,7 @@ class SSLMedSAM2Logic:
             return
         try:
             if not error:
-                scene_io.import_labels(run.output, run.segmentation, run.ids)
+                scene_io.import_labels(run.output, run.segmentation, run.ids, run.volume)
                 self._load_review(run)
         except Exception as exc:  # reported in the panel, never a hang
             error = f"could not load the result: {exc}"
@@ -126,7 +117,7 @@ class SSLMedSAM2Logic:
         self.runFinished.emit(error)
 
     def _load_review(self, run: Run) -> None:
-        _engine()
+        import_engine()
         from sslmedsam2.propagation.confidence import read_confidence
         from sslmedsam2.study.review_session import ReviewSession
 
@@ -217,12 +208,13 @@ class SSLMedSAM2Logic:
 
     def load_pseudo_label(self, image: Path, labels: Path, confidence: Path | None = None, states=None):
         """A few-shot or refined result as a volume + segmentation under review (confidence table or states)."""
-        _engine()
+        import_engine()
         from sslmedsam2.propagation.confidence import read_confidence
         from sslmedsam2.study.review_session import ReviewSession
 
         volume = self.fewshot_query_nodes.get(Path(image).name) or slicer.util.loadVolume(str(image))
         segmentation = slicer.util.loadSegmentation(str(labels))
+        put_in_frame_of(segmentation, volume)  # the file is in the volume's local frame (a scene query's, say)
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         if confidence is not None and confidence.is_file():
             rows = read_confidence(confidence)
@@ -234,7 +226,7 @@ class SSLMedSAM2Logic:
 
     def load_refined(self, workspace: Path):
         """The latest round's pseudo-label of the workspace's first case without ground truth, with its review."""
-        _engine()
+        import_engine()
         from sslmedsam2.study.workspace import Workspace
 
         ws = Workspace.open(workspace)
@@ -249,7 +241,7 @@ class SSLMedSAM2Logic:
     # --- study and refinement --------------------------------------------------------------------------------
     def add_to_study(self, workspace: Path, volume, segmentation, axis: str) -> str:
         """Image, segmentation (as pseudo-label) and review state into the workspace; returns the case id."""
-        _engine()
+        import_engine()
         from sslmedsam2.study.workspace import Workspace, add_case, init_workspace
 
         ids = scene_io.segment_ids(segmentation)
@@ -274,18 +266,18 @@ class SSLMedSAM2Logic:
         return case_id
 
     def start_refine(self, workspace: Path, rounds: int, quick: bool, warm_start: bool, device: str) -> None:
-        """A process of its own session: closing Slicer does not stop it, and the panel re-attaches on reopening."""
-        log = open(Path(workspace) / "refine-job.log", "a")
-        subprocess.Popen([sys.executable, "-m", "sslmedsam2", *refine_command(str(workspace), rounds, quick, warm_start, device)],
-                         stdout=log, stderr=subprocess.STDOUT, env=engine_environment(), start_new_session=True)
-        log.close()
+        """A process of its own session (no window on Windows): closing Slicer does not stop it, and the panel
+        re-attaches on reopening."""
+        self.refine = RefineControl(workspace)
+        self.refine.start(refine_command(str(workspace), rounds, quick, warm_start, device))
 
-    @staticmethod
-    def refine_monitor(workspace: Path, fresh: bool):
+    def refine_monitor(self, workspace: Path, fresh: bool):
         """Reads the job's events from now on (fresh) or from the start of its latest run (re-attaching)."""
-        _engine()
+        import_engine()
         from sslmedsam2.refine.monitor import JobMonitor
 
+        if self.refine is None or self.refine.workspace != Path(workspace):
+            self.refine = RefineControl(workspace)  # re-attaching to a job started elsewhere or earlier
         monitor = JobMonitor(Path(workspace) / "refine")
         if fresh and monitor.log.path.exists():
             monitor.offset = monitor.log.path.stat().st_size
@@ -294,23 +286,12 @@ class SSLMedSAM2Logic:
         return monitor
 
     @staticmethod
-    def refine_died(monitor) -> bool:
-        from sslmedsam2.refine.events import process_alive
-
-        status = monitor.log.read_status()
-        return status.get("state") == "running" and not process_alive(status.get("pid"))
-
-    @staticmethod
     def refine_status(workspace: Path) -> dict:
         path = Path(workspace) / "refine" / "status.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
-    def cancel_refine(self, workspace: Path) -> bool:
-        pid = self.refine_status(workspace).get("pid")
-        if not pid:
-            return False
-        try:
-            os.kill(int(pid), signal.SIGTERM)  # the job stops at its next safe point and can be resumed
-        except ProcessLookupError:
-            return False
-        return True
+    def cancel_refine(self, workspace: Path) -> str:
+        """Ask the job to stop at its next safe point (portable: a request file); what happened, in words."""
+        if self.refine is None or self.refine.workspace != Path(workspace):
+            self.refine = RefineControl(workspace)
+        return self.refine.cancel()

@@ -1,4 +1,7 @@
-"""Between Slicer's scene and the engine's files: volumes and segments out, label maps back in, slice navigation."""
+"""Between Slicer's scene and the engine's files: volumes and segments out, label maps back in, slice navigation.
+
+Files are in the volume's local frame; results go back under the volume's parent transform (geometry.py).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import slicer
 import vtk
+
+from SSLMedSAM2Lib.geometry import ijk_axis, put_in_frame_of, slice_centre
+from SSLMedSAM2Lib.markers import ReviewMarkers
 
 # The slice view that shows each anatomical axis in Slicer's default layout.
 VIEW_OF_AXIS = {"axial": "Red", "sagittal": "Yellow", "coronal": "Green"}
@@ -56,10 +62,12 @@ def file_name(node) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in node.GetName()) or node.GetID()
 
 
-def import_labels(path: Path, segmentation_node, ids: list[str]) -> None:
-    """Label value i + 1 of the file replaces the content of segment ids[i]."""
+def import_labels(path: Path, segmentation_node, ids: list[str], volume_node) -> None:
+    """Label value i + 1 of the file replaces the content of segment ids[i]. The file is on the volume's grid in its
+    local frame: under the volume's transform, the import maps it to the segmentation wherever that is."""
     labelmap = slicer.util.loadVolume(str(path), {"labelmap": True, "show": False})
     try:
+        put_in_frame_of(labelmap, volume_node)
         updated = vtk.vtkStringArray()  # this overload needs a vtkStringArray, not a list
         for segment_id in ids:
             updated.InsertNextValue(segment_id)
@@ -91,44 +99,68 @@ def current_slice(axis: str, volume_node) -> int | None:
     return index - 1 if index > 0 else None
 
 
-def _ijk_axis(volume_node, axis: str) -> int:
-    """The IJK axis that runs closest to the anatomical axis (as the engine chooses it)."""
+def _ijk_to_ras(volume_node) -> list[list[float]]:
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    row = {"sagittal": 0, "coronal": 1, "axial": 2}[axis]  # R, A, S
-    return int(np.argmax([abs(matrix.GetElement(row, k)) for k in range(3)]))
+    return [[matrix.GetElement(row, column) for column in range(4)] for row in range(4)]
 
 
 def array_axis(volume_node, axis: str) -> int:
     """The numpy axis (of Slicer's KJI arrays) along which `axis` slices are stacked."""
-    return 2 - _ijk_axis(volume_node, axis)
+    return 2 - ijk_axis(_ijk_to_ras(volume_node), axis)
+
+
+def _to_world(volume_node):
+    def convert(local) -> list[float]:
+        world = [0.0, 0.0, 0.0]
+        volume_node.TransformPointToWorld([float(v) for v in local], world)  # through its parent transforms
+        return world
+
+    return convert
 
 
 def jump_to_slice(axis: str, volume_node, z: int) -> None:
-    """Centre every view on slice z along the axis."""
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    ijk = [(d - 1) / 2 for d in volume_node.GetImageData().GetDimensions()]
-    ijk[_ijk_axis(volume_node, axis)] = z
-    ras = matrix.MultiplyPoint([*ijk, 1.0])[:3]
+    """Centre every view on slice z along the axis, where the slice is in world (after the volume's transform)."""
+    matrix = _ijk_to_ras(volume_node)
+    ras = slice_centre(matrix, volume_node.GetImageData().GetDimensions(), ijk_axis(matrix, axis), z,
+                       _to_world(volume_node))
     slicer.vtkMRMLSliceNode.JumpAllSlices(slicer.mrmlScene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
 
 
-_markers: dict[str, vtk.vtkTextActor] = {}
+def _new_marker_actor() -> vtk.vtkTextActor:
+    """Its own text actor, since DataProbe rewrites the corner annotations on every slice change."""
+    actor = vtk.vtkTextActor()
+    actor.GetTextProperty().SetFontSize(14)
+    actor.GetTextProperty().SetColor(1.0, 0.85, 0.2)
+    actor.SetDisplayPosition(10, 28)
+    return actor
+
+
+def _slice_view(view: str):
+    manager = slicer.app.layoutManager()
+    widget = manager.sliceWidget(view) if manager is not None else None
+    return widget.sliceView() if widget is not None else None
+
+
+def _marker_renderer(view: str):
+    slice_view = _slice_view(view)
+    return slice_view.renderWindow().GetRenderers().GetFirstRenderer() if slice_view is not None else None
+
+
+def _render(view: str) -> None:
+    slice_view = _slice_view(view)
+    if slice_view is not None:
+        slice_view.forceRender()
+
+
+MARKERS = ReviewMarkers(_new_marker_actor, _marker_renderer, _render)
 
 
 def show_marker(axis: str, text: str) -> None:
-    """A line at the bottom of the axis's slice view: the slice's review state.
+    """A line at the bottom of the axis's slice view: the slice's review state."""
+    MARKERS.show(VIEW_OF_AXIS[axis], text)
 
-    Its own text actor, since DataProbe rewrites the corner annotations on every slice change.
-    """
-    view = slicer.app.layoutManager().sliceWidget(VIEW_OF_AXIS[axis]).sliceView()
-    actor = _markers.get(axis)
-    if actor is None:
-        actor = _markers[axis] = vtk.vtkTextActor()
-        actor.GetTextProperty().SetFontSize(14)
-        actor.GetTextProperty().SetColor(1.0, 0.85, 0.2)
-        actor.SetDisplayPosition(10, 28)
-        view.renderWindow().GetRenderers().GetFirstRenderer().AddActor2D(actor)
-    actor.SetInput(text)
-    view.forceRender()
+
+def hide_markers() -> None:
+    """Leaving the module or closing the scene: no marker stays behind, frozen."""
+    MARKERS.clear()

@@ -1,9 +1,12 @@
-"""The module's self-test in Slicer: the real logic on a synthetic volume with a tiny random-weight SAM2."""
+"""The module's self-test in Slicer: the real logic on a synthetic volume with a tiny random-weight SAM2.
+
+It runs from the build tree too (ctest), where CMakeLists copies the engine beside the module. A Slicer without
+torch or sam2 (a dashboard's) checks that the engine is found and runs, then skips the SAM2 part with a message.
+"""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import slicer
 
-from SSLMedSAM2Lib.engine_process import engine_environment
+from SSLMedSAM2Lib.dependencies import self_test_skip_reason
+from SSLMedSAM2Lib.launch import engine_environment, engine_source, python_interpreter
 from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
 from SSLMedSAM2Lib.parameters import EngineSettings
 
@@ -43,10 +47,27 @@ def _wait(logic: SSLMedSAM2Logic, timeout: float = 600) -> str:
     return result[0]
 
 
+def check_engine_is_found(test) -> None:
+    """The engine package beside the module (source checkout, build tree or install) and the real interpreter
+    (not the PythonSlicer launcher, so that Cancel reaches the engine) runs it."""
+    test.assertIsNotNone(engine_source(), "the engine package sslmedsam2 is not beside the module")
+    done = subprocess.run([python_interpreter(), "-c", "import sslmedsam2; print(sslmedsam2.__file__)"],
+                          capture_output=True, text=True, env=engine_environment())
+    test.assertEqual(done.returncode, 0, done.stderr)
+    test.assertTrue(Path(done.stdout.strip()).resolve().is_relative_to(engine_source().resolve()), done.stdout)
+
+
 def test_propagation_on_synthetic_volume(test) -> None:
+    test.delayDisplay("Checking that the engine is found")
+    check_engine_is_found(test)
+    reason = self_test_skip_reason()
+    if reason:
+        test.delayDisplay(reason)
+        test.skipTest(reason)
     test.delayDisplay("Building a random-weight SAM2.1 Hiera-T checkpoint")
     checkpoint = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-test-")) / "tiny.pt"
-    subprocess.run([sys.executable, "-c", _MAKE_CHECKPOINT, str(checkpoint)], check=True, env=engine_environment())
+    subprocess.run([python_interpreter(), "-c", _MAKE_CHECKPOINT, str(checkpoint)], check=True,
+                   env=engine_environment())
 
     shape = (20, 48, 48)
     labels = np.zeros(shape, np.uint8)

@@ -1,7 +1,12 @@
-"""The panel: binds the .ui to the parameter node and the logic; nothing here computes."""
+"""The panel: binds the .ui to the parameter node and the logic; nothing here computes.
+
+Scene close: the parameter node, the embedded editor and the review marker let go at its start and come back at
+its end (as Slicer's module template and Segment Editor module do).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import qt
@@ -10,6 +15,8 @@ import vtk
 from slicer.util import VTKObservationMixin
 
 from SSLMedSAM2Lib import scene_io
+from SSLMedSAM2Lib.dependencies import run_guarded
+from SSLMedSAM2Lib.editor import EmbeddedEditor
 from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
 from SSLMedSAM2Lib.parameter_node import SSLMedSAM2ParameterNode
 
@@ -18,13 +25,19 @@ SHORTCUTS = {"Alt+A": "onAccept", "Alt+R": "onReject", "Alt+N": "onNextUnreviewe
 REFINE_POLL_MS = 1000
 
 
+def _show_error(text: str, details: str) -> None:
+    slicer.util.errorDisplay(text, detailedText=details)
+
+
 class SSLMedSAM2PanelWidget(VTKObservationMixin):
-    def __init__(self, ui, layout) -> None:
+    def __init__(self, ui, layout, parameter_node: Callable[[], SSLMedSAM2ParameterNode]) -> None:
         VTKObservationMixin.__init__(self)
         self.ui = ui
         self.logic = SSLMedSAM2Logic()
         self.parameters: SSLMedSAM2ParameterNode | None = None
+        self._parameter_node = parameter_node
         self._gui_tag = None
+        self._entered = False
         self._shortcuts: list = []
         self._importing = False
         self._monitor = None
@@ -54,23 +67,23 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         u.installButton.connect("clicked()", self.onInstall)
         self._inputs = (None, None)
         self._fewShot = ""
-        self._ensureEditorNode()
+        self.editor = EmbeddedEditor(ui.segmentEditorWidget, slicer.mrmlScene,
+                                     later=lambda call: qt.QTimer.singleShot(0, call))
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
 
     # --- life cycle ------------------------------------------------------------------------------------------
-    def _ensureEditorNode(self) -> None:
-        """The embedded editor's node, created again after the scene was closed or cleared."""
-        editor = self.ui.segmentEditorWidget
-        node = editor.mrmlSegmentEditorNode()
-        if node is None or node.GetScene() is None:
-            editor.setMRMLSegmentEditorNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
-        editor.setMRMLScene(slicer.mrmlScene)
-
-    def setParameterNode(self, node: SSLMedSAM2ParameterNode) -> None:
+    def setParameterNode(self, node: SSLMedSAM2ParameterNode | None) -> None:
         if self.parameters is not None:
             if self._gui_tag is not None:
                 self.parameters.disconnectGui(self._gui_tag)
+                self._gui_tag = None
             self.removeObserver(self.parameters.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
         self.parameters = node
+        if node is None:  # the scene is closing: its nodes are about to be reset
+            self._inputs = (None, None)
+            return
         self._gui_tag = node.connectGui(self.ui)
         # read inputs from the parameter node once it has changed, never from a selector's signal (order of slots)
         self.addObserver(node.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
@@ -78,16 +91,41 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self.reattachRefine()
 
     def onParameterChanged(self, *_) -> None:
+        if self.parameters is None:
+            return
         inputs = (self.parameters.inputVolume, self.parameters.segmentation)
         if inputs != self._inputs:
             self._inputs = inputs
             self.onSegmentationChanged()
 
+    def onSceneStartClose(self, *_) -> None:
+        """Everything that refers to the scene's nodes lets go: the run, the review, its marker, the editor."""
+        self.logic.cancel()
+        self.logic.review = None
+        self.updateReview()
+        self._stopFollowing("")
+        self.removeObservers(self.onSegmentEdited)
+        self.editor.scene_start_close()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, *_) -> None:
+        self.editor.scene_end_close(self._entered)
+        if self._entered:
+            self.setParameterNode(self._parameter_node())
+
+    def onSceneEndImport(self, *_) -> None:
+        """A loaded scene may bring its own module editor node and inputs: bind them again."""
+        self.editor.scene_end_close(self._entered)
+        self._inputs = (None, None)
+        self.onParameterChanged()
+
     def enter(self) -> None:
-        self._ensureEditorNode()
+        self._entered = True
+        self.editor.select_node()
         if slicer.app.layoutManager() is not None:
             for axis in scene_io.VIEW_OF_AXIS:  # the marker follows scrolling in any of the three views
                 self.addObserver(scene_io.slice_logic(axis).GetSliceNode(), vtk.vtkCommand.ModifiedEvent, self.onSliceMoved)
+        self.showMarker()
         main = slicer.util.mainWindow()
         if main is None:  # Slicer without a main window (tests, batch): no shortcuts
             return
@@ -97,12 +135,13 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             self._shortcuts.append(shortcut)
 
     def exit(self) -> None:
+        self._entered = False
         self.removeObservers(self.onSliceMoved)
         for shortcut in self._shortcuts:
             shortcut.setParent(None)
         self._shortcuts = []
-        self.ui.segmentEditorWidget.setActiveEffect(None)
-        self.ui.segmentEditorWidget.removeViewObservations()
+        self.editor.exit()
+        scene_io.hide_markers()  # no marker left behind, frozen, in another module
 
     def cleanup(self) -> None:
         self.exit()
@@ -116,14 +155,15 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
     def onSegmentationChanged(self) -> None:
         self.removeObservers(self.onSegmentEdited)
         volume, segmentation = self.parameters.inputVolume, self.parameters.segmentation
-        self.ui.segmentEditorWidget.setSegmentationNode(segmentation)
-        self.ui.segmentEditorWidget.setSourceVolumeNode(volume)
+        self.editor.show(segmentation, volume)  # the editor paints exactly what Propagate reads
         if segmentation is not None:
             # voxel edits fire SourceRepresentationModified (SegmentModified is for names and tags)
             self.addObserver(segmentation, slicer.vtkSegmentation.SourceRepresentationModified, self.onSegmentEdited)
         self.updateSeedSlices()
 
     def updateSeedSlices(self) -> None:
+        if self.parameters is None:  # a run that ends while the scene closes
+            return
         volume, segmentation = self.parameters.inputVolume, self.parameters.segmentation
         if volume is None or segmentation is None or not scene_io.segment_ids(segmentation):
             self.ui.seedSlicesLabel.setText("choose a volume and a segmentation; draw a few slices of each segment")
@@ -157,16 +197,19 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         return settings
 
     def _start(self, prompt_slices=None) -> None:
-        settings = self._settings()
-        if settings is None:
-            return
-        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the propagation."):
+        def start() -> None:
+            settings = self._settings()  # imports the engine: inside the guard, after the dependency check
+            if settings is None:
+                return
+            if prompt_slices is None:
+                self.logic.review = None  # a fresh propagation: a new review
             self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings, prompt_slices)
             self._importing = True  # our own import of the result is not a person's edit
             self._setBusy(True, "propagating...")
 
+        run_guarded("SSLMedSAM2 could not start the propagation.", start, _show_error)
+
     def onPropagate(self) -> None:
-        self.logic.review = None
         self._start()
 
     def onRepropagate(self) -> None:
@@ -203,6 +246,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         if review is None:
             table.setRowCount(0)
             self.ui.reviewSummaryLabel.setText("Nothing to review yet")
+            scene_io.hide_markers()
             return
         counts = review.counts()
         self.ui.reviewSummaryLabel.setText(", ".join(f"{v} {k}" for k, v in counts.items() if v))
@@ -215,7 +259,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
 
     def showMarker(self, z: int | None = None) -> None:
         review = self.logic.review
-        if review is None or self.parameters.inputVolume is None:
+        if review is None or self.parameters is None or self.parameters.inputVolume is None \
+                or slicer.app.layoutManager() is None:
             return
         z = scene_io.current_slice(self.parameters.axis, self.parameters.inputVolume) if z is None else z
         if z is None or not 0 <= z < len(review.states):
@@ -274,17 +319,19 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
 
     # --- few-shot --------------------------------------------------------------------------------------------
     def onRunFewShot(self) -> None:
-        p = self.parameters
-        settings = self._settings()
-        if settings is None:
-            return
-        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the few-shot run."):
+        def start() -> None:
+            p = self.parameters
+            settings = self._settings()
+            if settings is None:
+                return
             self.logic.review = None
             self._fewShot = self.logic.run_few_shot(
                 settings, str(p.supportImages), str(p.supportLabels), str(p.queryImages), str(p.fewShotOutput),
                 p.insertions, p.supports, self.ui.supportSegmentationsSelector.checkedNodes(),
                 self.ui.queryVolumesSelector.checkedNodes())
             self._setBusy(True, "few-shot pseudo-labels...")
+
+        run_guarded("SSLMedSAM2 could not start the few-shot run.", start, _show_error)
 
     def _loadFewShotResult(self) -> None:
         output = Path(self._fewShot)
@@ -310,24 +357,32 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         workspace = self._workspace()
         if workspace is None:
             return
-        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not add the case to the study.", waitCursor=True):
+
+        def add() -> None:
             case = self.logic.add_to_study(workspace, self.parameters.inputVolume, self.parameters.segmentation,
                                            self.parameters.axis)
             self.ui.refineStatusLabel.setText(f"added case {case} to {workspace}")
+
+        run_guarded("SSLMedSAM2 could not add the case to the study.", add, _show_error)
 
     def onRefine(self) -> None:
         workspace = self._workspace()
         if workspace is None:
             return
-        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not start the refinement."):
+
+        def start() -> None:
             self.logic.start_refine(workspace, self.parameters.rounds, self.parameters.quick,
                                     self.parameters.warmStart, self.parameters.device)
             self._follow(workspace, fresh=True)
 
+        run_guarded("SSLMedSAM2 could not start the refinement.", start, _show_error)
+
     def reattachRefine(self) -> None:
         """Opening the module (or Slicer) while a job runs: follow it again."""
         path = self.parameters.workspace
-        if path and str(path) not in ("", ".") and self.logic.refine_status(Path(path)).get("state") == "running":
+        if self._monitor is not None or not path or str(path) in ("", "."):
+            return  # already following (entering the module again), or no workspace
+        if self.logic.refine_status(Path(path)).get("state") == "running":
             self._follow(Path(path), fresh=False)
 
     def _follow(self, workspace: Path, fresh: bool) -> None:
@@ -335,34 +390,55 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = False, True
         self._timer.start()
 
-    def onPollRefine(self) -> None:
-        monitor = self._monitor
-        for event in monitor.poll():
+    def _stopFollowing(self, text: str) -> None:
+        self._timer.stop()
+        self._monitor = None
+        self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = True, False
+        if text:
+            self.ui.refineStatusLabel.setText(text)
+
+    def _logEvents(self, events: list[dict]) -> None:
+        for event in events:
             if event["event"] in ("stage", "round", "error", "job"):
                 self.ui.refineLog.appendPlainText(f"{event['time']} {event['event']}: "
                                                   + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event")))
-        rounds = (monitor.log.read_status().get("options") or {}).get("rounds", self.parameters.rounds)
+
+    def onPollRefine(self) -> None:
+        monitor, control = self._monitor, self.logic.refine
+        if monitor is None or control is None:
+            return
+        control.poll()  # a Cancel pressed while the job was still starting reaches it now
+        self._logEvents(monitor.poll())
+        rounds = (monitor.log.read_status().get("options") or {}).get("rounds", 1)
         self.ui.refineProgressBar.setValue(int(100 * monitor.fraction(rounds)))
         self.ui.refineStatusLabel.setText(monitor.describe() + (f" ({monitor.state})" if monitor.state else ""))
-        if monitor.finished or self.logic.refine_died(monitor):
-            self._timer.stop()
-            self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = True, False
-            if not monitor.finished:
-                self.ui.refineStatusLabel.setText("the job stopped without finishing; press Refine to resume it")
+        if monitor.finished:
+            self._stopFollowing("")
+        elif not control.running():
+            self._logEvents(monitor.poll())  # its last events, written just before it let go of its lock
+            if monitor.finished:
+                self._stopFollowing("")
+            else:
+                failure = control.failure()
+                self._stopFollowing(f"the job failed: {failure}" if failure
+                                    else "the job stopped without finishing; press Refine to resume it")
 
     def onCancelRefine(self) -> None:
         workspace = self._workspace()
-        if workspace is not None and not self.logic.cancel_refine(workspace):
-            self.ui.refineStatusLabel.setText("no refinement is running")
+        if workspace is not None:
+            self.ui.refineStatusLabel.setText(self.logic.cancel_refine(workspace) or "no refinement is running")
 
     def onLoadRefined(self) -> None:
         workspace = self._workspace()
         if workspace is None:
             return
-        with slicer.util.tryWithErrorDisplay("SSLMedSAM2 could not load the refined pseudo-labels."):
+
+        def load() -> None:
             volume, segmentation, case, round_name = self.logic.load_refined(workspace)
             self.parameters.inputVolume, self.parameters.segmentation = volume, segmentation
             self.ui.refineStatusLabel.setText(f"loaded {case} from {round_name} for review")
+
+        run_guarded("SSLMedSAM2 could not load the refined pseudo-labels.", load, _show_error)
 
     # --- dependencies ----------------------------------------------------------------------------------------
     def onInstall(self) -> None:

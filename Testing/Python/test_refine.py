@@ -105,7 +105,10 @@ def test_two_rounds_end_to_end_then_predict(study, capsys, tmp_path):
 
 
 def test_convergence_stops_early(study, capsys):
+    (study / "refine").mkdir()
+    (study / "refine" / "stop").write_text("left by a job that was killed before it saw it\n")
     assert main(["refine", str(study), *QUICK, "--rounds", "3", "--convergence", "0.01"]) == 0
+    assert not (study / "refine" / "stop").exists(), "a stale stop request must not cancel a new job"
     events = _events(study)
     assert [e["round"] for e in events if e["event"] == "round"] == [0]
     assert events[-1]["event"] == "job" and events[-1]["state"] == "converged"
@@ -221,7 +224,9 @@ def test_cancel_and_follow_commands(study, capsys):
     job = _start(study, "--rounds", "1", "--epochs", "8", "--convergence", "1.0")
     _wait_for(study, lambda ev: any(e["event"] == "epoch" for e in ev), job)
     assert main(["refine", str(study), "--cancel"]) == 0
+    assert (study / "refine" / "stop").is_file()  # a file the job watches: the same gentle stop on Windows
     assert job.wait(timeout=120) == 3
+    assert _events(study)[-1]["state"] == "cancelled" and not (study / "refine" / "stop").exists()
     _expect(capsys, ["refine", str(study), "--cancel"], "no refine job is running")
     job = _start(study, "--rounds", "1", "--epochs", "8", "--convergence", "1.0")
     _wait_for(study, lambda ev: ev[-1]["event"] != "job" or ev[-1]["state"] == "running", job)
@@ -255,3 +260,58 @@ def test_monitor_reads_only_complete_lines_and_the_latest_run(tmp_path):
     log.emit("job", 1, state="converged", message="")
     monitor.poll()
     assert monitor.finished and monitor.fraction(rounds=2) == 1.0
+
+
+def test_fold_needs_five_training_cases_and_is_checked_up_front(study, capsys):
+    # 4 training cases: nnU-Net's 5-fold split would fail only after planning and preprocessing
+    _expect(capsys, ["refine", str(study), *QUICK, "--fold", "0"], "at least 5 training cases")
+    _expect(capsys, ["refine", str(study), *QUICK, "--fold", "7"], "a number 0-4")
+    assert not (study / "refine").exists()
+
+
+def _hold_lock(refine: Path) -> subprocess.Popen:
+    code = ("import sys, time\nfrom sslmedsam2.refine.events import job_lock\n"
+            "lock = job_lock(sys.argv[1])\nlock.acquire()\nprint('held', flush=True)\ntime.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(refine)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_liveness_is_the_job_lock_not_a_pid(study, capsys):
+    """os.kill(pid, 0) is no liveness check on Windows and a pid can be reused: a job is running while it holds
+    WS/refine/.lock, which the OS releases however the process ends."""
+    from sslmedsam2.refine.events import EventLog, job_running
+
+    refine = study / "refine"
+    refine.mkdir()
+    EventLog(refine).write_status({"state": "running", "round": 0, "stage": "train", "pid": os.getpid()})
+    assert not job_running(refine)
+    assert _status(study, capsys)["refine"]["state"] == "failed"  # a live pid that is no job
+    _expect(capsys, ["refine", str(study), "--cancel"], "no refine job is running")
+    holder = _hold_lock(refine)
+    try:
+        assert job_running(refine)
+        assert _status(study, capsys)["refine"]["state"] == "running"
+        assert main(["refine", str(study), "--cancel"]) == 0
+        assert (refine / "stop").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not job_running(refine)
+    assert _status(study, capsys)["refine"]["state"] == "failed"
+
+
+def test_refine_modules_import_without_fcntl():
+    """Windows has no fcntl: the job, its events and the monitor must import without it."""
+    code = ("import sys\n"
+            "class NoFcntl:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'fcntl':\n"
+            "            raise ImportError('no fcntl here, as on Windows')\n"
+            "sys.modules.pop('fcntl', None)\n"
+            "sys.meta_path.insert(0, NoFcntl())\n"
+            "import sslmedsam2.refine.rounds, sslmedsam2.refine.events, sslmedsam2.refine.monitor, sslmedsam2.cli\n"
+            "print('fcntl' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -91,3 +91,36 @@ def test_cmakelists_list_every_script_and_resource():
     assert listed == scripts | resources
     top = (ROOT / "CMakeLists.txt").read_text()
     assert "add_subdirectory(SSLMedSAM2)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top
+
+
+def test_the_build_tree_has_the_engine_beside_the_module(tmp_path):
+    """ctest loads the module from ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}, where
+    slicerMacroBuildScriptedModule copies it: the engine must be there too, not only in the installed extension."""
+    import shutil
+    import subprocess
+    import sys
+
+    cmake = (MODULE / "CMakeLists.txt").read_text()
+    assert "include(${CMAKE_CURRENT_SOURCE_DIR}/CMake/SSLMedSAM2CopyEngine.cmake)" in cmake
+    assert re.search(r"sslmedsam2_copy_engine\(\$\{CMAKE_CURRENT_SOURCE_DIR\}/\.\./src/sslmedsam2\s+"
+                     r"\$\{CMAKE_BINARY_DIR\}/\$\{Slicer_QTSCRIPTEDMODULES_LIB_DIR\}/sslmedsam2\)", cmake)
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed: the copy itself is not run")
+    modules = tmp_path / "lib" / "Slicer-5.10" / "qt-scripted-modules"  # the build tree's module folder
+    script = tmp_path / "copy.cmake"
+    source, target = (ROOT / "src" / "sslmedsam2").as_posix(), (modules / "sslmedsam2").as_posix()
+    script.write_text(f"include({(MODULE / 'CMake' / 'SSLMedSAM2CopyEngine.cmake').as_posix()})\n"
+                      f"sslmedsam2_copy_engine({source} {target})\n")
+    done = subprocess.run(["cmake", "-P", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shutil.copytree(MODULE / "SSLMedSAM2Lib", modules / "SSLMedSAM2Lib")  # what the build copies of the module
+    sys.path.insert(0, str(MODULE))
+    from SSLMedSAM2Lib.launch import engine_source
+
+    assert engine_source(modules / "SSLMedSAM2Lib" / "launch.py") == modules.resolve()
+    assert sorted(p.name for p in (modules / "sslmedsam2" / "sample").iterdir() if p.suffix == ".gz")
+    code = "import sslmedsam2.cli, sslmedsam2.refine.rounds; print(sslmedsam2.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(modules)})
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).resolve().is_relative_to(modules.resolve())

@@ -1,12 +1,9 @@
-"""The study commands: `workspace init|add|status|review`, `refine`, `predict`."""
+"""The study commands: `workspace init|add|status|review`, `refine`, `predict`, `keyslices`."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -39,6 +36,10 @@ class _JobBar:
                            f"{'n/a' if change is None else f'{change:.4f}'}"
                            + (f", held-out Dice {held:.4f}" if held is not None else "")
                            + (" (converged)" if event.get("converged") else ""))
+            if event.get("sources"):  # --sam2-from-nnunet
+                won = event["sources"]
+                self.bar.write(f"round {event['round']}: slices from SAM2 {won['sam2']}, nnU-Net {won['nnunet']}, "
+                               f"kept as vouched for {won['human']}")
         elif event["event"] == "error":
             self.bar.write(f"error: {event.get('message')}")
         self.bar.n = int(1000 * self.monitor.fraction(self.rounds))
@@ -67,17 +68,18 @@ def cmd_workspace(args: argparse.Namespace) -> int:
         ws = Workspace.open(args.workspace)
         if args.case not in ws.cases or not ws.cases[args.case].has_pseudo:
             raise UserError(f"case {args.case}: not in the workspace or without a pseudo-label")
-        states = ws.review(args.case)
         try:
             chosen = [int(v) for v in args.slices.split(",")]
         except ValueError:
             raise UserError("--slices: a comma-separated list of slice numbers") from None
-        bad = [z for z in chosen if not 0 <= z < len(states)]
-        if bad:
-            raise UserError(f"slices {bad} are outside 0..{len(states) - 1}")
-        for z in chosen:
-            states[z] = SliceState(args.state)
-        ws.set_review(args.case, states)
+        with ws.locked():
+            states = ws.review(args.case)
+            bad = [z for z in chosen if not 0 <= z < len(states)]
+            if bad:
+                raise UserError(f"slices {bad} are outside 0..{len(states) - 1}")
+            for z in chosen:
+                states[z] = SliceState(args.state)
+            ws.set_review(args.case, states)
         _say(f"case {args.case}: slices {chosen} are {args.state}")
     return 0
 
@@ -116,6 +118,14 @@ def _refine_options(args: argparse.Namespace):
                                 "iterations": args.iterations, "warm_start": args.warm_start or None,
                                 "warm_epochs": args.warm_epochs, "fold": args.fold, "device": args.device,
                                 "convergence": args.convergence, "ignore": args.ignore}.items() if v is not None}
+    sam2 = {k: v for k, v in {"sam2_model": args.model, "sam2_checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                              "sam2_image_size": args.image_size, "sam2_download": False if args.no_download else None,
+                              "key_slices": args.key_slices, "min_continuity": args.min_continuity,
+                              "fusion": args.fusion}.items() if v is not None}
+    if sam2 and not args.sam2_from_nnunet:
+        raise UserError("--model, --checkpoint, --image-size, --no-download, --key-slices, --min-continuity and "
+                        "--fusion set up SAM2 for --sam2-from-nnunet; add it or leave them out")
+    chosen.update(sam2, **({"sam2_from_nnunet": True} if args.sam2_from_nnunet else {}))
     return RefineOptions.quick(**chosen) if args.quick else RefineOptions(**chosen)
 
 
@@ -126,9 +136,11 @@ def cmd_refine(args: argparse.Namespace) -> int:
     ws = Workspace.open(args.workspace)
     status = refine_status(ws)
     if args.cancel:
-        if status.get("state") != "running":
+        from sslmedsam2.refine.events import request_stop
+
+        if status.get("state") != "running":  # refine_status: "running" only while a job holds the lock
             raise UserError(f"no refine job is running on {ws.root}")
-        os.kill(int(status["pid"]), signal.SIGTERM)
+        request_stop(ws.refine_dir)  # a file, not a signal: the same gentle stop on Windows
         _say(f"asked the refine job (pid {status['pid']}) to stop at its next safe point")
         return 0
     if args.follow:
@@ -145,7 +157,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 
 def follow(ws, status: dict) -> int:
-    from sslmedsam2.refine.events import process_alive
+    from sslmedsam2.refine.events import job_running
 
     rounds = (status.get("options") or {}).get("rounds", 1)
     bar = _JobBar(ws.refine_dir, rounds)
@@ -157,7 +169,7 @@ def follow(ws, status: dict) -> int:
             if bar.monitor.finished:
                 break
             current = bar.monitor.log.read_status()
-            if current.get("state") != "running" or not process_alive(current.get("pid")):
+            if current.get("state") != "running" or not job_running(ws.refine_dir):
                 bar.monitor.poll()
                 if not bar.monitor.finished:
                     bar.bar.write("the job is not running (crashed or killed?); run refine again to resume")
@@ -170,36 +182,28 @@ def follow(ws, status: dict) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from sslmedsam2.atomic import check_writable
-    from sslmedsam2.models.loader import resolve_device
-    from sslmedsam2.refine import nnunet
-    from sslmedsam2.refine.rounds import refine_status
+    from sslmedsam2.refine.predict import predict_image
     from sslmedsam2.study.workspace import Workspace
-    from sslmedsam2.volume import read_image, read_label_map, write_image
 
-    ws = Workspace.open(args.workspace)
-    check_writable(args.output)
-    status = refine_status(ws)
-    options = status.get("options") or {}
-    nnunet.use_folders(ws.refine_dir / "nnunet")
-    done = sorted(r["round"] for r in status.get("rounds", []))
-    usable = [r for r in done if (nnunet.model_folder(r, options["configuration"]) / f"fold_{options['fold']}"
-                                  / "checkpoint_final.pth").is_file()] if options else []
-    if not usable:
-        raise UserError(f"{ws.root}: no finished refinement round yet; run `sslmedsam2 refine {ws.root}` first")
-    image = read_image(args.image)
-    with tempfile.TemporaryDirectory(prefix="sslmedsam2-predict-") as tmp, \
-            open(ws.refine_dir / "nnunet.log", "a") as log, contextlib.redirect_stdout(log):
-        source, result = Path(tmp) / "case_0000.nii.gz", Path(tmp) / "case.nii.gz"
-        write_image(image, source)
-        nnunet.predict(usable[-1], options["configuration"], options["fold"], str(resolve_device(args.device)),
-                       [source], [result])
-        labels = read_label_map(result)
-        labels.CopyInformation(image)
-        write_image(labels, args.output)
-    _say(f"segmented {args.image} with the round {usable[-1]} model -> {args.output}")
+    from sslmedsam2.propagation.confidence import confidence_path
+
+    model = predict_image(Workspace.open(args.workspace), args.image, args.output, args.device, progress=True)
+    _say(f"segmented {args.image} with the round {model.round} model -> {args.output} "
+         f"(confidence: {confidence_path(args.output).name})")
+    return 0
+
+
+def cmd_keyslices(args: argparse.Namespace) -> int:
+    from sslmedsam2.refine.keyslices import run_keyslices
+
+    keys = run_keyslices(args.prediction, args.output, args.prob or [], args.per_label, args.min_continuity,
+                         args.axis, log=_say)
+    for label in sorted({k.label for k in keys}):
+        chosen = [k for k in keys if k.label == label]
+        _say(f"label {label}: slices " + ", ".join(
+            f"{k.slice} (continuity {k.continuity:.2f}" + (f", certainty {k.certainty:.2f})" if k.certainty == k.certainty else ")")
+            for k in chosen))
+    _say(f"{len(keys)} key slices -> {args.output}")
     return 0
 
 
@@ -244,13 +248,28 @@ def add_study_commands(sub) -> None:
     f.add_argument("--iterations", type=int, help="iterations per epoch (default 250)")
     f.add_argument("--warm-start", action="store_true", help="start each round from the previous round's weights")
     f.add_argument("--warm-epochs", type=int, help="epochs of a warm-started round (default 50)")
-    f.add_argument("--fold", help="nnU-Net fold: all (default, trains on every case) or 0-4")
+    f.add_argument("--fold", help="nnU-Net fold: all (default, trains on every case) or 0-4 (nnU-Net's 5-fold "
+                   "split: needs at least 5 training cases)")
     f.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"))
     f.add_argument("--ignore", choices=("none", "rejected", "unreviewed"), help="pseudo-label slices exported as "
                    "nnU-Net's ignore label: rejected (default), unreviewed (unreviewed and rejected) or none")
     f.add_argument("--quick", action="store_true", help="tiny schedule for a CPU smoke run (2 epochs x 3 iterations)")
     f.add_argument("--follow", action="store_true", help="show the progress of the job running on WS, until it ends")
-    f.add_argument("--cancel", action="store_true", help="ask the job running on WS to stop at its next safe point")
+    f.add_argument("--cancel", action="store_true", help="ask the job running on WS to stop at its next safe point "
+                   "(writes WS/refine/stop, which the job watches)")
+    g = f.add_argument_group("SAM2 from nnU-Net (IFDL)", "after each round's training, nnU-Net's prediction of each "
+                             "case without ground truth gives key slices (as `keyslices`), SAM2 propagates them (and the "
+                             "case's vouched-for slices), and SAM2's result becomes the next pseudo-label")
+    g.add_argument("--sam2-from-nnunet", action="store_true", help="turn it on (default off)")
+    g.add_argument("--model", metavar="NAME", help="SAM2 weights by name (default: propagate's; see `sslmedsam2 models`)")
+    g.add_argument("--checkpoint", type=Path, metavar="PATH", help="a local SAM2 checkpoint file instead of the cached download")
+    g.add_argument("--image-size", type=int, metavar="N", help="SAM2 input size (multiple of 16; default: the model's own)")
+    g.add_argument("--no-download", action="store_true", help="never download SAM2 weights")
+    g.add_argument("--key-slices", type=int, metavar="K", help="key slices per label (default 3)")
+    g.add_argument("--min-continuity", type=float, metavar="C", help="a key slice's Dice with the label's 3D component on both "
+                   "neighbouring slices must reach this (default 0.6)")
+    g.add_argument("--fusion", choices=("sam2", "confidence"), help="sam2 (default): SAM2's result is the pseudo-label; "
+                   "confidence: per slice, the more confident of SAM2 and nnU-Net (mean confidence over the prompted labels)")
     f.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("predict", help="segment an image with the workspace's latest refined nnU-Net")
@@ -259,3 +278,20 @@ def add_study_commands(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     p.set_defaults(func=cmd_predict)
+
+    k = sub.add_parser("keyslices", help="the slices of a prediction most worth prompting SAM2 with, as a seed map",
+                       description="Per label, split the extent of its largest 3D component into K equal parts and keep "
+                       "in each the slice where the prediction is most certain (from --prob; without it, the most "
+                       "continuous) among those whose mask continues into both neighbouring slices of the component "
+                       "(Dice >= --min-continuity). Writes SEEDS: those slices' masks, on PRED's grid; give it to "
+                       "`propagate` as its seeds.")
+    k.add_argument("prediction", type=Path, metavar="PRED", help="a label map, e.g. from `predict` or nnU-Net")
+    k.add_argument("-o", "--output", type=Path, required=True, metavar="SEEDS", help="the seed map to write")
+    k.add_argument("--prob", action="append", metavar="PROB", help="per-slice certainty: PRED's .confidence.csv (from "
+                   "`predict`, `propagate`, `pseudolabel`), or a probability map per label (LABEL=FILE, or pseudolabel's "
+                   "NAME.prob_<label>.nii.gz); repeat")
+    k.add_argument("--per-label", type=int, metavar="K", help="key slices per label (default 3)")
+    k.add_argument("--min-continuity", type=float, metavar="C", help="Dice of a key slice's mask with the component "
+                   "on each neighbouring slice, at least (default 0.6)")
+    k.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice axis (default axial)")
+    k.set_defaults(func=cmd_keyslices)

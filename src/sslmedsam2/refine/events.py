@@ -3,13 +3,15 @@
 WS/refine/events.jsonl: one JSON object per line, appended and flushed as things happen. Every event has
   "time" (ISO 8601, UTC), "event" and "round" (int, or null before the first round); by event:
   job        "state": "running"|"finished"|"converged"|"cancelled"|"failed", "message"
-  stage      "stage": "export"|"plan"|"train"|"predict"|"score", "message"
+  stage      "stage": "export"|"plan"|"train"|"predict"|"sam2" (--sam2-from-nnunet)|"score", "message"
   epoch      "epoch" (1-based), "epochs", "loss", "val_loss", "pseudo_dice" (list, one per label), "eta_s"
   round      "mean_dice_change" (mean Dice between the new and the previous pseudo-labels), "dice_change" ({case: Dice}),
-             "heldout_dice" (mean Dice against held-out labels, or null), "converged" (bool)
+             "heldout_dice" (mean Dice against held-out labels, or null), "converged" (bool); with --sam2-from-nnunet
+             also "sources" ({"sam2", "nnunet", "human"}: slices won, all cases) and "case_sources" ({case: ...})
   error      "message"
 WS/refine/status.json: the latest state, rewritten atomically: {"state", "round", "stage", "pid", "started",
   "updated", "rounds": [{"round", "mean_dice_change", "heldout_dice"}], "options": {...}, "message"}.
+WS/refine/.lock: held by the running job; WS/refine/stop: a stop request (the job stops at its next safe point).
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from sslmedsam2.atomic import write_text
 
 STATES = ("running", "finished", "converged", "cancelled", "failed")
 FINAL_STATES = ("finished", "converged", "cancelled", "failed")
+LOCK_NAME = ".lock"
+STOP_NAME = "stop"
 
 
 def now() -> str:
@@ -65,13 +71,34 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
     return events, offset + end
 
 
-def process_alive(pid: int | None) -> bool:
-    if not pid:
+def job_lock(refine_dir: Path) -> FileLock:
+    """The lock a running job holds. The OS drops it when the process ends, however it ends, so it is the job's
+    liveness on every platform (os.kill(pid, 0) is no check on Windows, and a pid can be reused)."""
+    return FileLock(str(Path(refine_dir) / LOCK_NAME))
+
+
+def job_running(refine_dir: Path) -> bool:
+    """Whether a job holds the workspace's lock now (a probe that takes it for an instant when free)."""
+    if not (Path(refine_dir) / LOCK_NAME).exists():
         return False
+    probe = job_lock(refine_dir)
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        probe.acquire(timeout=0)
+    except Timeout:
         return True
-    return True
+    probe.release()
+    return False
+
+
+def request_stop(refine_dir: Path) -> None:
+    """Ask the running job to stop at its next safe point: a file it looks for, since a signal is no gentle stop
+    on Windows (SIGTERM is TerminateProcess there). The job removes it when it ends."""
+    write_text(Path(refine_dir) / STOP_NAME, now() + "\n")
+
+
+def stop_requested(refine_dir: Path) -> bool:
+    return (Path(refine_dir) / STOP_NAME).exists()
+
+
+def clear_stop_request(refine_dir: Path) -> None:
+    (Path(refine_dir) / STOP_NAME).unlink(missing_ok=True)

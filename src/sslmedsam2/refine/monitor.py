@@ -10,7 +10,7 @@ from pathlib import Path
 from sslmedsam2.refine.events import FINAL_STATES, EventLog, read_events
 
 # Share of a round spent in each stage, for the progress fraction (training dominates).
-_STAGE_SHARE = {"export": 0.0, "plan": 0.02, "train": 0.07, "predict": 0.92, "score": 0.98}
+_STAGE_SHARE = {"export": 0.0, "plan": 0.02, "train": 0.07, "predict": 0.92, "sam2": 0.95, "score": 0.98}
 
 
 class JobMonitor:

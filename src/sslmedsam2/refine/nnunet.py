@@ -18,7 +18,7 @@ PLANS = "nnUNetPlans"
 
 
 class Cancelled(Exception):
-    """Raised at a safe point after SIGTERM: everything finished so far is kept for a resume."""
+    """Raised at a safe point after a stop request or SIGTERM: everything finished so far is kept for a resume."""
 
 
 def use_folders(root: Path, create: bool = True) -> dict[str, Path]:
@@ -114,23 +114,71 @@ def train(round_: int, configuration: str, fold: str, device, epochs: int, itera
     return final
 
 
-def predict(round_: int, configuration: str, fold: str, device, images: list[Path], outputs: list[Path],
-            should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Predict one image at a time (nnU-Net's sequential path: no worker pool), skipping finished outputs."""
+def load_predictor(round_: int, configuration: str, fold: str, device, progress: bool = False):
+    """nnU-Net's predictor with the round's trained weights (sliding-window progress bars on stderr if asked)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    todo = [(i, o) for i, o in zip(images, outputs) if not o.exists()]
-    if not todo:
-        return
-    predictor = nnUNetPredictor(device=torch.device(device), allow_tqdm=False,
+    predictor = nnUNetPredictor(device=torch.device(device), allow_tqdm=progress,
                                 perform_everything_on_device=str(device) != "cpu")
     predictor.initialize_from_trained_model_folder(str(model_folder(round_, configuration)),
                                                    use_folds=(fold if fold == "all" else int(fold),))
+    return predictor
+
+
+def predict_probabilities(predictor, image: Path):
+    """(label map, {label value: softmax channel}) of one image, both in SimpleITK's array order (z, y, x) on the
+    image's own grid, from nnU-Net's sequential path (no worker pool, nothing written)."""
+    import numpy as np
+
+    [(segmentation, probabilities)] = predictor.predict_from_files_sequential([[str(image)]], None, True, True, None)
+    channels = predictor.label_manager.all_labels  # softmax channel i is label all_labels[i]
+    return (np.asarray(segmentation),
+            {int(v): np.asarray(probabilities[i], dtype=np.float32) for i, v in enumerate(channels) if v != 0})
+
+
+def predict(round_: int, configuration: str, fold: str, device, images: list[Path], outputs: list[Path],
+            should_stop: Callable[[], bool] = lambda: False, confidence_axis: str | None = None) -> None:
+    """Predict one image at a time (nnU-Net's sequential path: no worker pool), skipping finished outputs.
+
+    confidence_axis: also write each output's `.confidence.csv` from nnU-Net's softmax along this slice axis
+    (before the label map, which appears last; an output without its table is predicted again)."""
+    from sslmedsam2.propagation.confidence import confidence_path
+
+    todo = [(i, o) for i, o in zip(images, outputs)
+            if not o.exists() or (confidence_axis is not None and not confidence_path(o).exists())]
+    if not todo:
+        return
+    predictor = load_predictor(round_, configuration, fold, device)
     for image, output in todo:
         if should_stop():
             raise Cancelled()
         output.parent.mkdir(parents=True, exist_ok=True)
+        if confidence_axis is not None:
+            write_with_confidence(predictor, image, output, confidence_axis)
+            continue
         truncated = output.parent / f".{output.name[: -len('.nii.gz')]}.tmp{int(time.time() * 1e6)}"
         predictor.predict_from_files_sequential([[str(image)]], [str(truncated)], False, True, None)
         os.replace(f"{truncated}.nii.gz", output)
+
+
+def write_with_confidence(predictor, image: Path, output: Path, axis: str, reference=None) -> None:
+    """Predict `image`; write its confidence table (slices along `axis`), then the label map `output` (atomic,
+    verified, on the grid of `reference`, default: the image file's)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from sslmedsam2.propagation.confidence import confidence_path, write_confidence
+    from sslmedsam2.refine.softmax import softmax_confidence
+    from sslmedsam2.volume import slice_axis
+    from sslmedsam2.volume.io import staged_image
+
+    segmentation, probabilities = predict_probabilities(predictor, image)
+    reference = sitk.ReadImage(str(image)) if reference is None else reference
+    labels = sitk.GetImageFromArray(segmentation.astype(np.uint8 if segmentation.max() < 256 else np.uint16))
+    labels.CopyInformation(reference)
+    array_axis = slice_axis(reference, axis)
+    rows = softmax_confidence(np.moveaxis(segmentation, array_axis, 0),
+                              {k: np.moveaxis(v, array_axis, 0) for k, v in probabilities.items()})
+    with staged_image(labels, output):  # the label map appears last
+        write_confidence(rows, confidence_path(output))

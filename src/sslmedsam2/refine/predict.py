@@ -1,7 +1,8 @@
 """`sslmedsam2 predict WS IMAGE -o OUTPUT`: a new image segmented by the workspace's latest refined nnU-Net.
 
-Reads the workspace, writes nothing into it (it may be read-only or shared); nnU-Net's output goes to a temporary
-folder, the label map to OUTPUT, atomically.
+Reads the workspace, writes nothing into it (it may be read-only or shared); nnU-Net's input goes to a temporary
+folder, the label map to OUTPUT (atomically, last) and the per-slice confidence from nnU-Net's softmax to OUTPUT's
+name + .confidence.csv, so a prediction is reviewed in the same order as a propagation.
 """
 
 from __future__ import annotations
@@ -38,25 +39,30 @@ def latest_model(ws: Workspace) -> TrainedModel:
     raise UserError(f"{ws.root}: no finished refinement round yet; run `sslmedsam2 refine {ws.root}` first")
 
 
-def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "auto") -> TrainedModel:
-    """Segment `image_path` onto its own grid; returns the model used."""
+def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "auto",
+                  progress: bool = False) -> TrainedModel:
+    """Segment `image_path` onto its own grid and write OUTPUT's `.confidence.csv` beside it (per slice along the
+    workspace's axis and label, from nnU-Net's softmax: the table `propagate` writes, source `nnunet`); returns
+    the model used. The label map appears last."""
+    from sslmedsam2.atomic import check_not_input
     from sslmedsam2.models.loader import resolve_device
+    from sslmedsam2.propagation.confidence import confidence_path
     from sslmedsam2.refine import nnunet
-    from sslmedsam2.volume import read_image, read_label_map, write_image
+    from sslmedsam2.volume import read_image, write_image
     from sslmedsam2.volume.io import check_geometry_fits, check_output
 
+    output = Path(output)
     check_output(output, (Path(image_path),))
+    check_not_input([confidence_path(output)], (Path(image_path),))
     model = latest_model(ws)
     image = read_image(image_path)
     check_geometry_fits(image, output, what=str(image_path))
     check_geometry_fits(image, Path("image.nii.gz"), what=str(image_path))  # nnU-Net reads it as NIfTI
     with tempfile.TemporaryDirectory(prefix="sslmedsam2-predict-") as tmp:
-        source, result = Path(tmp) / "case_0000.nii.gz", Path(tmp) / "case.nii.gz"
+        source = Path(tmp) / "case_0000.nii.gz"
         write_image(image, source)
         with open(Path(tmp) / "nnunet.log", "w") as log, contextlib.redirect_stdout(log):
-            nnunet.predict(model.round, model.configuration, model.fold, str(resolve_device(device)),
-                           [source], [result])
-        labels = read_label_map(result)
-        labels.CopyInformation(image)
-        write_image(labels, output)
+            predictor = nnunet.load_predictor(model.round, model.configuration, model.fold,
+                                              str(resolve_device(device)), progress=progress)
+            nnunet.write_with_confidence(predictor, source, output, ws.axis, reference=image)
     return model

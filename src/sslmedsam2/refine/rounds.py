@@ -1,15 +1,16 @@
 """`sslmedsam2 refine WS`: train nnU-Net on ground truth + pseudo-labels, predict, replace, repeat until stable.
 
-Each round's steps (export, plan, train, predict, score) leave markers; a rerun after a crash or a kill skips what
-is done, and nnU-Net continues an interrupted training from its own latest checkpoint. SIGTERM stops at the next
-safe point (an epoch's end, between steps or cases). Nothing here writes ground truth, pseudo-labels or review
-state in the workspace: rounds write under WS/refine/.
+Each round's steps (export, plan, train, predict, sam2 with --sam2-from-nnunet, score) leave markers; a rerun
+after a crash or a kill skips what is done, and nnU-Net continues an interrupted training from its own latest checkpoint. A stop request (the file
+WS/refine/stop, written by `refine --cancel` and the Slicer module) or, on POSIX, SIGTERM stops it at the next safe
+point (an epoch's end, between steps or cases). The running job holds WS/refine/.lock (filelock: portable, dropped
+by the OS when the process ends). Nothing here writes ground truth, pseudo-labels or review state in the
+workspace: rounds write under WS/refine/.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import multiprocessing
 import os
@@ -21,16 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from filelock import Timeout
 
 from sslmedsam2.atomic import write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.metrics.surface import mean_dice
 from sslmedsam2.refine import nnunet
-from sslmedsam2.refine.events import EventLog, now, process_alive
+from sslmedsam2.refine.events import EventLog, clear_stop_request, job_lock, job_running, now, stop_requested
 from sslmedsam2.refine.export import export_round
 from sslmedsam2.study.review import IGNORE_POLICIES, human_slices
 from sslmedsam2.study.workspace import Workspace
 from sslmedsam2.volume import read_label_map, slice_axis, write_image
+
+NNUNET_FOLDS = 5  # nnU-Net's cross-validation: KFold(5) over the training cases, so --fold 0-4 needs 5 of them
+LOCK_WAIT_S = 10.0  # a liveness probe holds the lock for an instant: a starting job waits that out
 
 
 @dataclass
@@ -46,6 +51,16 @@ class RefineOptions:
     device: str = "auto"
     convergence: float = 0.99
     ignore: str = "rejected"
+    # --sam2-from-nnunet (sslmedsam2.refine.sam2_refine): nnU-Net's key slices prompt SAM2, whose result is the next
+    # pseudo-label; None: the defaults of propagate (model, image size) and of keyslices (key slices, continuity)
+    sam2_from_nnunet: bool = False
+    sam2_model: str | None = None
+    sam2_checkpoint: str | None = None
+    sam2_image_size: int | None = None
+    sam2_download: bool = True
+    key_slices: int | None = None
+    min_continuity: float | None = None
+    fusion: str = "sam2"
 
     @classmethod
     def quick(cls, **overrides) -> "RefineOptions":
@@ -61,8 +76,12 @@ class RefineOptions:
             raise UserError("--rounds, --epochs, --iterations and --warm-epochs must be at least 1")
         if not 0 < self.convergence <= 1:
             raise UserError("--convergence must be in (0, 1]")
-        if self.fold != "all" and not self.fold.isdigit():
-            raise UserError("--fold: a number 0-4, or all")
+        if self.fold != "all" and not (self.fold.isdigit() and int(self.fold) < NNUNET_FOLDS):
+            raise UserError(f"--fold {self.fold}: a number 0-{NNUNET_FOLDS - 1}, or all")
+        if self.sam2_from_nnunet:
+            from sslmedsam2.refine.sam2_refine import check_options
+
+            check_options(self)
 
 
 class RefineJob:
@@ -70,7 +89,7 @@ class RefineJob:
         self.ws, self.options, self.on_event = ws, options, on_event
         self.dir = ws.refine_dir
         self.log = EventLog(self.dir)
-        self.stop_requested = False
+        self.signalled = False  # SIGTERM (POSIX)
         self.status: dict = {}
 
     # --- files ---------------------------------------------------------------------------------------------------
@@ -102,8 +121,12 @@ class RefineJob:
             self.log.write_status(self.status)
         self.on_event(self.log.emit(event, round_, **fields))
 
+    def _stopping(self) -> bool:
+        """A stop request file (portable) or SIGTERM (POSIX) since the job started."""
+        return self.signalled or stop_requested(self.dir)
+
     def _check_stop(self) -> None:
-        if self.stop_requested:
+        if self._stopping():
             raise nnunet.Cancelled()
 
     # --- the job -------------------------------------------------------------------------------------------------
@@ -116,17 +139,23 @@ class RefineJob:
             raise UserError(f"{self.ws.root}: every case has ground truth; there is nothing to refine")
         if not self.ws.labels:
             raise UserError(f"{self.ws.root}: the workspace declares no labels")
+        training = sum(c.has_label or c.has_pseudo for c in cases)  # round 0's; later rounds train on more
+        if self.options.fold != "all" and training < NNUNET_FOLDS:
+            raise UserError(f"--fold {self.options.fold}: nnU-Net's {NNUNET_FOLDS}-fold split needs at least "
+                            f"{NNUNET_FOLDS} training cases (with ground truth or a pseudo-label), {self.ws.root} has "
+                            f"{training}; use --fold all")
 
     def run(self) -> str:
         """Run or resume; returns the final state."""
         self.validate()
         self.dir.mkdir(parents=True, exist_ok=True)
-        lock = open(self.dir / ".lock", "w")
+        lock = job_lock(self.dir)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            lock.acquire(timeout=LOCK_WAIT_S)
+        except Timeout:
             pid = self.log.read_status().get("pid")
             raise UserError(f"a refine job is already running on {self.ws.root} (pid {pid})") from None
+        clear_stop_request(self.dir)  # requests go to a running job only: one found now was for a job that died
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         # nnU-Net opens some pools with the platform default (fork); forking a process that runs threads (torch,
         # progress bars) can deadlock the children, so pools are spawned while the job runs
@@ -137,10 +166,11 @@ class RefineJob:
         finally:
             multiprocessing.set_start_method(start_method, force=True)
             signal.signal(signal.SIGTERM, previous)
-            lock.close()
+            clear_stop_request(self.dir)
+            lock.release()
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.signalled = True
 
     def _run(self) -> str:
         o = self.options
@@ -198,7 +228,7 @@ class RefineJob:
         warm = o.warm_start and r > 0
         self.emit("stage", r, stage="train", message="training" + (" (warm start)" if warm else ""))
         nnunet.train(r, o.configuration, o.fold, device, o.warm_epochs if warm else o.epochs, o.iterations,
-                     o.val_iterations, on_epoch=lambda e: self.emit("epoch", r, **e), should_stop=lambda: self.stop_requested,
+                     o.val_iterations, on_epoch=lambda e: self.emit("epoch", r, **e), should_stop=self._stopping,
                      warm_start_from=(nnunet.model_folder(r - 1, o.configuration) / f"fold_{o.fold}" / "checkpoint_final.pth"
                                       if warm else None))
         self._check_stop()
@@ -206,9 +236,25 @@ class RefineJob:
         predicted = self.round_dir(r) / "predicted"
         self.emit("stage", r, stage="predict", message=f"predicting {len(unlabeled)} cases")
         nnunet.predict(r, o.configuration, o.fold, device, [self.ws.file(c, "image") for c in unlabeled],
-                       [predicted / f"{c}.nii.gz" for c in unlabeled], should_stop=lambda: self.stop_requested)
+                       [predicted / f"{c}.nii.gz" for c in unlabeled], should_stop=self._stopping,
+                       confidence_axis=self.ws.axis if o.sam2_from_nnunet else None)
+        sources = {}
+        if o.sam2_from_nnunet:  # nnU-Net's key slices prompt SAM2; its result replaces the prediction
+            from sslmedsam2.refine import sam2_refine
+
+            self._check_stop()
+            say = lambda message: self.emit("stage", r, stage="sam2", message=message)  # noqa: E731
+            if "sam2" not in steps:
+                say(f"SAM2 from nnU-Net's key slices: {len(unlabeled)} cases")
+                sam2_refine.run_step(self.ws, unlabeled, predicted, self.round_dir(r) / "sam2",
+                                     sam2_refine.settings_for(o, device, self.ws.channel, self.ws.axis, log=say),
+                                     should_stop=self._stopping,
+                                     on_case=lambda i, n, c: say(f"SAM2 from nnU-Net's key slices: case {i + 1}/{n} ({c})"))
+                self._mark(r, "sam2")
+            predicted = self.round_dir(r) / "sam2"
+            sources = sam2_refine.round_sources(predicted, unlabeled)
         self.emit("stage", r, stage="score", message="comparing with the previous pseudo-labels")
-        result = self._score(r, unlabeled, predicted, previous)
+        result = {**self._score(r, unlabeled, predicted, previous), **sources}
         write_text(self.round_dir(r) / "round.json", json.dumps(result, indent=2))
         self.status["rounds"] = [x for x in self.status["rounds"] if x["round"] != r] + [result]
         self.emit("round", r, **{k: v for k, v in result.items() if k != "round"})
@@ -250,8 +296,13 @@ class RefineJob:
 
 
 def refine_status(ws: Workspace) -> dict:
-    """The job's status for `workspace status`: a crashed job (dead pid) shows as failed."""
-    status = EventLog(ws.refine_dir).read_status()
-    if status.get("state") == "running" and not process_alive(status.get("pid")):
-        status = {**status, "state": "failed", "message": "the job stopped without saying so (killed?); run refine again to resume"}
+    """The job's status for `workspace status`: "running" without a job holding the lock (crashed, killed) shows as
+    failed."""
+    log = EventLog(ws.refine_dir)
+    status = log.read_status()
+    if status.get("state") == "running" and not job_running(ws.refine_dir):
+        status = log.read_status()  # it may have finished between the two looks
+        if status.get("state") == "running":
+            status = {**status, "state": "failed",
+                      "message": "the job stopped without saying so (killed?); run refine again to resume"}
     return status

@@ -1,0 +1,90 @@
+"""How the module starts the engine: which interpreter, which environment, which process flags. No Slicer here.
+
+Inside Slicer `sys.executable` is PythonSlicer (qSlicerCoreApplication sets it), a CTK AppLauncher that runs the
+real interpreter (`python-real` in an installed Slicer) as a child and forwards no signal: terminating it leaves
+the engine running and holding the GPU, and on Windows killing it orphans the engine. So the engine is started
+with the real interpreter itself, in Slicer's own environment (which the Slicer launcher already set up with
+PYTHONHOME, PYTHONPATH and the library paths), as SlicerNNUnet starts nnUNetv2_predict. Then a terminate or kill
+of the started process reaches the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+LAUNCHER = "PythonSlicer"
+# Beside PythonSlicer: python-real in an installed Slicer, python / python3 in Slicer's build tree (python-install/bin)
+REAL_INTERPRETERS = ("python-real", "python3", "python")
+
+# Windows process creation flags (numbers, so that this file imports on every platform)
+CREATE_NEW_PROCESS_GROUP = 0x00000200  # Ctrl+C / Ctrl+Break in Slicer's console group does not reach the job
+CREATE_NO_WINDOW = 0x08000000  # a console without a window: none to close, and the job's children inherit it
+STARTF_USESHOWWINDOW, SW_HIDE = 0x00000001, 0  # as slicer.util.launchConsoleProcess hides its console
+
+
+def engine_source(module_file: str | Path = __file__) -> Path | None:
+    """The folder holding the engine package: ../src in a source checkout, beside the module in a build tree or an
+    installed extension (CMakeLists copies it to both)."""
+    here = Path(module_file).resolve()
+    for folder in (here.parents[2] / "src", here.parents[1]):
+        if (folder / "sslmedsam2" / "__init__.py").is_file():
+            return folder
+    return None
+
+
+def engine_environment() -> dict[str, str]:
+    """Slicer's environment, with the engine on PYTHONPATH and unbuffered output (progress arrives as it happens)."""
+    env = dict(os.environ)
+    source = engine_source()
+    if source is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def python_interpreter(executable: str | None = None) -> str:
+    """The interpreter itself: the real one beside Slicer's PythonSlicer launcher, else `executable` unchanged."""
+    executable = executable or sys.executable
+    path = Path(executable)
+    windows = path.suffix.lower() == ".exe"
+    if (path.stem if windows else path.name) != LAUNCHER:
+        return executable
+    for name in REAL_INTERPRETERS:
+        candidate = path.with_name(name + (".exe" if windows else ""))
+        if candidate.is_file():
+            return str(candidate)
+    return executable  # an unknown layout: still runs, but a cancel may not reach the engine
+
+
+def engine_command(arguments: list[str], executable: str | None = None) -> tuple[str, list[str]]:
+    """Program and arguments of `python -m sslmedsam2 ...` run by the real interpreter."""
+    return python_interpreter(executable), ["-m", "sslmedsam2", *arguments]
+
+
+def background_options(windows: bool = os.name == "nt") -> dict:
+    """subprocess.Popen options for a job that outlives Slicer and shows no window.
+
+    POSIX: a session of its own (closing Slicer or its terminal sends it no SIGHUP). Windows ignores
+    start_new_session, and a console window would open whose closing kills the job: no window at all
+    (CREATE_NO_WINDOW, and a hidden start as launchConsoleProcess does), in a process group of its own.
+    """
+    if not windows:
+        return {"start_new_session": True}
+    info = subprocess.STARTUPINFO()  # only on Windows
+    info.dwFlags |= STARTF_USESHOWWINDOW
+    info.wShowWindow = SW_HIDE
+    return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW, "startupinfo": info}
+
+
+def import_engine() -> ModuleType:
+    """The engine package in Slicer's own Python (for its Qt-free modules: workspace, monitor, review session)."""
+    source = engine_source()
+    if source is not None and str(source) not in sys.path:
+        sys.path.insert(0, str(source))
+    import sslmedsam2
+
+    return sslmedsam2

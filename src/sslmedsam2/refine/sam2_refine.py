@@ -1,0 +1,197 @@
+"""`refine --sam2-from-nnunet` (the IFDL direction): nnU-Net's prediction prompts SAM2, SAM2's result is the next
+pseudo-label.
+
+For each case without ground truth, after the round's nnU-Net prediction and its softmax confidence table:
+1. key slices of the prediction (`sslmedsam2.refine.keyslices`: per label, the most certain slices whose mask
+   continues into both neighbours, spread over the label's extent);
+2. seeds: the key slices' masks, plus the case's vouched-for slices (seed, accepted, edited) of its workspace
+   pseudo-label exactly as they are (they win where a key slice falls on one);
+3. SAM2 propagates the seeds: `sslmedsam2.pipeline.load_case` / `propagate_case`, the engine of `propagate`;
+4. the pseudo-label is SAM2's result (fusion `sam2`), or, per slice, the source whose mean confidence over the
+   prompted labels is higher (fusion `confidence`: SAM2's table against nnU-Net's softmax table; SAM2 wins ties).
+   A label with no prompt at all (no key slice, no vouched-for slice) keeps nnU-Net's voxels where SAM2 left
+   background; vouched-for slices are restored exactly. A case with no prompt at all keeps nnU-Net's prediction.
+
+Per case in the round's `sam2/` folder: `seeds/<case>.nii.gz`, `<case>.json` (key slices, which source won how
+many slices), `<case>.confidence.csv` (per slice, the winning source's rows) and `<case>.nii.gz` last; a resumed
+step skips finished cases.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from sslmedsam2.atomic import write_text
+from sslmedsam2.errors import UserError
+from sslmedsam2.propagation.confidence import SliceConfidence, confidence_path, read_confidence, write_confidence
+from sslmedsam2.refine.keyslices import (DEFAULT_MIN_CONTINUITY, DEFAULT_PER_LABEL, certainty_from_table,
+                                          check_parameters, seed_map, select_key_slices)
+from sslmedsam2.refine.nnunet import Cancelled
+from sslmedsam2.study.review import human_slices
+from sslmedsam2.study.workspace import Workspace
+from sslmedsam2.volume import read_label_map, slice_axis, write_image
+from sslmedsam2.volume.io import staged_image
+
+FUSIONS = ("sam2", "confidence")
+SOURCES = ("sam2", "nnunet", "human")
+
+
+@dataclass
+class Sam2Settings:
+    propagate: object  # sslmedsam2.pipeline.PropagateOptions (method sam2: never falls back)
+    per_label: int
+    min_continuity: float
+    fusion: str = "sam2"
+    log: Callable[[str], None] = print
+    weights: Path | None = field(default=None, repr=False)  # found when the first case needs them
+
+
+def _model_name(options) -> str:
+    from sslmedsam2.models.registry import DEFAULT_MODEL
+
+    return options.sam2_model or DEFAULT_MODEL
+
+
+def _key_slice_parameters(options) -> tuple[int, float]:
+    return (options.key_slices if options.key_slices is not None else DEFAULT_PER_LABEL,
+            options.min_continuity if options.min_continuity is not None else DEFAULT_MIN_CONTINUITY)
+
+
+def check_options(options) -> None:
+    """RefineOptions.check for --sam2-from-nnunet: everything that can fail before hours of training."""
+    from sslmedsam2.models import get_model
+    from sslmedsam2.models.cache import is_cached, manual_install_hint
+    from sslmedsam2.models.registry import check_image_size
+
+    if options.fusion not in FUSIONS:
+        raise UserError(f"--fusion {options.fusion}: choose one of {', '.join(FUSIONS)}")
+    check_parameters(*_key_slice_parameters(options), per_label_option="--key-slices")
+    spec = get_model(_model_name(options))
+    if options.sam2_image_size is not None:
+        check_image_size(options.sam2_image_size)
+    if options.sam2_checkpoint is not None:
+        if not Path(options.sam2_checkpoint).is_file():
+            raise UserError(f"--checkpoint {options.sam2_checkpoint}: no such file")
+    elif not is_cached(spec) and not options.sam2_download:
+        raise UserError(f"{spec.name} weights are not downloaded and downloading is off; {manual_install_hint(spec)}")
+
+
+def settings_for(options, device: str, channel: str, axis: str, log: Callable[[str], None] = print) -> Sam2Settings:
+    """From RefineOptions (sam2_*, key_slices, min_continuity, fusion) and the workspace's channel and axis."""
+    from sslmedsam2.frames import IntensitySpec
+    from sslmedsam2.pipeline import PropagateOptions
+
+    propagate = PropagateOptions(method="sam2", model=_model_name(options),
+                                 checkpoint=Path(options.sam2_checkpoint) if options.sam2_checkpoint else None,
+                                 device=device, image_size=options.sam2_image_size, axis=axis,
+                                 intensity=IntensitySpec(modality="ct" if channel.upper() == "CT" else "mri"),
+                                 download=options.sam2_download)
+    return Sam2Settings(propagate, *_key_slice_parameters(options), options.fusion, log)
+
+
+def _slice_first(image: sitk.Image, array_axis: int) -> np.ndarray:
+    return np.moveaxis(sitk.GetArrayFromImage(image), array_axis, 0)
+
+
+def _mean_confidence(rows: list[SliceConfidence], labels: set[int], n: int) -> np.ndarray:
+    """Per slice, the mean confidence over `labels` (nan rows count as 0: no confidence claimed)."""
+    total, count = np.zeros(n), np.zeros(n)
+    for row in rows:
+        if row.label in labels and 0 <= row.slice < n:
+            total[row.slice] += 0.0 if math.isnan(row.confidence) else row.confidence
+            count[row.slice] += 1
+    return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+
+
+def refine_case(ws: Workspace, case_id: str, prediction: Path, out_dir: Path, settings: Sam2Settings) -> dict:
+    """One case: key slices -> SAM2 -> fused pseudo-label; returns what `<case>.json` records."""
+    from sslmedsam2.pipeline import find_weights, load_case, propagate_case
+
+    predicted = read_label_map(prediction)
+    array_axis = slice_axis(predicted, ws.axis)
+    pred = _slice_first(predicted, array_axis)
+    n = len(pred)
+    nnunet_rows = read_confidence(confidence_path(prediction))
+    label_values = sorted(ws.labels.values())
+    keys = select_key_slices(pred, settings.per_label, settings.min_continuity, certainty_from_table(nnunet_rows),
+                             label_values)
+    seeds = seed_map(pred, keys)
+    human = np.zeros(n, bool)
+    kept = None
+    if ws.cases[case_id].has_pseudo:
+        vouched = human_slices(ws.review(case_id))[:n]
+        human[: len(vouched)] = vouched
+        if human.any():
+            kept = _slice_first(read_label_map(ws.file(case_id, "pseudo")), array_axis)
+            seeds[human] = kept[human]
+    prompted = {int(v) for v in np.unique(seeds) if v != 0}
+    seeds_path = out_dir / "seeds" / f"{case_id}.nii.gz"
+    seeds_path.parent.mkdir(parents=True, exist_ok=True)
+    seeds_image = sitk.GetImageFromArray(np.moveaxis(seeds, 0, array_axis))
+    seeds_image.CopyInformation(predicted)
+    write_image(seeds_image, seeds_path)
+
+    source = np.full(n, "nnunet", dtype=object)
+    labels, rows = pred.copy(), list(nnunet_rows)
+    if prompted:
+        if settings.weights is None:
+            settings.weights = find_weights(settings.propagate, settings.log)
+        case = load_case(ws.file(case_id, "image"), seeds_path, ws.axis, log=settings.log)
+        result, _, _ = propagate_case(case, settings.propagate, settings.weights)
+        sam2 = result.labels.astype(pred.dtype)
+        for label in set(label_values) - prompted:  # nobody prompted it: nnU-Net's voxels where SAM2 left background
+            sam2[(pred == label) & (sam2 == 0)] = label
+        source[:] = "sam2"
+        if settings.fusion == "confidence":
+            source[_mean_confidence(nnunet_rows, prompted, n) > _mean_confidence(result.confidence, prompted, n)] = "nnunet"
+        won = source == "sam2"
+        labels[won] = sam2[won]
+        by_sam2 = {(r.slice, r.label): r for r in result.confidence}
+        rows = [by_sam2.get((r.slice, r.label), r) if won[r.slice] and r.label in prompted else r for r in nnunet_rows]
+    if kept is not None:
+        labels[human] = kept[human]
+    source[human] = "human"
+    voxels = {(z, label): int((labels[z] == label).sum()) for z in range(n) for label in label_values}
+    rows = [replace(r, present=voxels.get((r.slice, r.label), 0) > 0, voxels=voxels.get((r.slice, r.label), 0))
+            for r in rows]
+    record = {"case": case_id, "fusion": settings.fusion,
+              "key_slices": {str(label): [k.slice for k in keys if k.label == label] for label in label_values},
+              "prompted_labels": sorted(prompted), "human_slices": [int(z) for z in np.flatnonzero(human)],
+              "sources": {s: int((source == s).sum()) for s in SOURCES}}
+    out = sitk.GetImageFromArray(np.moveaxis(labels, 0, array_axis))
+    out.CopyInformation(predicted)
+    target = out_dir / f"{case_id}.nii.gz"
+    with staged_image(out, target):  # the label map appears last: a case with it is finished
+        write_confidence(rows, confidence_path(target))
+        write_text(out_dir / f"{case_id}.json", json.dumps(record, indent=2))
+    return record
+
+
+def run_step(ws: Workspace, cases: list[str], predicted: Path, out_dir: Path, settings: Sam2Settings,
+             should_stop: Callable[[], bool] = lambda: False,
+             on_case: Callable[[int, int, str], None] = lambda i, n, case: None) -> dict:
+    """Every case not finished yet (its label map in `out_dir`), stopping between cases when asked."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, case_id in enumerate(cases):
+        if should_stop():
+            raise Cancelled()
+        if (out_dir / f"{case_id}.nii.gz").exists():
+            continue
+        on_case(i, len(cases), case_id)
+        refine_case(ws, case_id, predicted / f"{case_id}.nii.gz", out_dir, settings)
+    return round_sources(out_dir, cases)
+
+
+def round_sources(out_dir: Path, cases: list[str]) -> dict:
+    """What a round records: `sources` (slices won by sam2 / nnunet / kept human, over all cases) and
+    `case_sources` (the same per case); each case's key slices are in `<case>.json`."""
+    records = {c: json.loads((out_dir / f"{c}.json").read_text()) for c in cases}
+    return {"sources": {s: sum(r["sources"][s] for r in records.values()) for s in SOURCES},
+            "case_sources": {c: r["sources"] for c, r in records.items()}}
