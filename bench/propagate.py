@@ -50,11 +50,16 @@ def _timed(module, name: str, seconds: dict) -> None:
     setattr(module, name, wrapper)
 
 
-def run_ours(args: argparse.Namespace) -> dict:
+def run_ours(args: argparse.Namespace, sequential: bool = False) -> dict:
+    """The pipeline, file in, file out; `sequential`: without cached features, so each label and pass is tracked
+    one step at a time by sam2's own code (the reference the batched tracking must equal)."""
     from sslmedsam2 import pipeline
     from sslmedsam2.models import loader
     from sslmedsam2.propagation import session
     from sslmedsam2.propagation.features import FeatureStore
+
+    if sequential:
+        session.feature_device = lambda *a: None
 
     seconds: dict[str, float] = {}
     for module, name in ((session, "run_passes"), (session, "fuse"), (loader, "build_predictor"),
@@ -64,14 +69,15 @@ def run_ours(args: argparse.Namespace) -> dict:
                                         device=args.device, image_size=args.image_size, axis=args.axis)
     device = str(loader.resolve_device(args.device))
     start = time.perf_counter()
-    pipeline.run_propagate(Path(args.image), Path(args.seeds), Path(args.work) / "ours.nii.gz", options,
+    name = "sequential" if sequential else "ours"
+    pipeline.run_propagate(Path(args.image), Path(args.seeds), Path(args.work) / f"{name}.nii.gz", options,
                            log=lambda m: None)
     # model building costs the same in both routes and is not part of the comparison
     total = time.perf_counter() - start - seconds["build_predictor"]
     stages = {"read": seconds["load_case"], "frames": seconds["to_uint8"], "encode": seconds.get("encode", 0.0),
               "track": seconds["run_passes"] - seconds.get("encode", 0.0), "fuse": seconds["fuse"]}
     stages["write"] = total - sum(stages.values())
-    return {"variant": "ours", "seconds": total, "model_seconds": seconds["run_passes"], "stages": stages,
+    return {"variant": name, "seconds": total, "model_seconds": seconds["run_passes"], "stages": stages,
             "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(device)}
 
 
@@ -181,6 +187,22 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
         torch.save({"model": predictor.state_dict()}, args.checkpoint)
 
 
+def batched_vs_sequential(work: Path) -> str:
+    """Label-map Dice and the largest difference in the confidence table between the batched tracking (ours) and
+    sam2's one-track-at-a-time tracking: equal on CPU in float32, rounding apart under bf16 on a GPU."""
+    import csv
+
+    import SimpleITK as sitk
+
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(work / f"{n}.nii.gz"))) for n in ("ours", "sequential"))
+    labels = [v for v in np.union1d(np.unique(a), np.unique(b)) if v]
+    dice = np.mean([2 * ((a == v) & (b == v)).sum() / max((a == v).sum() + (b == v).sum(), 1) for v in labels])
+    rows = [list(csv.DictReader(open(work / f"{n}.confidence.csv"))) for n in ("ours", "sequential")]
+    diff = max((abs(float(x[k]) - float(y[k])) for x, y in zip(*rows) for k in ("presence", "certainty", "confidence")
+                if x[k] and y[k]), default=0.0)
+    return f"batched vs sequential: label-map dice={dice:.5f} max_abs_diff={diff:.2e} (confidence table)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_case = CHAOS / "images" / "chaos_t2_2.nii.gz"
@@ -198,12 +220,12 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--synthetic-slices", type=int, help="use a synthetic 512 x 512 x N volume (one label)")
-    parser.add_argument("--variant", choices=("ours", "jpeg"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=("ours", "jpeg", "sequential"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_ours(args) if args.variant == "ours" else run_jpeg(args)))
+        print(json.dumps(run_jpeg(args) if args.variant == "jpeg" else run_ours(args, args.variant == "sequential")))
         return
     with tempfile.TemporaryDirectory(prefix="bench-propagate-") as tmp:
         work = Path(tmp)
@@ -212,7 +234,7 @@ def main() -> None:
             args.labels = [1]
         prepare(args, work)
         results = {}
-        for variant in ("jpeg", "ours"):
+        for variant in ("jpeg", "sequential", "ours"):
             cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--seeds", args.seeds,
                    "--image", args.image, "--axis", args.axis, "--model", args.model, "--checkpoint", args.checkpoint,
                    "--image-size", str(args.image_size), "--device", args.device]
@@ -224,10 +246,11 @@ def main() -> None:
         ours, jpeg = results["ours"], results["jpeg"]
         print(f"volume {Path(args.image).name} {n}, model {args.model} (image size {args.image_size}), "
               f"device {args.device}, labels {args.labels or 'all'}")
-        for r in (jpeg, ours):
+        for r in (jpeg, results["sequential"], ours):
             gpu = f", peak GPU {r['peak_gpu_mb']:.0f} MB" if r["peak_gpu_mb"] is not None else ""
             print(f"{r['variant']:>5}: end to end {r['seconds']:.2f} s, SAM2 tracking {r['model_seconds']:.2f} s, "
                   f"{n[2] / r['seconds']:.2f} slices/s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}")
+        print(batched_vs_sequential(work))
         print("stages of ours: " + ", ".join(f"{k} {v:.2f} s" for k, v in ours["stages"].items()))
         print(f"overhead={ours['seconds'] / ours['model_seconds']:.3f} "
               f"speedup_vs_jpeg={jpeg['seconds'] / ours['seconds']:.2f}")

@@ -26,6 +26,10 @@ REQUIREMENTS = {
     "tqdm": "tqdm>=4.66",
     "matplotlib": "matplotlib>=3.7",
     "nnunetv2": "nnunetv2>=2.8.1,<2.9",
+    "fastapi": "fastapi>=0.110",  # the engine server (sslmedsam2 serve) that Propagate goes through
+    "pydantic": "pydantic>=2",
+    "uvicorn": "uvicorn>=0.29",
+    "requests": "requests>=2.31",  # its client (Slicer usually bundles it)
 }
 PROTECTED = ("numpy", "SimpleITK", "torch")  # Slicer's own (or the PyTorch extension's): never replaced
 NEEDS_TORCH_AT_BUILD = ("sam2",)
@@ -117,8 +121,8 @@ def run_guarded(title: str, action: Callable[[], object], show_error: Callable[[
 
 def self_test_skip_reason(version_of: Callable[[str], str | None] = installed_version) -> str | None:
     """Why the self-test cannot run SAM2 here (a dashboard's Slicer has neither torch nor sam2), or None."""
-    absent = [name for name in ("torch", "sam2") if version_of(name) is None]
+    absent = [name for name in ("torch", "sam2", "fastapi", "uvicorn", "requests") if version_of(name) is None]
     if not absent:
         return None
-    return (f"{' and '.join(absent)} not installed in this Slicer: the SAM2 propagation part of the self-test is "
+    return (f"{', '.join(absent)} not installed in this Slicer: the SAM2 propagation part of the self-test is "
             f"skipped (install the PyTorch extension, then the module's dependencies, to run it)")

@@ -80,6 +80,17 @@ def background_options(windows: bool = os.name == "nt") -> dict:
     return {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW, "startupinfo": info}
 
 
+def child_options(windows: bool = os.name == "nt") -> dict:
+    """subprocess.Popen options for a helper that lives and dies with Slicer (the local engine server): on Windows
+    no console window (CREATE_NO_WINDOW, hidden start); on POSIX nothing special (it stays in Slicer's session)."""
+    if not windows:
+        return {}
+    info = subprocess.STARTUPINFO()  # only on Windows
+    info.dwFlags |= STARTF_USESHOWWINDOW
+    info.wShowWindow = SW_HIDE
+    return {"creationflags": CREATE_NO_WINDOW, "startupinfo": info}
+
+
 def import_engine() -> ModuleType:
     """The engine package in Slicer's own Python (for its Qt-free modules: workspace, monitor, review session)."""
     source = engine_source()

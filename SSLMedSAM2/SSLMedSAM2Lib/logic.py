@@ -1,46 +1,85 @@
-"""What the panel's buttons do, written against the scene and the engine; no widgets here."""
+"""What the panel's buttons do, written against the scene and the engine; no widgets here.
+
+Two ways to the engine: Propagate and Re-propagate go through a `sslmedsam2 serve` session (the module's local
+server or a remote one; interactive.py, client calls on one worker thread, delivered by a QTimer on the main
+thread); few-shot, predict and key slices run as engine commands in a QProcess (engine_process.py); refinement is a
+job of its own (refine_control.py). Every run ends with runFinished(error or "").
+"""
 
 from __future__ import annotations
 
-import json
+import atexit
+import dataclasses
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import qt
 import slicer
 
-from SSLMedSAM2Lib import scene_io
+from SSLMedSAM2Lib import scene_io, study_io
 from SSLMedSAM2Lib.dependencies import describe, plan_install
 from SSLMedSAM2Lib.engine_process import EngineProcess
 from SSLMedSAM2Lib.geometry import put_in_frame_of
+from SSLMedSAM2Lib.interactive import EngineWorker, InteractiveEngine, PropagationRequest, VolumeSource, user_message
 from SSLMedSAM2Lib.launch import import_engine
-from SSLMedSAM2Lib.parameters import EngineSettings, problems, propagate_command, pseudolabel_command, refine_command
+from SSLMedSAM2Lib.parameters import (Connection, EngineSettings, connection_problems, problems, pseudolabel_command,
+                                      refine_command)
+from SSLMedSAM2Lib.prediction import StudyModelRuns
 from SSLMedSAM2Lib.refine_control import RefineControl
+from SSLMedSAM2Lib.server_process import shared_server, stop_shared_server
 from SSLMedSAM2Lib.signal import Signal
+from SSLMedSAM2Lib.study_seeds import label_map, slices_with_labels
+
+PUMP_MS = 25  # how often the main thread takes the worker's news (and yields it the GIL) while it works
+_EXIT_HOOKED = False
 
 
-class Run:
-    """One propagation: its temporary files and how to read the result back."""
-
-    def __init__(self, volume, segmentation, ids: list[str]) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-"))
-        self.volume, self.segmentation, self.ids = volume, segmentation, ids
-        self.output = self.folder / "result.nrrd"
-        self.confidence = self.folder / "result.confidence.csv"
+def _stop_server_at_exit() -> None:
+    """Once per Slicer session: the local engine stops with Slicer (its stdin pipe also closes if Slicer dies)."""
+    global _EXIT_HOOKED
+    if not _EXIT_HOOKED:
+        slicer.app.connect("aboutToQuit()", stop_shared_server)
+        atexit.register(stop_shared_server)
+        _EXIT_HOOKED = True
 
 
 class SSLMedSAM2Logic:
     def __init__(self) -> None:
         self.process = EngineProcess()
-        self.process.finished.connect(self._on_finished)
+        self.process.finished.connect(self._on_process_finished)
+        self.worker = EngineWorker()
+        self.engine = InteractiveEngine(shared_server())
+        self.connection = Connection()
+        self.progress = Signal(int, int)
+        self.message = Signal(str)
+        self.process.progress.connect(self.progress.emit)
+        self.process.message.connect(self.message.emit)
         self.review = None  # sslmedsam2.study.review_session.ReviewSession of the current segmentation
         self.fewshot_query_nodes: dict[str, object] = {}  # exported query file name -> its scene volume
+        self.study_model = StudyModelRuns(self)  # "Segment with the study's model" and its key-slice refinement
+        self.notes: list[str] = []  # what the user should know about the last run (a restarted engine, say)
         self.reviewChanged = Signal()
         self.runFinished = Signal(str)  # error message, "" on success
-        self._run: Run | None = None
+        self._after_process: Callable[[str], None] | None = None
         self._before = None  # the segmentation before the current run, for Undo
+        self._generation = 0  # a closed scene makes late results of older runs moot
         self.refine: RefineControl | None = None  # the refine job of the workspace the panel follows
+        self._pump = qt.QTimer()
+        self._pump.setInterval(PUMP_MS)
+        self._pump.connect("timeout()", self._on_pump)
+        _stop_server_at_exit()
+
+    @property
+    def generation(self) -> int:
+        """Grows at every scene close: a run's late result for an older scene is dropped."""
+        return self._generation
+
+    @property
+    def busy(self) -> bool:
+        return self.process.running or self.worker.busy
 
     # --- dependencies and weights ----------------------------------------------------------------------------
     def missing_dependencies(self) -> str:
@@ -63,9 +102,11 @@ class SSLMedSAM2Logic:
         if describe(plan_install()):
             raise RuntimeError("some packages are still missing after the installation: " + describe(plan_install()))
 
-    def weights_to_download(self, settings: EngineSettings) -> str:
-        """A sentence asking to download the model's weights, or "" when a file is already at hand."""
-        if settings.checkpoint:
+    def weights_to_download(self, settings: EngineSettings, local_job: bool = False) -> str:
+        """A sentence asking to download the model's weights, or "" when a file is already at hand (or a remote
+        engine propagates with its own). local_job: for a run on this machine whatever the engine (few-shot,
+        refinement)."""
+        if settings.checkpoint or (self.connection.engine == "remote" and not local_job):
             return ""
         import_engine()
         from sslmedsam2.models import get_model
@@ -78,50 +119,113 @@ class SSLMedSAM2Logic:
                 f"{spec.url} into {cached_path(spec)} (checked against their SHA256)? Or choose a local checkpoint file "
                 f"in 'Models and dependencies'.")
 
+    def engine_status(self) -> str:
+        if self.connection.engine == "remote":
+            return f"remote engine at {self.connection.url or '(no address yet)'}"
+        return self.engine.local.describe()
+
+    # --- running things --------------------------------------------------------------------------------------
+    def check_idle(self) -> None:
+        if self.busy:
+            raise RuntimeError("The engine is still working on the previous run: wait for it or press Cancel.")
+
+    def run_command(self, arguments: list[str], then: Callable[[str], None]) -> None:
+        """An engine command in the QProcess; `then(error or "")` runs when it ends (on the main thread)."""
+        self._after_process = then
+        self.process.start(arguments)
+
+    def _on_process_finished(self, error: str) -> None:
+        then, self._after_process = self._after_process, None
+        (then or self.runFinished.emit)(error)
+
+    def _on_pump(self) -> None:
+        if not self.worker.pump():
+            self._pump.stop()
+
+    def cancel(self) -> None:
+        self.process.cancel()
+        self.worker.cancel()
+
+    def scene_closed(self) -> None:
+        """Results of runs started before a scene close have nowhere to go; the open session is closed too."""
+        self.cancel()
+        self._generation += 1
+        self.review = None
+        self.study_model.drop()
+        if not self.worker.busy:
+            self.worker.submit(lambda reporter: self.engine.close(), lambda result, error: None)
+            self._pump.start()
+
+    def cleanup(self) -> None:
+        self.cancel()
+        self.study_model.drop()
+        self.worker.submit(lambda reporter: self.engine.close(), lambda result, error: None)
+        self.worker.close(wait=False)
+
     # --- propagation and review ------------------------------------------------------------------------------
-    def propagate(self, volume, segmentation, settings: EngineSettings, prompt_slices: list[int] | None = None) -> None:
-        """Start SAM2 in the background; runFinished fires when the segmentation holds the result."""
-        found = problems(settings)
+    def propagate(self, volume, segmentation, settings: EngineSettings, prompt_slices: list[int] | None = None,
+                  seeds=None, then: Callable[[object], None] | None = None) -> None:
+        """SAM2 through the engine session, in the background; runFinished fires when the segmentation holds the
+        result. seeds: a (k, j, i) label map (segment i as i + 1) instead of the segmentation's own content."""
+        found = problems(settings) + connection_problems(self.connection)
         if volume is None or segmentation is None:
             found.append("Choose a volume and a segmentation.")
         elif not scene_io.segment_ids(segmentation):
             found.append("The segmentation has no segment: add one per structure and draw a few slices.")
         if found:
             raise ValueError(" ".join(found))
-        run = Run(volume, segmentation, scene_io.segment_ids(segmentation))
-        image = scene_io.export_volume(volume, run.folder / "image.nrrd")
-        seeds, _ = scene_io.export_segments(segmentation, volume, run.folder / "seeds.nrrd")
-        arguments = propagate_command(settings, str(image), str(seeds), str(run.output))
-        if prompt_slices is not None:
-            arguments += ["--seed-slices", ",".join(str(z) for z in prompt_slices)]
-        self._before = scene_io.snapshot(segmentation, volume)
-        self._run = run
-        self.process.start(arguments)
+        self.check_idle()
+        ids = scene_io.segment_ids(segmentation)
+        before = scene_io.snapshot(segmentation, volume)
+        seeds = label_map([before[sid] for sid in ids]) if seeds is None else seeds
+        axis = scene_io.array_axis(volume, settings.axis)
+        prompts = slices_with_labels(seeds, axis) if prompt_slices is None else list(prompt_slices)
+        connection = dataclasses.replace(self.connection)
+        key = (*scene_io.volume_key(volume), settings.axis, settings.modality, settings.model, settings.image_size)
+        data = None if self.engine.holds(key, connection) else self._volume_bytes(volume)
+        source = VolumeSource(key, f"{scene_io.file_name(volume)}.nrrd", settings.axis, settings.modality, data)
+        request = PropagationRequest(connection, settings, source, seeds, prompts)
+        self._before, self.notes = before, []
+        generation = self._generation
 
-    def cancel(self) -> None:
-        self.process.cancel()
+        def done(result, error) -> None:
+            self._on_propagated(generation, connection, (volume, segmentation, ids, axis, then), result, error)
 
-    def _on_finished(self, error: str) -> None:
-        run, self._run = self._run, None
-        if run is None:  # a few-shot run: its results stay in its output folder
-            self.runFinished.emit(error)
-            return
+        self.worker.submit(lambda reporter: self.engine.propagate(request, reporter), done, self.progress.emit,
+                           self.message.emit)
+        self._pump.start()
+
+    @staticmethod
+    def _volume_bytes(volume) -> bytes:
+        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-"))
         try:
-            if not error:
-                scene_io.import_labels(run.output, run.segmentation, run.ids, run.volume)
-                self._load_review(run)
-        except Exception as exc:  # reported in the panel, never a hang
-            error = f"could not load the result: {exc}"
+            return scene_io.export_volume(volume, folder / "image.nrrd", compressed=False).read_bytes()
         finally:
-            shutil.rmtree(run.folder, ignore_errors=True)
-        self.runFinished.emit(error)
+            shutil.rmtree(folder, ignore_errors=True)
 
-    def _load_review(self, run: Run) -> None:
+    def _on_propagated(self, generation: int, connection: Connection, target, result, error) -> None:
+        if generation != self._generation:
+            self.runFinished.emit("cancelled")  # the scene it was for is closed
+            return
+        volume, segmentation, ids, axis, then = target
+        message = user_message(error, connection) if error is not None else ""
+        if error is None:
+            try:
+                if result.array_axis != axis:
+                    raise RuntimeError(f"the engine sliced along array axis {result.array_axis}, the panel along {axis}")
+                scene_io.import_array(result.labels, segmentation, ids, volume)
+                self._load_review(_rows_from_text(result.confidence_csv))
+                self.notes = [f"computed by {result.where}", *result.notes]
+                if then is not None:
+                    then(result)
+            except Exception as exc:  # reported in the panel, never a hang
+                message = f"could not load the result: {exc}"
+        self.runFinished.emit(message)
+
+    def _load_review(self, rows) -> None:
         import_engine()
-        from sslmedsam2.propagation.confidence import read_confidence
         from sslmedsam2.study.review_session import ReviewSession
 
-        rows = read_confidence(run.confidence)
         n = 1 + max(r.slice for r in rows)
         fresh = ReviewSession.from_confidence(rows, n)
         if self.review is not None and len(self.review.states) == n:
@@ -134,6 +238,8 @@ class SSLMedSAM2Logic:
         self.reviewChanged.emit()
 
     def undo(self, volume, segmentation) -> None:
+        """Local: the next propagation replaces the session's prompts with the review's, so the engine needs no
+        undo of its own."""
         saved = self.review.undo()
         if saved is not None:
             scene_io.restore(segmentation, volume, saved)
@@ -143,68 +249,26 @@ class SSLMedSAM2Logic:
     def run_few_shot(self, settings: EngineSettings, support_images: str, support_labels: str, queries: str,
                      output: str, insertions: int, supports: int, support_nodes=(), query_nodes=()) -> str:
         """Folders when given, else the checked scene nodes (exported to a temporary folder); returns the output."""
-        def chosen(path: str) -> bool:
-            return bool(path) and path != "."
-
         found = problems(settings)
+        self.check_idle()
         self.fewshot_query_nodes = {}
-        if not (chosen(support_images) and chosen(support_labels)) and support_nodes:
-            support_images, support_labels = self._export_supports(list(support_nodes), found)
-        if not chosen(queries) and query_nodes:
-            queries = self._export_queries(list(query_nodes))
+        if not (study_io.chosen(support_images) and study_io.chosen(support_labels)) and support_nodes:
+            support_images, support_labels = study_io.export_supports(list(support_nodes), found)
+        if not study_io.chosen(queries) and query_nodes:
+            queries = study_io.export_queries(list(query_nodes), self.fewshot_query_nodes)
         found += [f"Choose the {what} (folder or scene nodes)." for what, path in
                   (("support images", support_images), ("support labels", support_labels), ("query images", queries))
-                  if not chosen(path)]
+                  if not study_io.chosen(path)]
         if found:
             raise ValueError(" ".join(found))
-        if not chosen(output):
+        if not study_io.chosen(output):
             output = tempfile.mkdtemp(prefix="SSLMedSAM2-fewshot-")
-        self._run = None
-        self.process.start(pseudolabel_command(settings, support_images, support_labels, queries, output,
-                                               insertions, supports))
+        self.notes = []
+        self.run_command(pseudolabel_command(settings, support_images, support_labels, queries, output, insertions,
+                                              supports), self.runFinished.emit)
         return output
 
-    def _export_supports(self, segmentations, found: list[str]) -> tuple[str, str]:
-        """Each support segmentation with the volume it was drawn on; label values follow segment names, so that
-        "liver" has the same value in every support (the engine refuses supports whose labels differ)."""
-        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-supports-"))
-        (folder / "images").mkdir()
-        (folder / "labels").mkdir()
-        names = sorted({seg.GetSegmentation().GetSegment(sid).GetName()
-                        for seg in segmentations for sid in scene_io.segment_ids(seg)})
-        for seg in segmentations:
-            volume = scene_io.reference_volume(seg)
-            if volume is None:
-                found.append(f"Support {seg.GetName()} has no reference volume: set its source volume in Segment Editor.")
-                continue
-            segmentation = seg.GetSegmentation()
-            ids = [segmentation.GetSegmentIdBySegmentName(name) for name in names]
-            missing = [name for name, sid in zip(names, ids) if not sid]
-            if missing:
-                found.append(f"Support {seg.GetName()} has no segment named {', '.join(missing)}; every support needs "
-                             "the same segments.")
-                continue
-            name = f"{scene_io.file_name(seg)}.nrrd"
-            scene_io.export_volume(volume, folder / "images" / name)
-            scene_io.export_segments(seg, volume, folder / "labels" / name, ids)
-        return str(folder / "images"), str(folder / "labels")
-
-    def _export_queries(self, volumes) -> str:
-        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-queries-"))
-        for volume in volumes:
-            name = f"{scene_io.file_name(volume)}.nrrd"
-            scene_io.export_volume(volume, folder / name)
-            self.fewshot_query_nodes[name] = volume
-        return str(folder)
-
-    @staticmethod
-    def least_trustworthy(output: Path) -> str | None:
-        """The query file a few-shot run ranks first for review."""
-        ranking = Path(output) / "ranking.csv"
-        if not ranking.is_file():
-            return None
-        lines = ranking.read_text().splitlines()
-        return lines[1].split(",")[1] if len(lines) > 1 else None
+    least_trustworthy = staticmethod(study_io.least_trustworthy)
 
     def load_pseudo_label(self, image: Path, labels: Path, confidence: Path | None = None, states=None):
         """A few-shot or refined result as a volume + segmentation under review (confidence table or states)."""
@@ -226,50 +290,21 @@ class SSLMedSAM2Logic:
 
     def load_refined(self, workspace: Path):
         """The latest round's pseudo-label of the workspace's first case without ground truth, with its review."""
-        import_engine()
-        from sslmedsam2.study.workspace import Workspace
-
-        ws = Workspace.open(workspace)
-        rounds = sorted((ws.refine_dir / "rounds").glob("round_*/pseudo"))
-        cases = sorted(rounds[-1].glob("*.nii.gz")) if rounds else []
-        if not cases:
-            raise RuntimeError("no finished refinement round yet")
-        case = cases[0].name[: -len(".nii.gz")]
-        volume, segmentation = self.load_pseudo_label(ws.file(case, "image"), cases[0], states=ws.review(case))
-        return volume, segmentation, case, rounds[-1].parent.name
+        image, labels, case, round_name, states = study_io.latest_refined(workspace)
+        volume, segmentation = self.load_pseudo_label(image, labels, states=states)
+        return volume, segmentation, case, round_name
 
     # --- study and refinement --------------------------------------------------------------------------------
     def add_to_study(self, workspace: Path, volume, segmentation, axis: str) -> str:
-        """Image, segmentation (as pseudo-label) and review state into the workspace; returns the case id."""
-        import_engine()
-        from sslmedsam2.study.workspace import Workspace, add_case, init_workspace
+        return study_io.add_to_study(workspace, volume, segmentation, axis,
+                                     self.review.states if self.review is not None else None)
 
-        ids = scene_io.segment_ids(segmentation)
-        if not (workspace / "workspace.json").is_file():
-            names = [segmentation.GetSegmentation().GetSegment(sid).GetName() for sid in ids]
-            init_workspace(workspace, {name: i + 1 for i, name in enumerate(names)}, axis=axis)
-        ws = Workspace.open(workspace)
-        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-study-"))
-        try:
-            image = scene_io.export_volume(volume, folder / "image.nrrd")
-            labels, _ = scene_io.export_segments(segmentation, volume, folder / "labels.nrrd")
-            case_id = "".join(c if c.isalnum() or c in "._-" else "_" for c in volume.GetName()) or "case"
-            base, n = case_id, 1
-            while case_id in ws.cases:
-                n += 1
-                case_id = f"{base}_{n}"
-            add_case(ws, image, pseudo=labels, case_id=case_id)
-            if self.review is not None:
-                ws.set_review(case_id, list(self.review.states))
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        return case_id
-
-    def start_refine(self, workspace: Path, rounds: int, quick: bool, warm_start: bool, device: str) -> None:
+    def start_refine(self, workspace: Path, rounds: int, quick: bool, warm_start: bool, device: str,
+                     sam2: EngineSettings | None = None) -> None:
         """A process of its own session (no window on Windows): closing Slicer does not stop it, and the panel
-        re-attaches on reopening."""
+        re-attaches on reopening. sam2: prompt SAM2 with nnU-Net's key slices in each round, with these settings."""
         self.refine = RefineControl(workspace)
-        self.refine.start(refine_command(str(workspace), rounds, quick, warm_start, device))
+        self.refine.start(refine_command(str(workspace), rounds, quick, warm_start, device, sam2=sam2))
 
     def refine_monitor(self, workspace: Path, fresh: bool):
         """Reads the job's events from now on (fresh) or from the start of its latest run (re-attaching)."""
@@ -287,6 +322,8 @@ class SSLMedSAM2Logic:
 
     @staticmethod
     def refine_status(workspace: Path) -> dict:
+        import json
+
         path = Path(workspace) / "refine" / "status.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -295,3 +332,17 @@ class SSLMedSAM2Logic:
         if self.refine is None or self.refine.workspace != Path(workspace):
             self.refine = RefineControl(workspace)
         return self.refine.cancel()
+
+
+def _rows_from_text(text: str):
+    """A confidence table sent by the engine, read by the engine's own reader."""
+    import_engine()
+    from sslmedsam2.propagation.confidence import read_confidence
+
+    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-"))
+    try:
+        path = folder / "result.confidence.csv"
+        path.write_text(text, encoding="utf-8")
+        return read_confidence(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -8,7 +8,12 @@ from typing import Annotated
 import slicer
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
-from SSLMedSAM2Lib.parameters import AXES, DEVICES, MODELS, EngineSettings
+from SSLMedSAM2Lib.parameters import AXES, DEVICES, ENGINES, MODELS, Connection, EngineSettings
+
+
+def _path(value) -> str:
+    """An empty path field reads as "" or "."."""
+    return str(value) if value and str(value) not in ("", ".") else ""
 
 
 @parameterNodeWrapper
@@ -31,8 +36,14 @@ class SSLMedSAM2ParameterNode:
     rounds: Annotated[int, WithinRange(1, 20)] = 5
     warmStart: bool = False
     quick: bool = False
+    sam2FromNnunet: bool = False
+    engine: Annotated[str, Choice(list(ENGINES))] = "local"
+    serverUrl: str = ""
+    serverTokenFile: Path
 
     def engine_settings(self, allow_download: bool = False) -> EngineSettings:
-        checkpoint = str(self.checkpoint) if self.checkpoint and str(self.checkpoint) not in ("", ".") else ""
-        return EngineSettings(model=self.model, checkpoint=checkpoint, image_size=self.imageSize, device=self.device,
-                              axis=self.axis, modality=self.modality, allow_download=allow_download)
+        return EngineSettings(model=self.model, checkpoint=_path(self.checkpoint), image_size=self.imageSize,
+                              device=self.device, axis=self.axis, modality=self.modality, allow_download=allow_download)
+
+    def connection(self) -> Connection:
+        return Connection(self.engine, self.serverUrl.strip(), _path(self.serverTokenFile))

@@ -8,6 +8,7 @@ from pathlib import Path
 MODELS = ("medsam2", "sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large")
 DEVICES = ("auto", "cuda", "mps", "cpu")
 AXES = ("axial", "coronal", "sagittal")
+ENGINES = ("local", "remote")
 
 
 @dataclass
@@ -19,6 +20,30 @@ class EngineSettings:
     axis: str = "axial"
     modality: str = "mri"
     allow_download: bool = False  # set once the user agreed to download weights
+
+
+@dataclass
+class Connection:
+    """Where Propagate runs: a `sslmedsam2 serve` the module starts on this machine, or one at a URL."""
+
+    engine: str = "local"
+    url: str = ""  # remote: http://HOST:PORT (an SSH tunnel's http://127.0.0.1:PORT, say)
+    token_file: str = ""  # remote: a file holding the server's access token (none for a tunnel to a loopback server)
+
+
+def connection_problems(connection: Connection) -> list[str]:
+    """Everything wrong with the engine setting, as sentences for the GUI."""
+    if connection.engine not in ENGINES:
+        return [f"Unknown engine {connection.engine!r}; choose local or remote."]
+    if connection.engine == "local":
+        return []
+    found = []
+    if not connection.url.startswith(("http://", "https://")) or len(connection.url.split("//", 1)[1]) < 1:
+        found.append("Give the remote engine's address as http://HOST:PORT (through an SSH tunnel: "
+                     "http://127.0.0.1:PORT).")
+    if connection.token_file and not Path(connection.token_file).is_file():
+        found.append(f"Token file {connection.token_file} does not exist.")
+    return found
 
 
 def problems(settings: EngineSettings) -> list[str]:
@@ -39,8 +64,8 @@ def problems(settings: EngineSettings) -> list[str]:
     return found
 
 
-def _model_args(settings: EngineSettings) -> list[str]:
-    args = ["--model", settings.model, "--device", settings.device]
+def _model_args(settings: EngineSettings, device: bool = True) -> list[str]:
+    args = ["--model", settings.model] + (["--device", settings.device] if device else [])
     if settings.checkpoint:
         args += ["--checkpoint", settings.checkpoint]
     if settings.image_size:
@@ -48,11 +73,6 @@ def _model_args(settings: EngineSettings) -> list[str]:
     if not settings.allow_download:
         args.append("--no-download")
     return args
-
-
-def propagate_command(settings: EngineSettings, image: str, seeds: str, output: str) -> list[str]:
-    return ["propagate", image, seeds, "-o", output, "--method", "sam2", "--axis", settings.axis,
-            "--modality", settings.modality, *_model_args(settings)]
 
 
 def pseudolabel_command(settings: EngineSettings, support_images: str, support_labels: str, query: str,
@@ -64,6 +84,27 @@ def pseudolabel_command(settings: EngineSettings, support_images: str, support_l
 
 
 def refine_command(workspace: str, rounds: int = 5, quick: bool = False, warm_start: bool = False,
-                   device: str = "auto", ignore: str = "rejected") -> list[str]:
+                   device: str = "auto", ignore: str = "rejected", sam2: EngineSettings | None = None) -> list[str]:
+    """`sam2`: also prompt SAM2 with nnU-Net's key slices in every round (--sam2-from-nnunet), with these model
+    settings; the device is nnU-Net's and SAM2's alike."""
     args = ["refine", workspace, "--rounds", str(rounds), "--device", device, "--ignore", ignore]
-    return args + (["--quick"] if quick else []) + (["--warm-start"] if warm_start else [])
+    args += (["--quick"] if quick else []) + (["--warm-start"] if warm_start else [])
+    if sam2 is not None:
+        args += ["--sam2-from-nnunet", *_model_args(sam2, device=False)]
+    return args
+
+
+def predict_command(workspace: str, image: str, output: str, device: str = "auto") -> list[str]:
+    """The workspace's latest refined nnU-Net on one image; writes OUTPUT and its .confidence.csv."""
+    return ["predict", workspace, image, "-o", output, "--device", device]
+
+
+def keyslices_command(prediction: str, output: str, confidence: str, axis: str) -> list[str]:
+    """The slices of a prediction most worth prompting SAM2 with, ranked by the prediction's own confidence table."""
+    return ["keyslices", prediction, "-o", output, "--prob", confidence, "--axis", axis]
+
+
+def serve_command(settings: EngineSettings, port: int, token_file: str) -> list[str]:
+    """The module's local engine: loopback only, a token all the same (other users of this machine must not reach
+    it), the panel's model built at start."""
+    return ["serve", "--host", "127.0.0.1", "--port", str(port), "--token-file", token_file, *_model_args(settings)]

@@ -22,12 +22,44 @@ def segment_ids(segmentation_node) -> list[str]:
     return list(segmentation_node.GetSegmentation().GetSegmentIDs())
 
 
-def export_volume(volume_node, path: Path) -> Path:
-    """Write without touching the node's own storage (exportNode, unlike saveNode)."""
-    # an explicit {}: exportNode's default properties dict is shared and remembers the last file format
-    if not slicer.util.exportNode(volume_node, str(path), {}):
+def export_volume(volume_node, path: Path, compressed: bool = True) -> Path:
+    """Write without touching the node's own storage (exportNode, unlike saveNode). Uncompressed for bytes that
+    the engine client compresses itself (faster on the main thread)."""
+    # a fresh dict: exportNode's default properties dict is shared and remembers the last file format
+    if not slicer.util.exportNode(volume_node, str(path), {} if compressed else {"useCompression": 0}):
         raise RuntimeError(f"could not write {volume_node.GetName()} to {path}")
     return path
+
+
+def volume_key(volume_node) -> tuple:
+    """What the engine's open session of a volume depends on: the node, its voxels (VTK modification times only
+    grow) and its grid."""
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    image = volume_node.GetImageData()
+    return (volume_node.GetID(), image.GetMTime() if image is not None else 0,
+            tuple(round(matrix.GetElement(r, c), 9) for r in range(3) for c in range(4)))
+
+
+def array_shape(volume_node) -> tuple[int, int, int]:
+    """The (k, j, i) shape of the volume's voxel array."""
+    return tuple(reversed(volume_node.GetImageData().GetDimensions()))
+
+
+def new_segmentation(volume_node, name: str):
+    segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return segmentation
+
+
+def ensure_segments(segmentation_node, names: list[str]) -> dict[str, str]:
+    """The segment id of each name, adding an empty segment for a name the segmentation lacks."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = {}
+    for name in names:
+        ids[name] = segmentation.GetSegmentIdBySegmentName(name) or segmentation.AddEmptySegment("", name)
+    return ids
 
 
 def export_segments(segmentation_node, volume_node, path: Path, ids: list[str] | None = None) -> tuple[Path, list[str]]:
@@ -62,17 +94,35 @@ def file_name(node) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in node.GetName()) or node.GetID()
 
 
+def _import_labelmap(labelmap, segmentation_node, ids: list[str], what: str) -> None:
+    """Label value i + 1 replaces the content of segment ids[i]; an empty id skips its value."""
+    updated = vtk.vtkStringArray()  # this overload needs a vtkStringArray, not a list
+    for segment_id in ids:
+        updated.InsertNextValue(segment_id)
+    if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation_node, updated):
+        raise RuntimeError(f"could not import {what} into {segmentation_node.GetName()}")
+
+
 def import_labels(path: Path, segmentation_node, ids: list[str], volume_node) -> None:
-    """Label value i + 1 of the file replaces the content of segment ids[i]. The file is on the volume's grid in its
-    local frame: under the volume's transform, the import maps it to the segmentation wherever that is."""
+    """Label value i + 1 of the file replaces the content of segment ids[i] ("" skips a value). The file is on the
+    volume's grid in its local frame: under the volume's transform, the import maps it to the segmentation
+    wherever that is."""
     labelmap = slicer.util.loadVolume(str(path), {"labelmap": True, "show": False})
     try:
         put_in_frame_of(labelmap, volume_node)
-        updated = vtk.vtkStringArray()  # this overload needs a vtkStringArray, not a list
-        for segment_id in ids:
-            updated.InsertNextValue(segment_id)
-        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmap, segmentation_node, updated):
-            raise RuntimeError(f"could not import {path.name} into {segmentation_node.GetName()}")
+        _import_labelmap(labelmap, segmentation_node, ids, path.name)
+    finally:
+        slicer.mrmlScene.RemoveNode(labelmap)
+
+
+def import_array(labels: np.ndarray, segmentation_node, ids: list[str], volume_node) -> None:
+    """As import_labels, from a (k, j, i) array on the volume's grid (an engine session's result). The temporary
+    label map copies the volume's grid and parent transform (CreateAndAddLabelVolume, as
+    slicer.util.updateSegmentBinaryLabelmapFromArray does)."""
+    labelmap = slicer.modules.volumes.logic().CreateAndAddLabelVolume(volume_node, "SSLMedSAM2 result")
+    try:
+        slicer.util.updateVolumeFromArray(labelmap, np.ascontiguousarray(labels))
+        _import_labelmap(labelmap, segmentation_node, ids, "the engine's result")
     finally:
         slicer.mrmlScene.RemoveNode(labelmap)
 

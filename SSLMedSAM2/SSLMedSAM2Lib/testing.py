@@ -1,4 +1,5 @@
-"""The module's self-test in Slicer: the real logic on a synthetic volume with a tiny random-weight SAM2.
+"""The module's self-test in Slicer: the real logic on a synthetic volume with a tiny random-weight SAM2, through the
+module's local engine (a `sslmedsam2 serve` it starts, as Propagate does).
 
 It runs from the build tree too (ctest), where CMakeLists copies the engine beside the module. A Slicer without
 torch or sam2 (a dashboard's) checks that the engine is found and runs, then skips the SAM2 part with a message.
@@ -91,6 +92,7 @@ def test_propagation_on_synthetic_volume(test) -> None:
     test.delayDisplay("Propagating")
     logic.propagate(volume, segmentation, settings)
     test.assertEqual(_wait(logic), "")
+    test.assertTrue(logic.notes and logic.notes[0].startswith("computed by the local engine"), logic.notes)
     ids = list(segmentation.GetSegmentation().GetSegmentIDs())
     for sid, (value, slices) in zip(ids, seeds.items()):
         result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, sid, volume)
@@ -108,4 +110,5 @@ def test_propagation_on_synthetic_volume(test) -> None:
     test.assertEqual(_wait(logic), "")
     test.assertEqual(review.states[first].value, "accepted")
     logic.undo(volume, segmentation)  # back to the first propagation's result
+    logic.cleanup()  # closes the session; the local engine itself stops with Slicer
     test.delayDisplay("SSLMedSAM2 self-test passed")

@@ -19,10 +19,10 @@ from SSLMedSAM2Lib.dependencies import run_guarded
 from SSLMedSAM2Lib.editor import EmbeddedEditor
 from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
 from SSLMedSAM2Lib.parameter_node import SSLMedSAM2ParameterNode
+from SSLMedSAM2Lib.study_panel import StudyPanel
 
 SHORTCUTS = {"Alt+A": "onAccept", "Alt+R": "onReject", "Alt+N": "onNextUnreviewed", "Alt+P": "onPreviousUnreviewed",
              "Alt+L": "onLowestConfidence"}
-REFINE_POLL_MS = 1000
 
 
 def _show_error(text: str, details: str) -> None:
@@ -40,17 +40,15 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self._entered = False
         self._shortcuts: list = []
         self._importing = False
-        self._monitor = None
-        self._timer = qt.QTimer()
-        self._timer.setInterval(REFINE_POLL_MS)
-        self._timer.connect("timeout()", self.onPollRefine)
-        self.logic.process.progress.connect(self.onProgress)
-        self.logic.process.message.connect(lambda line: self.ui.statusLabel.setText(line))
+        self._afterSuccess = None  # what the panel does once the current run succeeded
+        self.logic.progress.connect(self.onProgress)
+        self.logic.message.connect(self.showStatus)
         self.logic.runFinished.connect(self.onRunFinished)
         self.logic.reviewChanged.connect(self.updateReview)
         u = ui
         u.propagateButton.connect("clicked()", self.onPropagate)
         u.cancelButton.connect("clicked()", self.logic.cancel)
+        u.cancelStudyRunButton.connect("clicked()", self.logic.cancel)
         u.repropagateButton.connect("clicked()", self.onRepropagate)
         u.acceptButton.connect("clicked()", self.onAccept)
         u.rejectButton.connect("clicked()", self.onReject)
@@ -60,11 +58,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         u.lowestConfidenceButton.connect("clicked()", self.onLowestConfidence)
         u.sliceTable.connect("cellDoubleClicked(int,int)", lambda row, column: self.jumpTo(int(u.sliceTable.item(row, 0).text())))
         u.runFewShotButton.connect("clicked()", self.onRunFewShot)
-        u.addToStudyButton.connect("clicked()", self.onAddToStudy)
-        u.refineButton.connect("clicked()", self.onRefine)
-        u.cancelRefineButton.connect("clicked()", self.onCancelRefine)
-        u.loadRefinedButton.connect("clicked()", self.onLoadRefined)
         u.installButton.connect("clicked()", self.onInstall)
+        self.study = StudyPanel(self)
         self._inputs = (None, None)
         self._fewShot = ""
         self.editor = EmbeddedEditor(ui.segmentEditorWidget, slicer.mrmlScene,
@@ -88,7 +83,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         # read inputs from the parameter node once it has changed, never from a selector's signal (order of slots)
         self.addObserver(node.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
         self.onParameterChanged()
-        self.reattachRefine()
+        self.study.reattachRefine()
 
     def onParameterChanged(self, *_) -> None:
         if self.parameters is None:
@@ -97,13 +92,17 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         if inputs != self._inputs:
             self._inputs = inputs
             self.onSegmentationChanged()
+        self.logic.connection = self.parameters.connection()
+        remote = self.parameters.engine == "remote"
+        self.ui.serverUrlLineEdit.enabled = self.ui.serverTokenFilePathLineEdit.enabled = remote
+        self.ui.engineStatusLabel.setText(self.logic.engine_status())
 
     def onSceneStartClose(self, *_) -> None:
-        """Everything that refers to the scene's nodes lets go: the run, the review, its marker, the editor."""
-        self.logic.cancel()
-        self.logic.review = None
+        """Everything that refers to the scene's nodes lets go: the run, the review, its marker, the editor, the
+        engine's open session."""
+        self.logic.scene_closed()
         self.updateReview()
-        self._stopFollowing("")
+        self.study.stop()
         self.removeObservers(self.onSegmentEdited)
         self.editor.scene_start_close()
         self.setParameterNode(None)
@@ -145,8 +144,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.exit()
-        self._timer.stop()
-        self.logic.cancel()
+        self.study.stop()
+        self.logic.cleanup()
         self.removeObservers()
         if self.parameters is not None and self._gui_tag is not None:
             self.parameters.disconnectGui(self._gui_tag)
@@ -180,16 +179,17 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
 
     def onSegmentEdited(self, caller, event) -> None:
         """A person painted: the slice in view becomes an edited slice (a new prompt)."""
-        if self._importing or self.logic.review is None or self.logic.process.running:
+        if self._importing or self.logic.review is None or self.logic.busy:
             return
         z = scene_io.current_slice(self.parameters.axis, self.parameters.inputVolume)
         if z is not None and z < len(self.logic.review.states) and self.logic.review.edited(z):
             self.updateReview()
 
     # --- propagation -----------------------------------------------------------------------------------------
-    def _settings(self):
+    def settings(self, local_job: bool = False):
+        """The engine settings, after asking before a download (None: the user said no)."""
         settings = self.parameters.engine_settings()
-        question = self.logic.weights_to_download(settings)
+        question = self.logic.weights_to_download(settings, local_job)
         if question:
             if not slicer.util.confirmOkCancelDisplay(question, "SSLMedSAM2: download model weights"):
                 return None
@@ -198,14 +198,19 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
 
     def _start(self, prompt_slices=None) -> None:
         def start() -> None:
-            settings = self._settings()  # imports the engine: inside the guard, after the dependency check
+            settings = self.settings()  # imports the engine: inside the guard, after the dependency check
             if settings is None:
                 return
+            review = self.logic.review
             if prompt_slices is None:
                 self.logic.review = None  # a fresh propagation: a new review
-            self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings, prompt_slices)
-            self._importing = True  # our own import of the result is not a person's edit
-            self._setBusy(True, "propagating...")
+            try:
+                self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings,
+                                     prompt_slices)
+            except Exception:
+                self.logic.review = review  # nothing started: the review stays
+                raise
+            self.startedRun("propagating...")
 
         run_guarded("SSLMedSAM2 could not start the propagation.", start, _show_error)
 
@@ -222,20 +227,38 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self.ui.progressBar.setMaximum(max(total, 1))
         self.ui.progressBar.setValue(done)
 
+    def showStatus(self, text: str) -> None:
+        """The run's status line, in the propagation section and in the study section alike."""
+        self.ui.statusLabel.setText(text)
+        self.ui.studyRunStatusLabel.setText(text)
+
+    def startedRun(self, text: str, after_success=None) -> None:
+        """A run started: buttons off, Cancel on; our own import of its result is not a person's edit."""
+        self._afterSuccess = after_success
+        self._importing = True
+        self._setBusy(True, text)
+
     def onRunFinished(self, error: str) -> None:
         self._importing = False
-        self._setBusy(False, "cancelled" if error == "cancelled" else error or "done: review the slices below")
+        after, self._afterSuccess = self._afterSuccess, None
+        notes = "; ".join(self.logic.notes)
+        done = "done: review the slices below" + (f" ({notes})" if notes else "")
+        self._setBusy(False, "cancelled" if error == "cancelled" else error or done)
+        self.ui.engineStatusLabel.setText(self.logic.engine_status())
         if error and error != "cancelled":
             slicer.util.errorDisplay(f"SSLMedSAM2: {error}")
+        elif not error and after is not None and self.parameters is not None:
+            after()
         elif not error and self.logic.review is None:
             self._loadFewShotResult()
         self.updateSeedSlices()
 
     def _setBusy(self, busy: bool, text: str) -> None:
-        for button in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.runFewShotButton):
+        for button in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.runFewShotButton,
+                       self.ui.predictButton, self.ui.refineFromKeySlicesButton):
             button.enabled = not busy
-        self.ui.cancelButton.enabled = busy
-        self.ui.statusLabel.setText(text)
+        self.ui.cancelButton.enabled = self.ui.cancelStudyRunButton.enabled = busy
+        self.showStatus(text)
         if busy:
             self.ui.progressBar.setValue(0)
 
@@ -321,7 +344,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
     def onRunFewShot(self) -> None:
         def start() -> None:
             p = self.parameters
-            settings = self._settings()
+            settings = self.settings(local_job=True)
             if settings is None:
                 return
             self.logic.review = None
@@ -329,7 +352,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
                 settings, str(p.supportImages), str(p.supportLabels), str(p.queryImages), str(p.fewShotOutput),
                 p.insertions, p.supports, self.ui.supportSegmentationsSelector.checkedNodes(),
                 self.ui.queryVolumesSelector.checkedNodes())
-            self._setBusy(True, "few-shot pseudo-labels...")
+            self.startedRun("few-shot pseudo-labels...")
 
         run_guarded("SSLMedSAM2 could not start the few-shot run.", start, _show_error)
 
@@ -344,101 +367,6 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         volume, segmentation = self.logic.load_pseudo_label(image, output / name, output / f"{stem}.confidence.csv")
         self.parameters.inputVolume, self.parameters.segmentation = volume, segmentation
         self.ui.statusLabel.setText(f"loaded {name}, the least trustworthy query (see ranking.csv for the others)")
-
-    # --- study and refinement --------------------------------------------------------------------------------
-    def _workspace(self) -> Path | None:
-        path = self.parameters.workspace
-        if not path or str(path) in ("", "."):
-            slicer.util.errorDisplay("Choose a workspace folder first.")
-            return None
-        return Path(path)
-
-    def onAddToStudy(self) -> None:
-        workspace = self._workspace()
-        if workspace is None:
-            return
-
-        def add() -> None:
-            case = self.logic.add_to_study(workspace, self.parameters.inputVolume, self.parameters.segmentation,
-                                           self.parameters.axis)
-            self.ui.refineStatusLabel.setText(f"added case {case} to {workspace}")
-
-        run_guarded("SSLMedSAM2 could not add the case to the study.", add, _show_error)
-
-    def onRefine(self) -> None:
-        workspace = self._workspace()
-        if workspace is None:
-            return
-
-        def start() -> None:
-            self.logic.start_refine(workspace, self.parameters.rounds, self.parameters.quick,
-                                    self.parameters.warmStart, self.parameters.device)
-            self._follow(workspace, fresh=True)
-
-        run_guarded("SSLMedSAM2 could not start the refinement.", start, _show_error)
-
-    def reattachRefine(self) -> None:
-        """Opening the module (or Slicer) while a job runs: follow it again."""
-        path = self.parameters.workspace
-        if self._monitor is not None or not path or str(path) in ("", "."):
-            return  # already following (entering the module again), or no workspace
-        if self.logic.refine_status(Path(path)).get("state") == "running":
-            self._follow(Path(path), fresh=False)
-
-    def _follow(self, workspace: Path, fresh: bool) -> None:
-        self._monitor = self.logic.refine_monitor(workspace, fresh)
-        self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = False, True
-        self._timer.start()
-
-    def _stopFollowing(self, text: str) -> None:
-        self._timer.stop()
-        self._monitor = None
-        self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = True, False
-        if text:
-            self.ui.refineStatusLabel.setText(text)
-
-    def _logEvents(self, events: list[dict]) -> None:
-        for event in events:
-            if event["event"] in ("stage", "round", "error", "job"):
-                self.ui.refineLog.appendPlainText(f"{event['time']} {event['event']}: "
-                                                  + ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event")))
-
-    def onPollRefine(self) -> None:
-        monitor, control = self._monitor, self.logic.refine
-        if monitor is None or control is None:
-            return
-        control.poll()  # a Cancel pressed while the job was still starting reaches it now
-        self._logEvents(monitor.poll())
-        rounds = (monitor.log.read_status().get("options") or {}).get("rounds", 1)
-        self.ui.refineProgressBar.setValue(int(100 * monitor.fraction(rounds)))
-        self.ui.refineStatusLabel.setText(monitor.describe() + (f" ({monitor.state})" if monitor.state else ""))
-        if monitor.finished:
-            self._stopFollowing("")
-        elif not control.running():
-            self._logEvents(monitor.poll())  # its last events, written just before it let go of its lock
-            if monitor.finished:
-                self._stopFollowing("")
-            else:
-                failure = control.failure()
-                self._stopFollowing(f"the job failed: {failure}" if failure
-                                    else "the job stopped without finishing; press Refine to resume it")
-
-    def onCancelRefine(self) -> None:
-        workspace = self._workspace()
-        if workspace is not None:
-            self.ui.refineStatusLabel.setText(self.logic.cancel_refine(workspace) or "no refinement is running")
-
-    def onLoadRefined(self) -> None:
-        workspace = self._workspace()
-        if workspace is None:
-            return
-
-        def load() -> None:
-            volume, segmentation, case, round_name = self.logic.load_refined(workspace)
-            self.parameters.inputVolume, self.parameters.segmentation = volume, segmentation
-            self.ui.refineStatusLabel.setText(f"loaded {case} from {round_name} for review")
-
-        run_guarded("SSLMedSAM2 could not load the refined pseudo-labels.", load, _show_error)
 
     # --- dependencies ----------------------------------------------------------------------------------------
     def onInstall(self) -> None:

@@ -206,8 +206,10 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, tiny_checkpoint):
     first = folders["out"] / "query0.nii.gz"
     assert first.exists(), "the job did not finish its first query in time"
     stamp = first.stat().st_mtime_ns
-    # a stale temporary file, as a kill in the middle of a write leaves
-    (folders["out"] / ".query1.abc123.tmp.nii.gz").write_bytes(b"half")
+    # a stale temporary file, as a kill in the middle of a write leaves (named after this host and a dead process)
+    from sslmedsam2 import atomic
+
+    (folders["out"] / f".query1.{atomic._HOST}-{job.pid}-abc123.tmp.nii.gz").write_bytes(b"half")
     assert main(_argv(folders, tiny_checkpoint)) == 0
     assert first.stat().st_mtime_ns == stamp, "a finished query was redone"
     assert not list(folders["out"].glob(".*"))

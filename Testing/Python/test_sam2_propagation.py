@@ -14,7 +14,6 @@ from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor
 from sslmedsam2.propagation.confidence import read_confidence
-from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.sam2_propagation import fuse
 from sslmedsam2.propagation.seeds import Seeds
 
@@ -23,14 +22,16 @@ SAM2_ARGS = ["--method", "sam2", "--model", "sam2.1-tiny", "--image-size", str(T
 
 def test_propagate_two_labels_from_several_slices(case_files, tiny_checkpoint, tmp_path, monkeypatch):
     image_path, seeds_path, _ = case_files
+    from sslmedsam2.propagation import batched
+
     directions = []
-    original_track = SlicePredictor.track
+    original_run_tracks = batched.run_tracks
 
-    def spy(self, state, order, reverse, objects):
-        directions.append((reverse, list(order)))
-        return original_track(self, state, order, reverse, objects)
+    def spy(predictor, state, passes, *args, **kwargs):
+        directions.extend((reverse, list(order)) for order, reverse, _ in passes)
+        return original_run_tracks(predictor, state, passes, *args, **kwargs)
 
-    monkeypatch.setattr(SlicePredictor, "track", spy)
+    monkeypatch.setattr(batched, "run_tracks", spy)
     out = tmp_path / "out.nii.gz"
     assert main(["propagate", str(image_path), str(seeds_path), "-o", str(out), "--checkpoint", str(tiny_checkpoint),
                  *SAM2_ARGS]) == 0

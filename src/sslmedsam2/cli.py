@@ -72,8 +72,8 @@ def _intensity(args: argparse.Namespace) -> IntensitySpec:
 
 
 def _options(args: argparse.Namespace) -> PropagateOptions:
-    return PropagateOptions(method=args.method, model=args.model, checkpoint=args.checkpoint, device=args.device,
-                            image_size=args.image_size, axis=args.axis, intensity=_intensity(args),
+    return PropagateOptions(method=args.method, model=args.model or DEFAULT_MODEL, checkpoint=args.checkpoint,
+                            device=args.device, image_size=args.image_size, axis=args.axis, intensity=_intensity(args),
                             download=not args.no_download, seed_slices=_slice_list(getattr(args, "seed_slices", None)))
 
 
@@ -89,9 +89,20 @@ def _slice_list(text: str | None) -> list[int] | None:
 def cmd_propagate(args: argparse.Namespace) -> int:
     from sslmedsam2.pipeline import run_propagate
 
-    with _ProgressBar("propagate") as bar:
-        report = run_propagate(args.image, args.seeds, args.output, _options(args), log=_say, progress=bar,
-                               download_progress=True)
+    if args.token_file and not args.server:
+        raise UserError("--token-file goes with --server")
+    if args.server:
+        from sslmedsam2.server.remote import run_propagate_remote
+
+        options = _options(args)
+        options.model = args.model  # None: the server's own model
+        with _ProgressBar("propagate") as bar:
+            report = run_propagate_remote(args.image, args.seeds, args.output, options, args.server, args.token_file,
+                                          log=_say, progress=bar)
+    else:
+        with _ProgressBar("propagate") as bar:
+            report = run_propagate(args.image, args.seeds, args.output, _options(args), log=_say, progress=bar,
+                                   download_progress=True)
     how = f"SAM2 {report.model} on {report.device}" if report.method == "sam2" else "contour interpolation"
     _say(f"{report.slices} slices, labels {report.labels}, {how}, {report.seconds:.1f} s -> {report.output} "
          f"(confidence: {report.confidence.name})")
@@ -174,9 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: sam2 when weights can be had, else interpolate, saying so)")
     p.add_argument("--seed-slices", help="use only these slices of SEEDS as prompts, e.g. 3,10,17 (re-propagation "
                    "from reviewed slices); default: every slice with a label")
+    p.add_argument("--server", metavar="URL", help="run on an `sslmedsam2 serve` server (e.g. a GPU machine through "
+                   "an SSH tunnel: http://127.0.0.1:8765); --model and --image-size then default to the server's")
+    p.add_argument("--token-file", type=Path, help="with --server: a file holding the server's access token")
     _add_model_options(p)
     _add_frame_options(p)
-    p.set_defaults(func=cmd_propagate)
+    p.set_defaults(func=cmd_propagate, model=None)
 
     f = sub.add_parser("pseudolabel", help="few-shot pseudo-labels for unlabelled volumes from labelled supports",
                        description="Training-free few-shot (TFFS): each support volume is inserted whole into each query "
@@ -213,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     from sslmedsam2.cli_study import add_study_commands
 
     add_study_commands(sub)
+
+    from sslmedsam2.server.main import add_serve_command
+
+    add_serve_command(sub, _add_model_options)
 
     m = sub.add_parser("models", help="known SAM2 weights and whether they are downloaded")
     m.add_argument("--json", action="store_true", help="machine-readable listing")

@@ -45,7 +45,6 @@ def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "
     workspace's axis and label, from nnU-Net's softmax: the table `propagate` writes, source `nnunet`); returns
     the model used. The label map appears last."""
     from sslmedsam2.atomic import check_not_input
-    from sslmedsam2.models.loader import resolve_device
     from sslmedsam2.propagation.confidence import confidence_path
     from sslmedsam2.refine import nnunet
     from sslmedsam2.volume import read_image, write_image
@@ -55,6 +54,8 @@ def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "
     check_output(output, (Path(image_path),))
     check_not_input([confidence_path(output)], (Path(image_path),))
     model = latest_model(ws)
+    from sslmedsam2.models.loader import resolve_device  # torch: only once there is a model to run
+
     image = read_image(image_path)
     check_geometry_fits(image, output, what=str(image_path))
     check_geometry_fits(image, Path("image.nii.gz"), what=str(image_path))  # nnU-Net reads it as NIfTI

@@ -1,0 +1,318 @@
+"""Propagation through a `sslmedsam2 serve` session, off the GUI thread. No Slicer and no Qt here.
+
+EngineWorker: one persistent thread runs the client calls, one task at a time; what a task reports (progress,
+messages, its result or error) waits in a queue until the GUI thread calls `pump()` (the module's QTimer), so
+every GUI update happens on the main thread. Inside Slicer the main thread holds Python's GIL while Qt's event loop
+runs (PythonQt is initialised without thread support), so a Python thread runs only while the main thread runs
+Python: each `pump()` also yields the GIL to the worker.
+
+InteractiveEngine: the connection (the module's local server, or a remote URL) and the open volume. The volume is
+sent once and reused while it is unchanged; each propagation sends the prompt slices (replacing the session's
+prompts, so an Undo in the panel never leaves stale prompts on the server) and fetches labels and confidence. A
+session lost to a restarted server (or an expired one) is opened again and the propagation retried once; a local
+server that died is started again, once.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from SSLMedSAM2Lib.parameters import Connection, EngineSettings
+from SSLMedSAM2Lib.server_process import LocalServer, ServerStartError, StartCancelled
+
+
+class Cancelled(Exception):
+    """Cancel was pressed before the engine job began (it never started)."""
+
+
+class Reporter:
+    """Given to a task on the worker thread: messages, progress (also as the tqdm-like object Client.wait takes)
+    and the cancel request."""
+
+    def __init__(self, post: Callable[[str, object], None], stop: threading.Event) -> None:
+        self._post, self._stop = post, stop
+        self._total, self._done = 0, 0
+
+    def message(self, text: str) -> None:
+        self._post("message", text)
+
+    def progress(self, done: int, total: int) -> None:
+        self._post("progress", (int(done), int(total)))
+
+    def reset(self, total: int | None = None) -> None:
+        self._total, self._done = int(total or 0), 0
+        self.progress(0, self._total)
+
+    def update(self, n: int = 1) -> None:
+        self._done += int(n)
+        self.progress(self._done, self._total)
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+
+@dataclass
+class _Task:
+    work: Callable[[Reporter], object]
+    on_done: Callable[[object, BaseException | None], None]
+    on_progress: Callable[[int, int], None]
+    on_message: Callable[[str], None]
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class EngineWorker:
+    """One persistent thread for every client call of the module (started on first use, daemon)."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.Queue[_Task | None] = queue.Queue()
+        self._events: queue.Queue[tuple[_Task, str, object]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._live: list[_Task] = []  # submitted tasks whose end was not delivered yet
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._live)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def submit(self, work: Callable[[Reporter], object], on_done: Callable[[object, BaseException | None], None],
+               on_progress: Callable[[int, int], None] = lambda done, total: None,
+               on_message: Callable[[str], None] = lambda text: None) -> None:
+        """Run `work(reporter)` on the worker thread; the callbacks run later, in `pump()`, on the caller's thread."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="SSLMedSAM2-engine-client", daemon=True)
+            self._thread.start()
+        task = _Task(work, on_done, on_progress, on_message)
+        self._live.append(task)
+        self._tasks.put(task)
+
+    def cancel(self) -> None:
+        """Ask every task not finished yet to stop: a running one cancels its server job at its next poll, a queued
+        one never starts (inside Slicer the worker may not have had its turn yet)."""
+        for task in list(self._live):
+            task.stop.set()
+
+    def pump(self) -> bool:
+        """On the GUI thread: let the worker run, then deliver what it reported. Returns whether work is pending."""
+        time.sleep(0)  # releases the GIL: the worker thread gets its turn
+        while True:
+            try:
+                task, kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                return self.busy
+            if kind == "message":
+                task.on_message(payload)
+            elif kind == "progress":
+                task.on_progress(*payload)
+            else:
+                self._live.remove(task)
+                result, error = payload
+                task.on_done(result, error)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the thread after the tasks already submitted (it is a daemon: Slicer's exit never waits for it)."""
+        self.cancel()
+        if self._thread is not None and self._thread.is_alive():
+            self._tasks.put(None)
+            if wait:
+                self._thread.join(10)
+
+    def _loop(self) -> None:
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            reporter = Reporter(lambda kind, payload: self._events.put((task, kind, payload)), task.stop)
+            try:
+                if task.stop.is_set():
+                    raise Cancelled("cancelled before it started")
+                outcome = (task.work(reporter), None)
+            except BaseException as exc:  # delivered to the GUI thread, never lost in the worker
+                outcome = (None, exc)
+            self._events.put((task, "done", outcome))
+
+
+@dataclass
+class VolumeSource:
+    """The volume to propagate on: `key` names its content and how it is opened (a new key opens a new session);
+    `data` is the image file's bytes, needed only when the engine does not hold this key yet."""
+
+    key: tuple
+    name: str
+    axis: str
+    modality: str
+    data: bytes | None = None
+
+
+@dataclass
+class PropagationRequest:
+    connection: Connection
+    settings: EngineSettings
+    volume: VolumeSource
+    seeds: np.ndarray  # (k, j, i) label map on the volume's grid, segment i as value i + 1
+    prompt_slices: list[int]  # along the axis; the seeds on these slices are the prompts
+
+
+@dataclass
+class PropagationResult:
+    labels: np.ndarray  # (k, j, i), values as in the seeds
+    confidence_csv: str
+    array_axis: int  # the numpy axis the server sliced along
+    where: str  # which engine computed it, in words
+    notes: list[str] = field(default_factory=list)  # what the user should know (a restart, a session sent again)
+
+
+def prompt_planes(seeds: np.ndarray, array_axis: int, slices: list[int]) -> dict[int, np.ndarray]:
+    """The prompt slices as (h, w) planes along the session's axis; slices without a label are left out."""
+    along = np.moveaxis(seeds, array_axis, 0)
+    planes = {int(z): np.ascontiguousarray(along[z]) for z in slices if 0 <= z < len(along) and along[z].any()}
+    if not planes:
+        raise ValueError("none of the prompt slices carries a label: draw the structures on a few slices first")
+    return planes
+
+
+def _health(url: str, token_file: Path | None) -> None:
+    from sslmedsam2.server.client import Client
+
+    client = Client(url, token_file=token_file, timeout=5)
+    try:
+        client.health()
+    finally:
+        client.close()
+
+
+class InteractiveEngine:
+    """Runs on the worker thread only; `holds()` is read by the GUI thread between tasks."""
+
+    def __init__(self, local: LocalServer) -> None:
+        self.local = local
+        self._client = None
+        self._client_key: tuple | None = None
+        self._volume = None  # the open RemoteVolume
+        self._volume_key: tuple | None = None
+        self._data: bytes | None = None  # the bytes of the volume last sent, to open it again on another server
+        self._data_key: tuple | None = None
+
+    @staticmethod
+    def _key(source: VolumeSource, connection: Connection) -> tuple:
+        return (connection.engine, connection.url, *source.key)
+
+    def holds(self, key: tuple, connection: Connection) -> bool:
+        """Whether this volume was sent to this engine already (then it need not be exported again)."""
+        return self._data is not None and self._data_key == (connection.engine, connection.url, *key)
+
+    def _connect(self, request: PropagationRequest, reporter: Reporter, notes: list[str]):
+        from sslmedsam2.server.client import Client
+
+        connection = request.connection
+        if connection.engine == "local":
+            started, died = self.local.starts, self.local.starts and not self.local.alive()
+            why = self.local.failure() if died else None  # its log is deleted when the new one starts
+            url = self.local.ensure(request.settings, reporter.message, reporter.should_stop, _health)
+            if died and self.local.starts > started:
+                notes.append("the local engine had stopped" + (f" ({why})" if why else "")
+                             + "; it was started again and the volume sent again")
+            key, token_file = ("local", url), self.local.token_file
+        else:
+            key, token_file = ("remote", connection.url, connection.token_file), connection.token_file or None
+        if self._client is None or self._client_key != key:
+            self._drop_session()
+            if self._client is not None:
+                self._client.close()
+            self._client, self._client_key = Client(key[1], token_file=token_file), key
+        return self._client
+
+    def _open(self, client, request: PropagationRequest, reporter: Reporter):
+        source, settings = request.volume, request.settings
+        key = self._key(source, request.connection)
+        if self._volume is not None and self._volume_key == key:
+            return self._volume
+        data = source.data if source.data is not None else (self._data if self._data_key == key else None)
+        if data is None:
+            raise RuntimeError("the volume changed since it was exported; propagate again")
+        self._drop_session()
+        reporter.message(f"sending the volume ({len(data) / 1e6:.0f} MB) to the engine...")
+        options = {"axis": source.axis, "modality": source.modality, "model": settings.model,
+                   "image_size": settings.image_size or None}
+        self._volume = client.open_volume(data, source.name, **options)
+        self._volume_key, self._data, self._data_key = key, data, key
+        return self._volume
+
+    def _drop_session(self) -> None:
+        """Close the open session (its data is deleted on the server); a server already gone is fine."""
+        volume, self._volume, self._volume_key = self._volume, None, None
+        if volume is not None:
+            try:
+                volume.close()
+            except Exception:  # unreachable, or any refusal: the server's idle expiry deletes it anyway
+                pass
+
+    def propagate(self, request: PropagationRequest, reporter: Reporter) -> PropagationResult:
+        """Blocks: call it on the worker thread."""
+        from sslmedsam2.server.client import ServerUnreachable, SessionGone
+
+        notes: list[str] = []
+        if request.connection.engine == "remote" and request.settings.checkpoint:
+            notes.append("the local checkpoint file is not used by a remote engine (it uses its own weights)")
+        for attempt in (1, 2):
+            try:
+                volume = self._open(self._connect(request, reporter, notes), request, reporter)
+                if reporter.should_stop():  # pressed while the volume was on its way
+                    raise Cancelled("cancelled before the propagation began")
+                planes = prompt_planes(request.seeds, int(volume.info["array_axis"]), request.prompt_slices)
+                reporter.message(f"propagating from {len(planes)} slices...")
+                result = volume.propagate(planes, replace=True, progress=reporter, should_stop=reporter.should_stop)
+                break
+            except SessionGone as exc:
+                if attempt == 2:
+                    raise
+                why = str(exc).split("; open the volume again")[0]  # the client's advice, which is taken here
+                notes.append(f"{why}: the volume was sent again and the propagation repeated")
+                reporter.message(notes[-1])
+                self._volume, self._volume_key = None, None  # gone on the server: nothing to close
+            except ServerUnreachable:
+                if attempt == 2 or request.connection.engine != "local" or self.local.alive():
+                    raise
+                reporter.message("the local engine stopped; starting it again")
+                self._volume, self._volume_key = None, None
+        axis = int(volume.info["array_axis"])
+        expected = np.moveaxis(request.seeds, axis, 0).shape
+        if result.labels.shape != expected:
+            raise RuntimeError(f"the engine answered {result.labels.shape} voxels for a volume of {expected}; is its "
+                               "sslmedsam2 version compatible?")
+        where = (f"the local engine ({self.local.url})" if request.connection.engine == "local"
+                 else f"the engine at {request.connection.url}")
+        return PropagationResult(np.moveaxis(result.labels, 0, axis), result.confidence_csv, axis, where, notes)
+
+    def close(self) -> None:
+        """Close the session and the client (the shared local server keeps running until Slicer exits)."""
+        self._drop_session()
+        self._data = self._data_key = None
+        if self._client is not None:
+            self._client.close()
+            self._client, self._client_key = None, None
+
+
+def user_message(error: BaseException, connection: Connection) -> str:
+    """One line for the panel: the engine's own words, with where it runs."""
+    from sslmedsam2.errors import UserError
+    from sslmedsam2.server.client import JobCancelled, ServerUnreachable
+
+    if isinstance(error, (JobCancelled, StartCancelled, Cancelled)):
+        return "cancelled"
+    if isinstance(error, ServerStartError):
+        return f"the local engine did not start: {error}"
+    if isinstance(error, ServerUnreachable) and connection.engine == "local":
+        return f"the local engine does not answer: {error}"
+    if isinstance(error, (UserError, ValueError, RuntimeError)) and str(error):  # the engine's own lines
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

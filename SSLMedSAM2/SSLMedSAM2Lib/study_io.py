@@ -1,0 +1,114 @@
+"""Few-shot and study files from and to the scene: supports and queries exported for `pseudolabel`, its ranking,
+cases added to a workspace and refined rounds found in it. Scene access only; the runs are in logic.py."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from SSLMedSAM2Lib import scene_io
+from SSLMedSAM2Lib.launch import import_engine
+
+
+def chosen(path: str) -> bool:
+    """A path field holds a path (an empty ctkPathLineEdit reads as "" or ".")."""
+    return bool(path) and path != "."
+
+
+def export_supports(segmentations, found: list[str]) -> tuple[str, str]:
+    """Each support segmentation with the volume it was drawn on; label values follow segment names, so that
+    "liver" has the same value in every support (the engine refuses supports whose labels differ)."""
+    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-supports-"))
+    (folder / "images").mkdir()
+    (folder / "labels").mkdir()
+    names = sorted({seg.GetSegmentation().GetSegment(sid).GetName()
+                    for seg in segmentations for sid in scene_io.segment_ids(seg)})
+    for seg in segmentations:
+        volume = scene_io.reference_volume(seg)
+        if volume is None:
+            found.append(f"Support {seg.GetName()} has no reference volume: set its source volume in Segment Editor.")
+            continue
+        segmentation = seg.GetSegmentation()
+        ids = [segmentation.GetSegmentIdBySegmentName(name) for name in names]
+        missing = [name for name, sid in zip(names, ids) if not sid]
+        if missing:
+            found.append(f"Support {seg.GetName()} has no segment named {', '.join(missing)}; every support needs "
+                         "the same segments.")
+            continue
+        name = f"{scene_io.file_name(seg)}.nrrd"
+        scene_io.export_volume(volume, folder / "images" / name)
+        scene_io.export_segments(seg, volume, folder / "labels" / name, ids)
+    return str(folder / "images"), str(folder / "labels")
+
+
+def export_queries(volumes, nodes: dict[str, object]) -> str:
+    """The query volumes into a temporary folder; `nodes` learns which file is which scene volume."""
+    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-queries-"))
+    for volume in volumes:
+        name = f"{scene_io.file_name(volume)}.nrrd"
+        scene_io.export_volume(volume, folder / name)
+        nodes[name] = volume
+    return str(folder)
+
+
+def least_trustworthy(output: Path) -> str | None:
+    """The query file a few-shot run ranks first for review."""
+    ranking = Path(output) / "ranking.csv"
+    if not ranking.is_file():
+        return None
+    lines = ranking.read_text().splitlines()
+    return lines[1].split(",")[1] if len(lines) > 1 else None
+
+
+def add_to_study(workspace: Path, volume, segmentation, axis: str, states) -> str:
+    """Image, segmentation (as pseudo-label) and review states (or None) into the workspace; returns the case id."""
+    import_engine()
+    from sslmedsam2.study.workspace import Workspace, add_case, init_workspace
+
+    ids = scene_io.segment_ids(segmentation)
+    if not (workspace / "workspace.json").is_file():
+        names = [segmentation.GetSegmentation().GetSegment(sid).GetName() for sid in ids]
+        init_workspace(workspace, {name: i + 1 for i, name in enumerate(names)}, axis=axis)
+    ws = Workspace.open(workspace)
+    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-study-"))
+    try:
+        image = scene_io.export_volume(volume, folder / "image.nrrd")
+        labels, _ = scene_io.export_segments(segmentation, volume, folder / "labels.nrrd")
+        case_id = "".join(c if c.isalnum() or c in "._-" else "_" for c in volume.GetName()) or "case"
+        base, n = case_id, 1
+        while case_id in ws.cases:
+            n += 1
+            case_id = f"{base}_{n}"
+        add_case(ws, image, pseudo=labels, case_id=case_id)
+        if states is not None:
+            ws.set_review(case_id, list(states))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return case_id
+
+
+def latest_refined(workspace: Path) -> tuple[Path, Path, str, str, list]:
+    """The latest round's pseudo-label of the workspace's first case without ground truth: (image, label map,
+    case, round name, review states)."""
+    import_engine()
+    from sslmedsam2.study.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    rounds = sorted((ws.refine_dir / "rounds").glob("round_*/pseudo"))
+    cases = sorted(rounds[-1].glob("*.nii.gz")) if rounds else []
+    if not cases:
+        raise RuntimeError("no finished refinement round yet")
+    case = cases[0].name[: -len(".nii.gz")]
+    return ws.file(case, "image"), cases[0], case, rounds[-1].parent.name, ws.review(case)
+
+
+def workspace_labels(workspace: Path) -> tuple[dict[str, int], str]:
+    """The workspace's labels ({name: value}) and slice axis, for a prediction of its model."""
+    import_engine()
+    from sslmedsam2.study.workspace import Workspace
+
+    ws = Workspace.open(workspace)
+    if not ws.labels:
+        raise ValueError(f"The workspace {workspace} has no labels yet: add a case first.")
+    return dict(ws.labels), ws.axis

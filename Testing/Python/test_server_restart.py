@@ -1,0 +1,95 @@
+"""A real `sslmedsam2 serve` process, killed (SIGKILL) and started again: the client gets a clear line each time,
+recovers by reopening the volume, and the killed server's data does not outlive it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
+
+from sslmedsam2.server.client import Client, ServerUnreachable, SessionGone
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(port: int, checkpoint, workdir) -> subprocess.Popen:
+    env = {**os.environ, "TMPDIR": str(workdir)}
+    return subprocess.Popen([sys.executable, "-m", "sslmedsam2", "serve", "--port", str(port), "--device", "cpu",
+                             "--model", "sam2.1-tiny", "--checkpoint", str(checkpoint), "--image-size", str(TINY_SIZE)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_ready(process: subprocess.Popen, client: Client, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            pytest.fail(f"serve ended with {process.returncode}: {process.stdout.read()}")
+        try:
+            client.health()
+            return
+        except ServerUnreachable:
+            time.sleep(0.2)
+    pytest.fail("serve did not start")
+
+
+def _folders(workdir, pid: int) -> list:
+    return list(workdir.glob(f".sslmedsam2-server.*-{pid}-*"))
+
+
+def test_killed_and_restarted_server(tiny_checkpoint, tmp_path):
+    port = _free_port()
+    work = tmp_path / "tmp"
+    work.mkdir()
+    image, labels = synthetic_case(shape=(8, 24, 24))
+    path = tmp_path / "image.nii.gz"
+    sitk.WriteImage(to_image(image), str(path))
+    seeds = seeds_on(labels, {1: [2, 5]})
+    planes = {z: seeds[z] for z in (2, 5)}
+    client = Client(f"http://127.0.0.1:{port}")
+    with pytest.raises(ServerUnreachable, match="cannot reach the SSLMedSAM2 server at http://127.0.0.1"):
+        client.info()
+
+    first = _start(port, tiny_checkpoint, work)
+    second = None
+    try:
+        _wait_ready(first, client)
+        volume = client.open_volume(path.read_bytes(), path.name, model="sam2.1-tiny", image_size=TINY_SIZE)
+        before = volume.propagate(planes)
+        assert _folders(work, first.pid), "the server keeps its sessions in its own folder"
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+
+        with pytest.raises(ServerUnreachable, match="is `sslmedsam2 serve` running"):
+            volume.propagate(planes)
+        second = _start(port, tiny_checkpoint, work)
+        _wait_ready(second, client)
+        assert not _folders(work, first.pid), "a restarted server deletes what the killed one left"
+        with pytest.raises(SessionGone, match="restarted: the session is gone; open the volume again"):
+            volume.propagate(planes)
+        volume.reopen()
+        after = volume.propagate(planes)
+        np.testing.assert_array_equal(after.labels, before.labels)
+        assert after.confidence_csv == before.confidence_csv
+
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0
+        assert "every session's data is deleted" in second.stdout.read()
+        assert not _folders(work, second.pid), "a stopped server deletes its folder"
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(30)
+        client.close()

@@ -1,0 +1,267 @@
+"""Client of `sslmedsam2 serve`, for `propagate --server`, scripts and the 3D Slicer module.
+
+requests, numpy and the standard library only: no torch, no FastAPI, no SimpleITK. Every failure is a UserError
+with one line that says what happened and what to do:
+  ServerUnreachable  nothing answers at the URL (server down, tunnel closed, wrong port)
+  SessionGone        the session was closed, expired, or the server restarted (then the message says so): reopen
+  ServerError        the server refused the request: its own one-line message (the command line's words)
+
+    client = Client("http://127.0.0.1:8765", token_file="~/.sslmedsam2-token")
+    with client.open_volume(Path("ct.nii.gz").read_bytes(), "ct.nii.gz", modality="ct") as volume:
+        result = volume.propagate({12: plane12, 30: plane30})      # (h, w) label planes by slice index
+        result.labels, result.confidence_csv                         # (n, h, w) along the axis; the CSV text
+        result = volume.propagate({20: corrected}, replace=False)   # an edit: only the tracking runs again
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import requests
+
+from sslmedsam2.errors import UserError
+from sslmedsam2.server.wire import read_array_message, slice_entry
+
+INSTANCE_HEADER = "X-SSLMedSAM2-Instance"
+_ALREADY_COMPRESSED = (".gz", ".zip", ".bz2", ".xz")
+
+
+class ServerError(UserError):
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 instance: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.instance = status, code, instance
+
+
+class ServerUnreachable(ServerError):
+    pass
+
+
+class SessionGone(ServerError):
+    pass
+
+
+class JobFailed(ServerError):
+    pass
+
+
+class JobCancelled(ServerError):
+    pass
+
+
+@dataclass
+class RemoteResult:
+    labels: np.ndarray  # (n, h, w) along the session's axis
+    confidence_csv: str
+    result: int  # the session's result number
+    labels_present: list[int]
+    seconds: float
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = None, token_file: Path | str | None = None,
+                 timeout: float = 120.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise UserError(f"--server {url!r}: give the server's address as http://HOST:PORT")
+        if token is None and token_file is not None:
+            from sslmedsam2.server.tokens import read_client_token
+
+            token = read_client_token(Path(token_file).expanduser())
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self._http = requests.Session()
+        # A proxy from the environment must not see patient images or the token (nor intercept an SSH tunnel's
+        # 127.0.0.1); a CA bundle named there (an https reverse proxy with an in-house certificate) is still used.
+        self._http.trust_env = False
+        self._http.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        if token:
+            self._http.headers["Authorization"] = f"Bearer {token}"
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- plumbing -------------------------------------------------------------------------------------------------
+    def request(self, method: str, path: str, timeout: float | None = None, **kwargs) -> requests.Response:
+        try:
+            answer = self._http.request(method, self.url + path, timeout=timeout or self.timeout, **kwargs)
+        except requests.exceptions.Timeout:
+            raise ServerUnreachable(f"the SSLMedSAM2 server at {self.url} did not answer within "
+                                    f"{timeout or self.timeout:.0f} s") from None
+        except requests.exceptions.RequestException as exc:
+            reason = _reason(exc)
+            raise ServerUnreachable(f"cannot reach the SSLMedSAM2 server at {self.url} ({reason}); is `sslmedsam2 "
+                                    "serve` running there, and the SSH tunnel open?") from None
+        if answer.status_code >= 400:
+            raise self._error(answer)
+        return answer
+
+    def _error(self, answer: requests.Response) -> ServerError:
+        instance = answer.headers.get(INSTANCE_HEADER)
+        try:
+            body = answer.json()
+            message, code = str(body["error"]), body.get("code")
+        except (ValueError, KeyError, TypeError):
+            return ServerError(f"{self.url} answered HTTP {answer.status_code} without an SSLMedSAM2 message; is it "
+                               "an SSLMedSAM2 server?", answer.status_code, None, instance)
+        if answer.status_code == 401:
+            message = f"the SSLMedSAM2 server at {self.url} refused the request: {message}"
+        kind = SessionGone if code == "session_gone" else ServerError
+        return kind(message, answer.status_code, code, instance)
+
+    def get_json(self, path: str, **kwargs) -> dict:
+        return self.request("GET", path, **kwargs).json()
+
+    # --- the API --------------------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return self.get_json("/health", timeout=10)
+
+    def info(self) -> dict:
+        return self.get_json("/info", timeout=30)
+
+    def open_session(self, data: bytes, name: str, axis: str = "axial", modality: str = "mri",
+                     window: str = "soft-tissue", value_range: tuple[float, float] | None = None,
+                     model: str | None = None, image_size: int | None = None) -> dict:
+        """Send an image file's bytes (gzip-compressed on the way unless the file already is)."""
+        params = {"name": Path(name).name, "axis": axis, "modality": modality, "window": window}
+        if value_range is not None:
+            params["range_min"], params["range_max"] = value_range
+        if model:
+            params["model"] = model
+        if image_size:
+            params["image_size"] = image_size
+        if not Path(name).name.lower().endswith(_ALREADY_COMPRESSED):
+            data, params["encoding"] = gzip.compress(data, compresslevel=1), "gzip"
+        return self.request("POST", "/sessions", params=params, data=data,
+                            headers={"Content-Type": "application/octet-stream"}, timeout=max(self.timeout, 600)).json()
+
+    def open_volume(self, data: bytes, name: str, **options) -> "RemoteVolume":
+        return RemoteVolume(self, data, name, options)
+
+    def session(self, session_id: str) -> dict:
+        return self.get_json(f"/sessions/{session_id}")
+
+    def close_session(self, session_id: str) -> None:
+        self.request("DELETE", f"/sessions/{session_id}", timeout=30)
+
+    def propagate(self, session_id: str, slices: dict[int, np.ndarray], replace: bool = True) -> dict:
+        entries = [slice_entry(z, plane) for z, plane in sorted(slices.items())]
+        return self.request("POST", f"/sessions/{session_id}/propagate",
+                            json={"slices": entries, "replace": replace}).json()
+
+    def job(self, job_id: str, wait: float = 0.0) -> dict:
+        return self.get_json(f"/jobs/{job_id}", params={"wait": wait} if wait else None, timeout=wait + 60)
+
+    def cancel(self, job_id: str) -> dict:
+        return self.request("POST", f"/jobs/{job_id}/cancel", timeout=30).json()
+
+    def wait(self, job_id: str, progress=None, poll: float = 0.5,
+             should_stop: Callable[[], bool] | None = None) -> dict:
+        """Follow a job to its end (progress: anything with reset(total) and update(n), e.g. tqdm). A job that
+        failed raises JobFailed with the server's line; one that was cancelled raises JobCancelled."""
+        shown, total, cancelled = 0, None, False
+        while True:
+            state = self.job(job_id, wait=poll)
+            if progress is not None and state.get("total") is not None:
+                if state["total"] != total:
+                    total, shown = state["total"], 0
+                    progress.reset(total=total)
+                if state["done"] > shown:
+                    progress.update(state["done"] - shown)
+                    shown = state["done"]
+            if state["state"] == "done":
+                return state
+            if state["state"] == "failed":
+                raise JobFailed(state.get("error") or "the job failed", code="failed")
+            if state["state"] == "cancelled":
+                raise JobCancelled("propagation cancelled; the session's previous result is unchanged",
+                                   code="cancelled")
+            if should_stop is not None and not cancelled and should_stop():
+                self.cancel(job_id)
+                cancelled = True
+
+    def labels(self, session_id: str) -> tuple[np.ndarray, int]:
+        """The last result as a (n, h, w) array along the session's axis, and its result number."""
+        message = self.get_json(f"/sessions/{session_id}/labels", params={"format": "raw"})
+        return read_array_message(message, "label map from the server"), int(message["result"])
+
+    def labels_file(self, session_id: str, fmt: str = "nifti") -> bytes:
+        """The last result as a compressed file on the image grid (.nii.gz, or .nrrd)."""
+        return self.request("GET", f"/sessions/{session_id}/labels", params={"format": fmt}).content
+
+    def confidence(self, session_id: str) -> str:
+        return self.request("GET", f"/sessions/{session_id}/confidence").text
+
+
+class RemoteVolume:
+    """An open session that remembers how it was opened, so that `reopen()` recovers from a restarted server."""
+
+    def __init__(self, client: Client, data: bytes, name: str, options: dict) -> None:
+        self.client, self._data, self.name, self.options = client, data, name, options
+        self.info: dict = {}
+        self.instance: str | None = None
+        self.reopen()
+
+    @property
+    def id(self) -> str:
+        return self.info["session"]
+
+    def reopen(self) -> "RemoteVolume":
+        """Open the volume again (the prompts of the lost session are the caller's to send again)."""
+        self.instance = self.client.health().get("instance")
+        self.info = self.client.open_session(self._data, self.name, **self.options)
+        return self
+
+    def _gone(self, exc: SessionGone) -> SessionGone:
+        if exc.instance and self.instance and exc.instance != self.instance:
+            return SessionGone(f"the SSLMedSAM2 server at {self.client.url} restarted: the session is gone; open "
+                               "the volume again", exc.status, exc.code, exc.instance)
+        return exc
+
+    def propagate(self, slices: dict[int, np.ndarray], replace: bool = True, progress=None,
+                  should_stop: Callable[[], bool] | None = None) -> RemoteResult:
+        started = time.perf_counter()
+        try:
+            job = self.client.propagate(self.id, slices, replace)
+            try:
+                done = self.client.wait(job["job"], progress, should_stop=should_stop)
+            except KeyboardInterrupt:
+                self.client.cancel(job["job"])
+                raise
+            labels, result = self.client.labels(self.id)
+            csv = self.client.confidence(self.id)
+        except SessionGone as exc:
+            raise self._gone(exc) from None
+        except ServerError as exc:
+            if exc.status == 404 and exc.instance and self.instance and exc.instance != self.instance:
+                raise self._gone(SessionGone(str(exc), exc.status, "session_gone", exc.instance)) from None
+            raise
+        return RemoteResult(labels, csv, result, done.get("labels", []), time.perf_counter() - started)
+
+    def close(self) -> None:
+        try:
+            self.client.close_session(self.id)
+        except (SessionGone, ServerUnreachable):
+            pass  # gone already: nothing left to delete
+
+    def __enter__(self) -> "RemoteVolume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _reason(exc: requests.exceptions.RequestException) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "No route to host", "Connection reset",
+                   "Remote end closed connection", "timed out", "certificate verify failed"):
+        if marker.lower() in text.lower():
+            return marker.lower()
+    return type(exc).__name__

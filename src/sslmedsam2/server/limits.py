@@ -1,0 +1,100 @@
+"""What a server may hold: its settings, and the memory budget of cached slice features (least recently used out)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sslmedsam2.errors import UserError
+from sslmedsam2.server.errors import TooLarge
+
+GB = 1 << 30
+MB = 1 << 20
+
+
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    device: str = "auto"
+    model: str | None = None  # None: the engine's default model
+    checkpoint: Path | None = None  # weights of `model`; None: the cached (or downloaded) ones
+    image_size: int | None = None  # None: the model's own
+    download: bool = True
+    memory_budget: int | None = None  # bytes of cached features, all sessions; None: default_budget()
+    max_sessions: int = 8
+    idle_timeout_s: float = 1800.0  # a session unused this long is closed and its data deleted
+    max_request_bytes: int = 1024 * MB  # the largest request body (an image upload), compressed
+    max_voxels: int = 1 << 29  # the largest image: 512 x 512 x 2048 voxels, 2 GiB as float32 while read
+    job_retention_s: float = 3600.0  # finished jobs stay readable this long
+    tokens: list[str] = field(default_factory=list)  # empty: no token (then only a loopback address is allowed)
+    workdir: Path | None = None  # where the server's private temporary folder goes (default: the system's)
+
+    def check(self) -> None:
+        if self.max_sessions < 1:
+            raise UserError("--max-sessions must be at least 1")
+        if self.idle_timeout_s <= 0:
+            raise UserError("--idle-timeout must be positive")
+        if self.max_request_bytes < MB:
+            raise UserError("--max-request-mb must be at least 1")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise UserError("--memory-budget must be positive")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port {self.port}: not a port number")
+
+
+def available_memory() -> int:
+    """Main memory the system can give now (POSIX); a large number where it cannot tell."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 64 * GB
+
+
+def default_budget(gpu_free: int | None) -> int:
+    """Half of the main memory available at start, plus 40 % of a GPU's free memory (features live on the GPU
+    while they fit there, else in main memory)."""
+    return int(0.5 * available_memory() + 0.4 * (gpu_free or 0))
+
+
+def parse_gb(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--memory-budget {text!r}: a number of gigabytes, e.g. 8 or 0.5") from None
+    if not value > 0:
+        raise UserError(f"--memory-budget {text!r}: must be positive")
+    return int(value * GB)
+
+
+def human(size: int) -> str:
+    return f"{size / GB:.2f} GB" if size >= GB else f"{size / MB:.0f} MB"
+
+
+class FeatureBudget:
+    """Cached features of all sessions stay under `limit` bytes: before a volume is encoded, the least recently
+    used volumes that are not busy lose theirs (they are encoded again when next propagated)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+
+    def check_fits(self, need: int, what: str) -> None:
+        if need > self.limit:
+            raise TooLarge(f"{what}: its slice features need {human(need)}, more than the server's memory budget "
+                           f"({human(self.limit)}); open it with a smaller image size, or start the server with a "
+                           "larger --memory-budget")
+
+    def victims(self, need: int, holders: list[tuple[Hashable, int, float, bool]]) -> list[Hashable]:
+        """Which holders (key, bytes held, last used, busy) give up their features so that `need` more fits,
+        least recently used first. Busy holders keep theirs (the budget may then be exceeded for a while)."""
+        used = sum(size for _, size, _, _ in holders)
+        out = []
+        for key, size, _, busy in sorted(holders, key=lambda h: h[2]):
+            if used + need <= self.limit:
+                break
+            if size and not busy:
+                out.append(key)
+                used -= size
+        return out

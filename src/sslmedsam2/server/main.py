@@ -1,0 +1,175 @@
+"""`sslmedsam2 serve`: check the settings (loopback unless there is a token), build the model, listen, serve until
+SIGINT/SIGTERM, then delete every session's data."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sslmedsam2.errors import UserError
+from sslmedsam2.server.limits import MB, ServerSettings, parse_gb
+
+DEFAULT_PORT = 8765
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: ServerSettings) -> None:
+    """Anything but a loopback address needs a token: a server holding patient images is not open to a network."""
+    if not is_loopback(settings.host) and not settings.tokens:
+        raise UserError(f"--host {settings.host}: listening beyond this machine (not 127.0.0.1) needs --token-file; "
+                        "or keep 127.0.0.1 and reach the server through an SSH tunnel")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def settings_from(args: argparse.Namespace) -> ServerSettings:
+    from sslmedsam2.server.tokens import read_server_tokens
+
+    return ServerSettings(
+        host=args.host, port=args.port, device=args.device, model=args.model, checkpoint=args.checkpoint,
+        image_size=args.image_size, download=not args.no_download,
+        memory_budget=None if args.memory_budget is None else parse_gb(args.memory_budget),
+        max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout * 60.0,
+        max_request_bytes=int(args.max_request_mb * MB),
+        tokens=read_server_tokens(args.token_file) if args.token_file else [])
+
+
+def serve(settings: ServerSettings, say: Callable[[str], None]) -> int:
+    """Serve until SIGINT or SIGTERM. HTTP runs on a thread; the jobs run on this (the main) thread, as the
+    command line computes: torch's CPU kernels are markedly faster there than on another thread."""
+    import uvicorn
+
+    from sslmedsam2.server.app import create_app
+    from sslmedsam2.server.limits import human
+    from sslmedsam2.server.service import Service
+
+    settings.check()
+    check_bind(settings)
+    sock = bind(settings.host, settings.port)  # before the model is built: a taken port fails at once
+    service = Service(settings, say, worker_thread=False)
+    server = thread = None
+    saved = {}
+    try:
+        service.start()
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False,
+                                               timeout_graceful_shutdown=5))
+
+        def http() -> None:
+            try:
+                server.run(sockets=[sock])
+            finally:
+                service.runner.stop()  # no HTTP, no work
+
+        def stop(signum, frame) -> None:
+            server.should_exit = True
+            service.runner.stop()
+
+        saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        thread = threading.Thread(target=http, name="sslmedsam2-http", daemon=True)
+        thread.start()
+        host, port = sock.getsockname()[:2]
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        access = "token required" if settings.tokens else "no token: this machine only"
+        say(f"serving {service.model} on {service.device} at {url} ({access}; "
+            f"memory budget {human(service.budget.limit)}, at most {settings.max_sessions} sessions, idle sessions "
+            f"closed after {settings.idle_timeout_s / 60:.0f} min); API: {url}/docs")
+        service.runner.run()
+    finally:
+        if server is not None:
+            server.should_exit = True
+        if thread is not None:
+            thread.join(15)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        service.close()
+        sock.close()
+    say("stopped; every session's data is deleted")
+    return 0
+
+
+def add_serve_command(sub, add_model_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    s = sub.add_parser("serve", help="a long-lived SAM2 server for interactive propagation (local or on a GPU machine)",
+                       description="Keep SAM2 models and each open volume's slice features in memory, so propagating "
+                       "again after an edit runs only the tracking. HTTP+JSON API (see /docs). Listens on 127.0.0.1 "
+                       "unless --host says otherwise, which needs --token-file.")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "anything else needs --token-file)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
+    s.add_argument("--token-file", type=Path, help="file with one access token per line (mode 600); every request "
+                   "must then send one, and sees only the sessions opened with it")
+    s.add_argument("--memory-budget", metavar="GB", help="the most that cached slice features of all sessions may "
+                   "take (default: half the free main memory plus 40%% of the GPU's free memory); the least recently "
+                   "used volumes give theirs up first")
+    s.add_argument("--max-sessions", type=int, default=8, help="open sessions at most (default 8)")
+    s.add_argument("--idle-timeout", type=float, default=30.0, metavar="MINUTES",
+                   help="close a session (and delete its data) after this long unused (default 30)")
+    s.add_argument("--max-request-mb", type=float, default=1024.0, help="largest request (an image upload) in MB "
+                   "(default 1024)")
+    add_model_options(s)
+    s.set_defaults(func=cmd_serve, model=None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    def say(message: str) -> None:
+        print(f"sslmedsam2: {message}", file=sys.stderr, flush=True)
+
+    return serve(settings_from(args), say)
+
+
+@contextlib.contextmanager
+def serve_in_thread(settings: ServerSettings, say: Callable[[str], None] = lambda message: None):
+    """A server on a background thread of this process (tests, notebooks); yields (url, service). Leaving the block
+    stops it and deletes every session's data."""
+    import uvicorn
+
+    from sslmedsam2.server.app import create_app
+    from sslmedsam2.server.service import Service
+
+    settings.check()
+    check_bind(settings)
+    sock = bind(settings.host, settings.port)
+    service = Service(settings, say)
+    try:
+        service.start()
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sslmedsam2-http", daemon=True)
+        thread.start()
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread ended before it started serving")
+            time.sleep(0.02)
+        host, port = sock.getsockname()[:2]
+        try:
+            yield f"http://{host}:{port}", service
+        finally:
+            server.should_exit = True
+            thread.join(15)
+    finally:
+        service.close()
+        sock.close()

@@ -1,0 +1,387 @@
+"""The interactive engine without HTTP: built models, open volumes (sessions) with their prompts, cached slice
+features and last result, the propagation jobs, the memory budget and idle expiry. Every operation names the
+owner (the token) it acts for; a session is visible to its owner only."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from sslmedsam2 import __version__
+from sslmedsam2.atomic import _temp_prefix, remove_stale_temporaries
+from sslmedsam2.errors import UserError
+from sslmedsam2.frames import IntensitySpec
+from sslmedsam2.models import get_model
+from sslmedsam2.models.registry import DEFAULT_MODEL, check_image_size
+from sslmedsam2.pipeline import PropagateOptions, find_weights
+from sslmedsam2.propagation.confidence import write_confidence
+from sslmedsam2.propagation.result import Propagation
+from sslmedsam2.server import prompts as prompt_rules
+from sslmedsam2.server.errors import Conflict, NotFound, SessionGone
+from sslmedsam2.server.jobs import Job, JobRunner
+from sslmedsam2.server.limits import FeatureBudget, ServerSettings, default_budget, human
+from sslmedsam2.server.sessions import Session, labels_of
+from sslmedsam2.server.upload import read_volume_slices, store_upload
+from sslmedsam2.volume import write_image
+
+MAX_MODELS = 3  # built predictors kept (model, image size); the least recently used goes first
+LABEL_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd"}
+log = logging.getLogger("sslmedsam2.server")
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, say: Callable[[str], None] = print, worker_thread: bool = True) -> None:
+        settings.check()
+        self.settings = settings
+        self.say = say
+        self.instance = secrets.token_hex(8)
+        self.model = settings.model or DEFAULT_MODEL
+        self.device = None
+        self.budget: FeatureBudget | None = None
+        self.root: Path | None = None
+        self._sessions: dict[str, Session] = {}
+        self._predictors: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self.runner = JobRunner(settings.job_retention_s, own_thread=worker_thread)
+        self._reaper: threading.Thread | None = None
+
+    # --- life ---------------------------------------------------------------------------------------------------
+    def start(self) -> "Service":
+        """Check the model's weights and build it (errors here are the command line's own lines), make the private
+        temporary folder, start expiring idle sessions."""
+        import torch
+
+        from sslmedsam2.models.loader import resolve_device
+
+        try:
+            self.device = resolve_device(self.settings.device)
+            get_model(self.model)
+            if self.settings.image_size is not None:
+                check_image_size(self.settings.image_size)
+            self._predictor(self.model, self._image_size(self.model, None))
+        except BaseException:
+            self.runner.close()
+            raise
+        gpu_free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.budget = FeatureBudget(self.settings.memory_budget or default_budget(gpu_free))
+        base = Path(self.settings.workdir or tempfile.gettempdir())
+        remove_stale_temporaries(base)  # what a killed server of this host left: patient data must not linger
+        self.root = Path(tempfile.mkdtemp(prefix=_temp_prefix("sslmedsam2-server"), suffix=".tmp", dir=base))
+        self._reaper = threading.Thread(target=self._expire_loop, name="sslmedsam2-expiry", daemon=True)
+        self._reaper.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self.runner.close()
+        with self._lock:
+            for session in list(self._sessions.values()):
+                self._drop(session)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _expire_loop(self) -> None:
+        interval = min(60.0, max(0.5, self.settings.idle_timeout_s / 4))
+        while not self._stop.wait(interval):
+            self.expire()
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Close the sessions unused for longer than the idle timeout (not while a job of theirs runs)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            old = [s for s in self._sessions.values()
+                   if not s.busy and now - s.last_used > self.settings.idle_timeout_s]
+            for session in old:
+                self._drop(session)
+        for session in old:
+            self.say(f"session {session.id[:8]} expired after "
+                     f"{self.settings.idle_timeout_s:.0f} s unused; its data is deleted")
+        self.runner.forget_finished()
+        return [s.id for s in old]
+
+    # --- models -------------------------------------------------------------------------------------------------
+    def _image_size(self, model: str, requested: int | None) -> int:
+        if requested is not None:
+            return check_image_size(int(requested))
+        if self.settings.image_size is not None:
+            return self.settings.image_size
+        return get_model(model).image_size
+
+    def _predictor(self, model: str, image_size: int):
+        """A built predictor for (model, image size); runs on the worker thread (or at start)."""
+        from sslmedsam2.models.loader import build_predictor
+
+        key = (model, image_size)
+        with self._lock:
+            if key in self._predictors:
+                self._predictors.move_to_end(key)
+                return self._predictors[key]
+        if model == self.model and self.settings.checkpoint is not None:
+            weights = self.settings.checkpoint
+        else:
+            weights = find_weights(PropagateOptions(method="sam2", model=model, download=self.settings.download),
+                                   self.say)
+        predictor = build_predictor(get_model(model), weights, self.device, image_size)
+        with self._lock:
+            self._predictors[key] = predictor
+            while len(self._predictors) > MAX_MODELS:
+                self._predictors.popitem(last=False)
+        self.say(f"model {model} at image size {image_size} ready on {self.device}")
+        return predictor
+
+    # --- sessions -----------------------------------------------------------------------------------------------
+    def _session(self, owner: str, session_id: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != owner:
+                raise SessionGone(f"no open session {session_id!r}: it was closed, expired after "
+                                  f"{self.settings.idle_timeout_s:.0f} s unused, or the server restarted; "
+                                  "open the volume again")
+            session.last_used = time.monotonic()
+            return session
+
+    def open_session(self, owner: str, data: bytes, name: str, axis: str = "axial", modality: str = "mri",
+                     window: str = "soft-tissue", value_range: tuple[float, float] | None = None,
+                     model: str | None = None, image_size: int | None = None, gzipped: bool = False) -> dict:
+        name = Path(name or "image").name[:200] or "image"
+        model = model or self.model
+        get_model(model)
+        size = self._image_size(model, image_size)
+        intensity = IntensitySpec(modality=modality, window=window,
+                                  value_range=tuple(value_range) if value_range is not None else None)
+        with self._lock:
+            if len(self._sessions) >= self.settings.max_sessions:
+                raise Conflict(f"the server holds {len(self._sessions)} open sessions, its limit; close one "
+                               "(or wait until one expires) and open again")
+            session_id = secrets.token_urlsafe(16)
+            folder = self.root / session_id
+            folder.mkdir(mode=0o700)
+        try:
+            stored = store_upload(folder, data, name, gzipped, self.settings.max_voxels * 8 + (1 << 20))
+            volume = read_volume_slices(stored, name, axis, intensity, self.settings.max_voxels)
+            from sslmedsam2.propagation.features import frame_feature_bytes
+
+            self.budget.check_fits(frame_feature_bytes(size) * volume.slices.shape[0], name)
+            session = Session(session_id, owner, name, folder, axis, model, size, intensity, volume)
+            with self._lock:
+                if len(self._sessions) >= self.settings.max_sessions:
+                    raise Conflict("the server reached its limit of open sessions meanwhile; close one and open again")
+                self._sessions[session_id] = session
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        self.say(f"session {session_id[:8]} opened: {volume.slices.shape[0]} slices of "
+                 f"{volume.slices.shape[1]} x {volume.slices.shape[2]} ({axis}), {model} at {size}")
+        return session.describe()
+
+    def session_info(self, owner: str, session_id: str) -> dict:
+        return self._session(owner, session_id).describe()
+
+    def list_sessions(self, owner: str) -> list[dict]:
+        with self._lock:
+            return [s.describe() for s in self._sessions.values() if s.owner == owner]
+
+    def close_session(self, owner: str, session_id: str) -> None:
+        session = self._session(owner, session_id)
+        with self._lock:
+            self._drop(session)
+        self.say(f"session {session_id[:8]} closed; its data is deleted")
+
+    def _drop(self, session: Session) -> None:
+        """Forget a session and delete its folder; a running job of it is cancelled and its result discarded."""
+        self._sessions.pop(session.id, None)
+        session.closed = True
+        if session.job is not None:
+            session.job.cancel()
+        if not session.busy:
+            session.engine = None
+        session.prompts, session.result, session.outputs = {}, None, {}
+        shutil.rmtree(session.folder, ignore_errors=True)
+
+    # --- propagation --------------------------------------------------------------------------------------------
+    def propagate(self, owner: str, session_id: str, slices: list[dict], replace: bool = True) -> dict:
+        """Queue a propagation from the session's prompts (those of its last result) updated by, or replaced with,
+        this request's slices; returns the job."""
+        session = self._session(owner, session_id)
+        update = prompt_rules.decode_slices(slices, session.shape)
+        with session.lock:
+            if session.busy:
+                raise Conflict(f"session {session_id!r} is already propagating (job {session.job.id}); wait for it "
+                               "or cancel it")
+            prompts = prompt_rules.merged(session.prompts, update, replace)
+            seeds = prompt_rules.seed_map(prompts, session.shape)
+            session.job = self.runner.submit(Job("propagate", owner, session_id,
+                                                 lambda job: self._run_propagation(session, prompts, seeds, job)))
+            return session.job.snapshot()
+
+    def _run_propagation(self, session: Session, prompts: dict, seeds, job: Job) -> dict:
+        """On the worker thread: the model, room for this volume's features, then the engine's propagation."""
+        from sslmedsam2.propagation.features import frame_feature_bytes
+        from sslmedsam2.propagation.session import VolumeSession
+
+        if session.closed:
+            raise SessionGone("the session was closed before its propagation started")
+        predictor = self._predictor(session.model, session.image_size)
+        engine = session.engine
+        if engine is None or engine.predictor is not predictor or engine.feature_bytes() == 0:
+            self._make_room(session, frame_feature_bytes(session.image_size) * session.shape[0])
+            engine = VolumeSession(predictor, session.volume.slices)  # the GPU while its features fit, else CPU
+            session.engine = engine
+        try:
+            result = self._propagate_engine(session, engine, seeds, job)
+        finally:
+            with self._lock:
+                session.feature_bytes = engine.feature_bytes()
+                session.features_on = None if engine.store is None else str(engine.store.device)
+                if session.closed:
+                    session.engine = None
+        if session.closed:
+            raise SessionGone("the session was closed while it propagated; its result is discarded")
+        with session.lock:  # prompts and result change together: a failed or cancelled run leaves both as they were
+            session.prompts, session.result = prompts, result
+            session.result_id, session.outputs = session.result_id + 1, {}
+        return {"result": session.result_id, "labels": labels_of(result)}
+
+    def _propagate_engine(self, session: Session, engine, seeds, job: Job) -> Propagation:
+        try:
+            return engine.propagate(seeds, progress=job, should_stop=job.should_stop)
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError" or engine.store is None or engine.store.device.type != "cuda":
+                raise
+        # out of GPU memory: other volumes give up their features, this one's move to main memory, once
+        import torch
+
+        self.say(f"session {session.id[:8]}: out of GPU memory; keeping its features in main memory instead")
+        self._make_room(session, self.budget.limit + 1)
+        engine.store.move_to("cpu")
+        torch.cuda.empty_cache()
+        return engine.propagate(seeds, progress=job, should_stop=job.should_stop)
+
+    def _make_room(self, session: Session, need: int) -> None:
+        with self._lock:
+            holders = [(s.id, s.feature_bytes, s.last_used, s.busy) for s in self._sessions.values()
+                       if s is not session]
+            victims = [self._sessions[key] for key in self.budget.victims(need, holders)]
+            for victim in victims:
+                if victim.engine is not None:
+                    victim.engine.drop_features()
+                victim.feature_bytes, victim.features_on = 0, None
+        for victim in victims:
+            self.say(f"session {victim.id[:8]} gave up its slice features (memory budget "
+                     f"{human(self.budget.limit)}); they are encoded again when it is next propagated")
+        if victims and self.device is not None and self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # --- jobs ---------------------------------------------------------------------------------------------------
+    def _job(self, owner: str, job_id: str) -> Job:
+        job = self.runner.get(job_id)
+        if job is None or job.owner != owner:
+            raise NotFound(f"no job {job_id!r}: it ended more than {self.settings.job_retention_s:.0f} s ago, or "
+                           "the server restarted")
+        if job.session is not None:
+            with self._lock:
+                session = self._sessions.get(job.session)
+                if session is not None:
+                    session.last_used = time.monotonic()
+        return job
+
+    def job(self, owner: str, job_id: str, wait: float = 0.0) -> dict:
+        job = self._job(owner, job_id)
+        if wait > 0:
+            job.wait(min(wait, 30.0))
+        snapshot = job.snapshot()
+        if job.state == "done":
+            snapshot.update(job.result or {})
+        return snapshot
+
+    def cancel(self, owner: str, job_id: str) -> dict:
+        job = self._job(owner, job_id)
+        job.cancel()
+        return job.snapshot()
+
+    # --- results ------------------------------------------------------------------------------------------------
+    def _result(self, owner: str, session_id: str) -> tuple[Session, Propagation, int]:
+        session = self._session(owner, session_id)
+        with session.lock:
+            if session.result is None:
+                raise Conflict(f"session {session_id!r} has no result yet: propagate first")
+            return session, session.result, session.result_id
+
+    def labels_file(self, owner: str, session_id: str, fmt: str = "nifti") -> tuple[bytes, int]:
+        """The label map on the image grid as a compressed file written by the engine's writer; (bytes, result)."""
+        if fmt not in LABEL_FORMATS:
+            raise UserError(f"unknown label map format {fmt!r}; choose one of {', '.join(LABEL_FORMATS)} or raw")
+        session, result, result_id = self._result(owner, session_id)
+        with session.lock:
+            key = (fmt, result_id)
+            if key not in session.outputs:
+                path = session.folder / f"labels{LABEL_FORMATS[fmt]}"
+                write_image(session.volume.to_image(result.labels), path)
+                try:
+                    session.outputs[key] = path.read_bytes()
+                finally:
+                    path.unlink(missing_ok=True)
+            return session.outputs[key], result_id
+
+    def labels_array(self, owner: str, session_id: str) -> tuple[np.ndarray, int]:
+        """The label map in slice-first order along the session's axis (n, h, w); (array, result)."""
+        _, result, result_id = self._result(owner, session_id)
+        return result.labels, result_id
+
+    def confidence_csv(self, owner: str, session_id: str) -> tuple[str, int]:
+        """The confidence table, as `propagate` writes it beside its output."""
+        session, result, result_id = self._result(owner, session_id)
+        with session.lock:
+            key = ("csv", result_id)
+            if key not in session.outputs:
+                path = session.folder / "labels.confidence.csv"
+                write_confidence(result.confidence, path)
+                try:
+                    session.outputs[key] = path.read_text(encoding="utf-8")
+                finally:
+                    path.unlink(missing_ok=True)
+            return session.outputs[key], result_id
+
+    # --- health ---------------------------------------------------------------------------------------------------
+    def info(self, owner: str) -> dict:
+        with self._lock:
+            sessions = list(self._sessions.values())
+            models = [{"name": m, "image_size": s} for m, s in self._predictors]
+        memory = {"budget_bytes": self.budget.limit if self.budget else None,
+                  "features_bytes": sum(s.feature_bytes for s in sessions), "rss_bytes": _rss()}
+        if self.device is not None and self.device.type == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info(self.device)
+            memory.update(gpu_allocated_bytes=torch.cuda.memory_allocated(self.device), gpu_free_bytes=free,
+                          gpu_total_bytes=total)
+        return {"service": "sslmedsam2", "version": __version__, "instance": self.instance,
+                "device": str(self.device), "default_model": self.model,
+                "default_image_size": self._image_size(self.model, None), "models_built": models,
+                "sessions": len(sessions), "your_sessions": sum(s.owner == owner for s in sessions),
+                "jobs_active": len(self.runner.active()), "memory": memory,
+                "limits": {"max_sessions": self.settings.max_sessions,
+                           "idle_timeout_s": self.settings.idle_timeout_s,
+                           "max_request_bytes": self.settings.max_request_bytes,
+                           "max_voxels": self.settings.max_voxels}}
+
+
+def _rss() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
