@@ -148,7 +148,7 @@ def test_full_disk_during_propagate(case, tmp_path, capsys, file_size_limit, suf
         if code == 0:
             result = sitk.ReadImage(str(out)) if suffix else sitk.ReadImage(sorted(map(str, out.iterdir())))
             assert np.array_equal(sitk.GetArrayFromImage(result), expected)
-            assert out.with_name(f"out.confidence.csv").stat().st_size > 0
+            assert out.with_name("out.confidence.csv").stat().st_size > 0
         else:
             failures += 1
             assert code == 1 and len(err) == 1 and "cannot write" in err[0], err

@@ -56,7 +56,7 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _temp_prefix(name: str) -> str:
+def temp_prefix(name: str) -> str:
     return f".{name}.{_HOST}-{os.getpid()}-"
 
 
@@ -65,7 +65,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target` (same suffix, so writers pick the same format); on success it is
     flushed to disk, given the umask's mode and renamed over `target`; on failure it is removed."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(stem(target)), suffix=f".tmp{full_suffix(target)}",
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(stem(target)), suffix=f".tmp{full_suffix(target)}",
                                dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -85,7 +85,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     Callers must have checked (check_output) that an existing `target` is a folder this tool wrote.
     """
     target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         for entry in tmp.iterdir():
@@ -95,7 +95,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         _publish_mode(tmp, folder=True)
         old = None
         if target.exists():
-            old = target.with_name(f"{_temp_prefix(target.name)}old.tmp")
+            old = target.with_name(f"{temp_prefix(target.name)}old.tmp")
             os.replace(target, old)
         os.replace(tmp, target)
         if old is not None:

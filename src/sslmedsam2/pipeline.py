@@ -67,6 +67,16 @@ class Case:
         return out
 
 
+def check_seed_map(seeds: np.ndarray, what: str) -> None:
+    """A drawing: a few labels, at least one voxel (the same rule for a SEEDS file and a server's prompts)."""
+    values = np.unique(seeds)
+    if len(values) > MAX_SEED_LABELS + 1:
+        raise UserError(f"{what}: holds {len(values) - 1} distinct labels; a seed map holds a few drawn "
+                        "structures (0 = background). Are IMAGE and SEEDS swapped?")
+    if not seeds.any():
+        raise UserError(f"{what}: the seed label map has no labelled voxel; draw the structure on at least one slice")
+
+
 def load_case(image_path: Path, seeds_path: Path, axis: str = "axial", seed_slices: list[int] | None = None,
               log: Callable[[str], None] = print) -> Case:
     image = read_image(image_path)
@@ -75,12 +85,7 @@ def load_case(image_path: Path, seeds_path: Path, axis: str = "axial", seed_slic
     array_axis = slice_axis(image, axis)
     volume = np.moveaxis(sitk.GetArrayFromImage(image), array_axis, 0)
     seeds = np.moveaxis(sitk.GetArrayFromImage(seeds_image), array_axis, 0)
-    values = np.unique(seeds)
-    if len(values) > MAX_SEED_LABELS + 1:
-        raise UserError(f"{seeds_path}: holds {len(values) - 1} distinct labels; a seed map holds a few drawn "
-                        "structures (0 = background). Are IMAGE and SEEDS swapped?")
-    if not seeds.any():
-        raise UserError(f"{seeds_path}: the seed label map has no labelled voxel; draw the structure on at least one slice")
+    check_seed_map(seeds, str(seeds_path))
     if seed_slices is not None:
         outside = [z for z in seed_slices if not 0 <= z < seeds.shape[0]]
         if outside:

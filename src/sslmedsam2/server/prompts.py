@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.pipeline import MAX_SEED_LABELS
+from sslmedsam2.pipeline import check_seed_map
 from sslmedsam2.propagation.seeds import Seeds
 from sslmedsam2.server.wire import decode_array
 
@@ -51,10 +51,5 @@ def seed_map(prompts: dict[int, np.ndarray], shape: tuple[int, int, int]) -> See
     labels = np.zeros(shape, np.uint8 if top <= 255 else np.uint16)
     for index, plane in prompts.items():
         labels[index] = plane
-    values = np.unique(labels)
-    if len(values) > MAX_SEED_LABELS + 1:
-        raise UserError(f"seeds: hold {len(values) - 1} distinct labels; a seed map holds a few drawn structures "
-                        "(0 = background). Are image and seeds swapped?")
-    if not labels.any():
-        raise UserError("seeds: the seed label map has no labelled voxel; draw the structure on at least one slice")
+    check_seed_map(labels, "seeds")
     return Seeds(labels)

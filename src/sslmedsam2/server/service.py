@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sslmedsam2 import __version__
-from sslmedsam2.atomic import _temp_prefix, remove_stale_temporaries
+from sslmedsam2.atomic import temp_prefix, remove_stale_temporaries
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec
 from sslmedsam2.models import get_model
@@ -77,7 +77,7 @@ class Service:
         self.budget = FeatureBudget(self.settings.memory_budget or default_budget(gpu_free))
         base = Path(self.settings.workdir or tempfile.gettempdir())
         remove_stale_temporaries(base)  # what a killed server of this host left: patient data must not linger
-        self.root = Path(tempfile.mkdtemp(prefix=_temp_prefix("sslmedsam2-server"), suffix=".tmp", dir=base))
+        self.root = Path(tempfile.mkdtemp(prefix=temp_prefix("sslmedsam2-server"), suffix=".tmp", dir=base))
         self._reaper = threading.Thread(target=self._expire_loop, name="sslmedsam2-expiry", daemon=True)
         self._reaper.start()
         return self
