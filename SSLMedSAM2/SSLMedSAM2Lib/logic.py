@@ -335,14 +335,8 @@ class SSLMedSAM2Logic:
 
 
 def _rows_from_text(text: str):
-    """A confidence table sent by the engine, read by the engine's own reader."""
+    """A confidence table sent by the engine, read by the engine's own parser."""
     import_engine()
-    from sslmedsam2.propagation.confidence import read_confidence
+    from sslmedsam2.propagation.confidence import parse_confidence
 
-    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-"))
-    try:
-        path = folder / "result.confidence.csv"
-        path.write_text(text, encoding="utf-8")
-        return read_confidence(path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    return parse_confidence(text)

@@ -35,7 +35,8 @@ def _parent_gone():
             pass
     except (OSError, ValueError):
         pass
-    shutil.rmtree(os.environ.get("SSLMEDSAM2_PRIVATE_FOLDER", ""), ignore_errors=True)
+    if os.environ.get("SSLMEDSAM2_PRIVATE_FOLDER"):
+        shutil.rmtree(os.environ["SSLMEDSAM2_PRIVATE_FOLDER"], ignore_errors=True)
     if os.name == "nt":
         os._exit(0)
     os.kill(os.getpid(), signal.SIGTERM)

@@ -80,9 +80,8 @@ def add_to_study(workspace: Path, volume, segmentation, axis: str, states) -> st
         while case_id in ws.cases:
             n += 1
             case_id = f"{base}_{n}"
-        add_case(ws, image, pseudo=labels, case_id=case_id)
-        if states is not None:
-            ws.set_review(case_id, list(states))
+        # the review states go in with the case, in the same locked change of the workspace
+        add_case(ws, image, pseudo=labels, case_id=case_id, states=None if states is None else list(states))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return case_id

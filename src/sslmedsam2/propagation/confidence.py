@@ -75,12 +75,17 @@ def write_confidence(rows: list[SliceConfidence], path: Path) -> None:
     write_text(path, buffer.getvalue())
 
 
+def parse_confidence(text: str) -> list[SliceConfidence]:
+    """A confidence table's text (as a server sends it) -> its rows."""
+    rows = []
+    for raw in csv.DictReader(io.StringIO(text, newline="")):
+        rows.append(SliceConfidence(
+            slice=int(raw["slice"]), label=int(raw["label"]), source=raw["source"],
+            present=raw["present"] == "1", voxels=int(raw["voxels"]),
+            **{k: float(raw[k]) if raw[k] else math.nan for k in ("presence", "certainty", "agreement", "confidence")}))
+    return rows
+
+
 def read_confidence(path: Path) -> list[SliceConfidence]:
     with open(path, newline="", encoding="utf-8") as handle:
-        rows = []
-        for raw in csv.DictReader(handle):
-            rows.append(SliceConfidence(
-                slice=int(raw["slice"]), label=int(raw["label"]), source=raw["source"],
-                present=raw["present"] == "1", voxels=int(raw["voxels"]),
-                **{k: float(raw[k]) if raw[k] else math.nan for k in ("presence", "certainty", "agreement", "confidence")}))
-    return rows
+        return parse_confidence(handle.read())
