@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from stages import Stages
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAOS = ROOT.parent / "shared" / "data" / "chaos_t2"
@@ -32,22 +33,21 @@ CHAOS = ROOT.parent / "shared" / "data" / "chaos_t2"
 def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
-    from sslmedsam2.fewshot.job import PseudoLabelOptions, run_pseudolabel
-    from sslmedsam2.models import loader
-
-    built = {"seconds": 0.0}
-    original = loader.build_predictor
-
-    def timed_build(*a, **k):
-        start = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            built["seconds"] += time.perf_counter() - start
-
     import sslmedsam2.fewshot.engine as engine
+    import sslmedsam2.fewshot.job as job
+    from sslmedsam2.fewshot.fusion import ProbabilityMean
+    from sslmedsam2.fewshot.job import PseudoLabelOptions, run_pseudolabel
+    from sslmedsam2.fewshot.tracking import SupportMemory
+    from sslmedsam2.propagation.features import FeatureStore
 
-    engine.build_predictor = timed_build
+    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    stages = Stages(sync=torch.cuda.synchronize if on_gpu else None)
+    for owner, name, stage in ((engine, "build_predictor", "build"), (job, "load_volume", "read"),
+                               (FeatureStore, "encode", "encode"), (SupportMemory, "__init__", "support memories"),
+                               (engine, "track_videos_cached", "track"), (engine, "track_video_naive", "track"),
+                               (ProbabilityMean, "add", "fuse"), (ProbabilityMean, "finish", "fuse"),
+                               (job, "write_case", "write")):
+        stages.wrap(owner, name, stage)
     work = Path(args.work)
     options = PseudoLabelOptions(support_images=work / "si", support_labels=work / "sl", query=work / "q",
                                  output=work / args.variant, model=args.model, checkpoint=Path(args.checkpoint),
@@ -55,12 +55,13 @@ def run_variant(args: argparse.Namespace) -> dict:
                                  naive=args.variant == "naive")
     start = time.perf_counter()
     run_pseudolabel(options, log=lambda m: None)
-    seconds = time.perf_counter() - start - built["seconds"]
-    on_gpu = torch.cuda.is_available() and args.device != "cpu"
+    seconds = time.perf_counter() - start - stages.get("build")
+    split = {stage: stages.get(stage) for stage in ("read", "encode", "support memories", "track", "fuse", "write")}
+    split["other"] = seconds - sum(split.values())
     # reserved (what the allocator took from the card) is what must fit; allocated is what tensors used
     gpu = torch.cuda.max_memory_reserved() / 2**20 if on_gpu else None
     used = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"seconds": seconds, "stages": split, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mb": gpu, "peak_gpu_allocated_mb": used}
 
 
@@ -108,6 +109,27 @@ def prepare(args: argparse.Namespace, work: Path) -> str:
     image, _ = synthetic_case((32, 96, 96), seed=99)
     sitk.WriteImage(to_image(image), str(work / "q" / "query.nii.gz"))
     return f"synthetic: {args.supports} supports of 30 x 96 x 96, query 32 x 96 x 96 (2 labels)"
+
+
+def fragile_share(folder: Path, margin: float) -> float:
+    """Share of the labelled voxels whose label a probability change of `margin` could flip: the best label's
+    probability within `margin` of the threshold, or of the second best. Random weights put most voxels there, so
+    the label-map Dice between two runs that differ only by rounding is low without real weights."""
+    import SimpleITK as sitk
+
+    from sslmedsam2.fewshot.fusion import THRESHOLD
+
+    fragile = labelled = 0
+    for query in sorted({p.name.split(".prob_")[0] for p in folder.glob("*.prob_*.nii.gz")}):
+        prob = np.stack([sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+                         for p in sorted(folder.glob(f"{query}.prob_*.nii.gz"))])
+        top = np.sort(prob, axis=0)[::-1]
+        best, second = top[0], top[1] if len(top) > 1 else np.zeros_like(top[0])
+        candidate = best > THRESHOLD - margin
+        near = (np.abs(best - THRESHOLD) <= margin) | (best - second <= 2 * margin)
+        fragile += int((candidate & near).sum())
+        labelled += int((best > THRESHOLD).sum())
+    return fragile / max(labelled, 1)
 
 
 def main() -> None:
@@ -160,6 +182,7 @@ def main() -> None:
             gpu = (f", peak GPU {r['peak_gpu_mb']:.0f} MB reserved ({r['peak_gpu_allocated_mb']:.0f} MB allocated)"
                    if r["peak_gpu_mb"] is not None else "")
             print(f"{variant:>5}: {r['seconds']:.1f} s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}")
+            print("       stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items()))
         if args.memory:
             peak = results["ours"]["peak_gpu_mb"]
             print(f"peak_gpu_mb={peak:.0f} within_16gb={'yes' if peak <= 16 * 1024 else 'no'}" if peak is not None
@@ -172,6 +195,14 @@ def main() -> None:
             a = sitk.GetArrayFromImage(sitk.ReadImage(str(naive_prob)))
             b = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "ours" / naive_prob.name)))
             diff = max(diff, float(np.abs(a - b).max()))
+        dice = []
+        for query in sorted((work / "q").iterdir()):
+            a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(work / v / query.name))) for v in ("naive", "ours"))
+            for value in (v for v in np.union1d(np.unique(a), np.unique(b)) if v):
+                dice.append(2 * ((a == value) & (b == value)).sum() / max((a == value).sum() + (b == value).sum(), 1))
+        print(f"label maps, naive vs ours: mean dice over labels {np.mean(dice) if dice else 1.0:.5f}; "
+              f"{100 * fragile_share(work / 'ours', diff):.1f} % of ours' labelled voxels are within max_abs_diff of "
+              "the threshold or of another label (a change that small can flip them)")
         print(f"speedup={results['naive']['seconds'] / results['ours']['seconds']:.2f} max_abs_diff={diff:.2e}")
 
 

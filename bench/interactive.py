@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -152,7 +153,7 @@ def main() -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "sslmedsam2", "serve", "--port", str(port), "--model", args.model, "--checkpoint",
              args.checkpoint, "--image-size", str(args.image_size), "--device", args.device],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "TMPDIR": str(work)})
+            stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "wb"), env={**os.environ, "TMPDIR": str(work)})
         client = Client(f"http://127.0.0.1:{port}")
         try:
             started = time.perf_counter()
@@ -208,7 +209,14 @@ def main() -> None:
         finally:
             client.close()
             server.terminate()
-            server.wait(60)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:  # a bug: show where the server hangs
+                server.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+                server.kill()
+                print("the server did not stop within 60 s of SIGTERM; its log:\n"
+                      + (work / "server.log").read_text(errors="replace")[-6000:], flush=True)
     print(f"cold={t_cold:.2f} warm={t_warm:.2f} edit={t_edit:.2f} edit_speedup={t_cold / t_edit:.1f}")
 
 

@@ -12,15 +12,20 @@ summary: overhead = end to end / SAM2's own time (encoding + tracking).
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
+from stages import Stages
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAOS = ROOT.parent / "shared" / "data" / "chaos_t2"
@@ -36,49 +41,75 @@ def _gpu_peak_mb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
 
 
-def _timed(module, name: str, seconds: dict) -> None:
-    """Replace module.name by a wrapper that adds its run time to seconds[name]."""
-    original = getattr(module, name)
-
-    def wrapper(*a, **k):
-        start = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-
-    setattr(module, name, wrapper)
-
-
 def run_ours(args: argparse.Namespace, sequential: bool = False) -> dict:
     """The pipeline, file in, file out; `sequential`: without cached features, so each label and pass is tracked
     one step at a time by sam2's own code (the reference the batched tracking must equal)."""
     from sslmedsam2 import pipeline
     from sslmedsam2.models import loader
     from sslmedsam2.propagation import session
+    import torch
+
     from sslmedsam2.propagation.features import FeatureStore
 
     if sequential:
         session.feature_device = lambda *a: None
 
-    seconds: dict[str, float] = {}
-    for module, name in ((session, "run_passes"), (session, "fuse"), (loader, "build_predictor"),
-                         (pipeline, "load_case"), (pipeline, "to_uint8"), (FeatureStore, "encode")):
-        _timed(module, name, seconds)
+    device = str(loader.resolve_device(args.device))
+    stages = Stages(sync=torch.cuda.synchronize if device.startswith("cuda") else None)
+    for owner, name, stage in ((session, "run_passes", "track"), (session, "fuse", "fuse"),
+                               (loader, "build_predictor", "build"), (pipeline, "load_case", "read"),
+                               (pipeline, "to_uint8", "frames"), (FeatureStore, "encode", "encode")):
+        stages.wrap(owner, name, stage)
     options = pipeline.PropagateOptions(method="sam2", model=args.model, checkpoint=Path(args.checkpoint),
                                         device=args.device, image_size=args.image_size, axis=args.axis)
-    device = str(loader.resolve_device(args.device))
     start = time.perf_counter()
     name = "sequential" if sequential else "ours"
-    pipeline.run_propagate(Path(args.image), Path(args.seeds), Path(args.work) / f"{name}.nii.gz", options,
-                           log=lambda m: None)
+    with _profiled(args.profile, device):
+        pipeline.run_propagate(Path(args.image), Path(args.seeds), Path(args.work) / f"{name}.nii.gz", options,
+                               log=lambda m: None)
     # model building costs the same in both routes and is not part of the comparison
-    total = time.perf_counter() - start - seconds["build_predictor"]
-    stages = {"read": seconds["load_case"], "frames": seconds["to_uint8"], "encode": seconds.get("encode", 0.0),
-              "track": seconds["run_passes"] - seconds.get("encode", 0.0), "fuse": seconds["fuse"]}
-    stages["write"] = total - sum(stages.values())
-    return {"variant": name, "seconds": total, "model_seconds": seconds["run_passes"], "stages": stages,
-            "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(device)}
+    total = time.perf_counter() - start - stages.get("build")
+    seconds = {stage: stages.get(stage) for stage in ("read", "frames", "encode", "track", "fuse")}
+    seconds["write"] = total - sum(seconds.values())
+    return {"variant": name, "seconds": total, "model_seconds": seconds["encode"] + seconds["track"],
+            "stages": seconds, "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(device)}
+
+
+@contextlib.contextmanager
+def _profiled(path: str | None, device: str):
+    """torch.profiler around the run when `path` is set: operator tables (by GPU and by host time) and counts of
+    the host calls that cost per-step latency (kernel launches, copies, synchronisations) written to `path`."""
+    if not path:
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    syncs: collections.Counter = collections.Counter()
+    if device.startswith("cuda"):  # where the host waits for the GPU: each synchronising call, by its callers
+        def on_warning(message, *args, **kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+            syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))] += 1
+
+        warnings.showwarning = on_warning
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+    with profile(activities=activities) as prof:
+        yield
+    if device.startswith("cuda"):
+        torch.cuda.set_sync_debug_mode("default")
+    events = prof.key_averages()
+    counted = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaMemcpyAsync", "cudaStreamSynchronize",
+               "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense", "aten::to", "aten::copy_",
+               "aten::empty", "aten::nonzero")
+    counts = {e.key: e.count for e in events if e.key in counted}
+    with open(path, "w") as out:
+        out.write(f"calls: {json.dumps(counts)}\n\nsynchronising calls:\n")
+        out.writelines(f"{n:6d} {where}\n" for where, n in syncs.most_common(25))
+        out.write("\n")
+        for key in (("self_cuda_time_total", "self_cpu_time_total") if len(activities) > 1 else ("self_cpu_time_total",)):
+            out.write(events.table(sort_by=key, row_limit=45) + "\n\n")
 
 
 def _build(args: argparse.Namespace, device: str):
@@ -220,6 +251,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--synthetic-slices", type=int, help="use a synthetic 512 x 512 x N volume (one label)")
+    parser.add_argument("--profile", help="run ours once under torch.profiler and write its tables to this file")
     parser.add_argument("--variant", choices=("ours", "jpeg", "sequential"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", help=argparse.SUPPRESS)
@@ -234,12 +266,16 @@ def main() -> None:
             args.labels = [1]
         prepare(args, work)
         results = {}
-        for variant in ("jpeg", "sequential", "ours"):
+        for variant in ("ours",) if args.profile else ("jpeg", "sequential", "ours"):
             cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--seeds", args.seeds,
                    "--image", args.image, "--axis", args.axis, "--model", args.model, "--checkpoint", args.checkpoint,
                    "--image-size", str(args.image_size), "--device", args.device]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(cmd + (["--profile", args.profile] if args.profile else []), capture_output=True,
+                                  text=True, check=True)
             results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+        if args.profile:
+            print(f"profiled: {results['ours']}; tables in {args.profile}")
+            return
         import SimpleITK as sitk
 
         n = sitk.ReadImage(args.image).GetSize()

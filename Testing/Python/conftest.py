@@ -22,6 +22,26 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SSLMEDSAM2_MIRROR", "http://127.0.0.1:9/")  # discard port: nothing listens
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _suite_itk_worker(tmp_path_factory):
+    """The suite's shared ITK worker lives in a folder of its own, idles out soon, and is stopped at the end:
+    no test reuses the user's worker, and none is left running after the suite."""
+    from sslmedsam2.propagation import shared_worker
+
+    directory = tmp_path_factory.mktemp("itk")
+    directory.chmod(0o700)
+    saved = {name: os.environ.get(name) for name in (shared_worker.DIR_ENV, shared_worker.IDLE_ENV)}
+    os.environ[shared_worker.DIR_ENV] = str(directory)  # os.environ, not monkeypatch: subprocesses inherit it
+    os.environ[shared_worker.IDLE_ENV] = "120"
+    yield directory
+    shared_worker.stop_all(directory)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def ellipsoid(shape, centre, radii) -> np.ndarray:
     grid = np.indices(shape, dtype=float)
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0

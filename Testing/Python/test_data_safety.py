@@ -368,19 +368,26 @@ def test_outputs_honour_the_umask(case, tmp_path, umask):
 
 
 # --- 11: the contour interpolation worker stays alive, and a crash is isolated --------------------------------
-def test_interpolation_worker_is_reused_and_restarted_after_a_crash():
+# (the shared per-user worker: test_interpolation_worker.py; here the child worker, Windows' and the fallback)
+def test_interpolation_worker_is_reused_and_restarted_after_a_crash(monkeypatch):
     from sslmedsam2.propagation.interpolation import WORKER, interpolate_between_seeds
     from sslmedsam2.propagation.seeds import Seeds
 
+    monkeypatch.setenv("SSLMEDSAM2_ITK_WORKER", "child")
+    assert WORKER.backend() is WORKER.child
+    child = WORKER.child
     _, labels = synthetic_case(shape=(10, 24, 24))
     seeds = Seeds(seeds_on(labels, {1: [3, 7]}))
-    first = interpolate_between_seeds(seeds).labels
-    pid = WORKER._process.pid
-    assert np.array_equal(interpolate_between_seeds(seeds).labels, first) and WORKER._process.pid == pid
-    WORKER._process.kill()
-    WORKER._process.wait()
-    assert np.array_equal(interpolate_between_seeds(seeds).labels, first)  # a new worker took over
-    assert WORKER._process.pid != pid
+    try:
+        first = interpolate_between_seeds(seeds).labels
+        pid = child._process.pid
+        assert np.array_equal(interpolate_between_seeds(seeds).labels, first) and child._process.pid == pid
+        child._process.kill()
+        child._process.wait()
+        assert np.array_equal(interpolate_between_seeds(seeds).labels, first)  # a new worker took over
+        assert child._process.pid != pid
+    finally:
+        WORKER.close()  # the child ends with the test, not with the suite
 
 
 # --- 12: smaller defects -------------------------------------------------------------------------------------

@@ -162,3 +162,31 @@ def test_padded_memory_banks_attend_as_each_bank_alone(predictor):
     for b, one in enumerate(alone):
         assert torch.allclose(together[:, b:b + 1], one, atol=1e-5)
     assert (unmasked - together).abs().max() > 1e-3, "the mask made no difference: this test could not fail"
+
+
+def test_weights_stored_in_bf16_give_autocasts_numbers(tiny_checkpoint, volume):
+    """On CUDA the linear and convolution weights are converted to bf16 once (loader.autocast_weights_in_bf16)
+    instead of by autocast at every call: the same numbers, checked here under CPU bf16 autocast."""
+    import copy
+
+    from sslmedsam2.frames.video import VolumeFrames
+    from sslmedsam2.models.loader import autocast_weights_in_bf16
+
+    reference = build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", TINY_SIZE)
+    converted = copy.deepcopy(reference)
+    autocast_weights_in_bf16(converted)
+    assert converted.image_encoder.trunk.blocks[0].mlp.layers[0].weight.dtype == torch.bfloat16
+    assert converted.image_encoder.trunk.blocks[0].norm1.weight.dtype == torch.float32
+    frames = VolumeFrames(volume[0][:2], TINY_SIZE).stack([0, 1])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = reference.forward_image(frames), converted.forward_image(frames)
+    for a, b in zip(expected["backbone_fpn"], got["backbone_fpn"]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_frames_of_a_batch_equal_frames_made_one_by_one(volume):
+    from sslmedsam2.frames.video import VolumeFrames
+
+    frames = VolumeFrames(volume[0], TINY_SIZE)
+    batch = frames.stack([3, 0, 7])
+    assert all(torch.equal(batch[i], frames[z]) for i, z in enumerate([3, 0, 7]))

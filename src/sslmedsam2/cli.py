@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from sslmedsam2 import __version__
-from sslmedsam2.errors import UserError
+from sslmedsam2.errors import UserError, WorkerError
 from sslmedsam2.frames import CT_WINDOWS, IntensitySpec
 from sslmedsam2.models.registry import DEFAULT_MODEL, MODELS
 from sslmedsam2.pipeline import METHODS, PropagateOptions
@@ -252,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
+        _say(f"error: {exc}")
+        return 1
+    except WorkerError as exc:
         _say(f"error: {exc}")
         return 1
     except KeyboardInterrupt:

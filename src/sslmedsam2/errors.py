@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input or environment: the message says what is wrong and how to fix it."""
+
+
+class WorkerError(RuntimeError):
+    """A helper process failed (the ITK worker): the command line prints it as one line; the next request starts
+    a new worker."""

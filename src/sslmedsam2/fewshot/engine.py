@@ -35,7 +35,7 @@ class FewShotEngine:
         # one per support and query grid; queries of other grids evict the least recently used
         self._memories: OrderedDict[tuple, SupportMemory] = OrderedDict()
         self._video_batch: int | None = None  # set when the GPU ran out of memory on a larger batch
-        self._encode_chunk = encode_chunk(self.device)
+        self._encode_chunk = encode_chunk(self.device, self.image_size)
 
     def _frames(self, volume: FewShotVolume) -> VolumeFrames:
         return VolumeFrames(volume.slices, self.image_size, self.device)

@@ -43,10 +43,14 @@ class VolumeFrames(Sequence):
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
         if not -len(self) <= index < len(self):
             raise IndexError(index)
-        grey = torch.from_numpy(np.ascontiguousarray(self.slices[index])).to(self.device)
-        grey = grey.float().div_(255.0)[None, None]
+        return self.stack([index])[0]
+
+    def stack(self, indices: Sequence[int]) -> torch.Tensor:
+        """Frames (k, 3, S, S) of several slices, resized in one call (what a batched encoder call reads)."""
+        grey = torch.from_numpy(np.ascontiguousarray(self.slices[list(indices)])).to(self.device)
+        grey = grey.float().div_(255.0)[:, None]
         if grey.shape[-2:] != (self.image_size, self.image_size):
             # bicubic with antialiasing follows PIL's resize, which SAM2's JPEG loader uses
             grey = F.interpolate(grey, size=(self.image_size, self.image_size), mode="bicubic",
                                  align_corners=False, antialias=True).clamp_(0.0, 1.0)
-        return (grey[0].expand(3, -1, -1) - self._mean) / self._std
+        return (grey.expand(-1, 3, -1, -1) - self._mean) / self._std

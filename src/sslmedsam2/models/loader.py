@@ -98,4 +98,19 @@ def build_predictor(spec: ModelSpec, checkpoint: Path | None, device: torch.devi
     if not _has_cuda_extension():
         # sam2's hole filling needs its optional CUDA extension; without it sam2 warns on every frame
         predictor.fill_hole_area = 0
+    if predictor.device.type == "cuda":
+        autocast_weights_in_bf16(predictor)
     return predictor
+
+
+# Modules whose every use under CUDA autocast is a bf16 operation (linear, convolution).
+_BF16_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+
+
+def autocast_weights_in_bf16(model: torch.nn.Module) -> None:
+    """Store in bf16 the weights that bf16 autocast would convert at every call, once: the same numbers (autocast
+    rounds them the same way each time) without a conversion per layer per tracking step. The rest (norms,
+    embeddings) stays float32, as autocast reads it. Only for a model that always runs under CUDA autocast."""
+    for module in model.modules():
+        if isinstance(module, _BF16_MODULES):
+            module.to(torch.bfloat16)

@@ -90,21 +90,23 @@ def _record_bank(predictor: SlicePredictor, track: Track, frame: int, feats, pos
 
 def _padded(banks: list[_Bank]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """Banks laid out as [spatial memories | pointers], each part padded to the longest; the key mask (None when no
-    track needed padding)."""
-    spatial = max(b.memory.shape[0] - b.pointers for b in banks)
-    pointers = max(b.pointers for b in banks)
+    track needed padding, decided from the lengths: no step waits for the GPU)."""
+    lengths = [(b.memory.shape[0] - b.pointers, b.pointers) for b in banks]
+    if len(set(lengths)) == 1:
+        return torch.cat([b.memory for b in banks], 1), torch.cat([b.pos for b in banks], 1), banks[0].pointers, None
+    spatial = max(s for s, _ in lengths)
+    pointers = max(p for _, p in lengths)
     first = banks[0].memory
     memory = first.new_zeros(spatial + pointers, len(banks), first.shape[-1])
     pos = memory.clone().to(banks[0].pos.dtype)
     mask = torch.zeros(len(banks), 1, 1, spatial + pointers, dtype=torch.bool, device=first.device)
-    for b, bank in enumerate(banks):
-        s = bank.memory.shape[0] - bank.pointers
+    for b, (bank, (s, p)) in enumerate(zip(banks, lengths)):
         memory[:s, b], pos[:s, b] = bank.memory[:s, 0], bank.pos[:s, 0]
-        memory[spatial:spatial + bank.pointers, b] = bank.memory[s:, 0]
-        pos[spatial:spatial + bank.pointers, b] = bank.pos[s:, 0]
+        memory[spatial:spatial + p, b] = bank.memory[s:, 0]
+        pos[spatial:spatial + p, b] = bank.pos[s:, 0]
         mask[b, ..., :s] = True
-        mask[b, ..., spatial:spatial + bank.pointers] = True
-    return memory, pos, pointers, None if bool(mask.all()) else mask
+        mask[b, ..., spatial:spatial + p] = True
+    return memory, pos, pointers, mask
 
 
 def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, int]]) -> list[dict]:

@@ -55,7 +55,9 @@ class FeatureStore:
         with autocast_for(predictor.device):
             for start in range(0, len(todo), chunk):
                 part = todo[start:start + chunk]
-                out = predictor.forward_image(torch.stack([frames[i] for i, _ in part]).to(predictor.device).float())
+                indices = [i for i, _ in part]
+                batch = frames.stack(indices) if hasattr(frames, "stack") else torch.stack([frames[i] for i in indices])
+                out = predictor.forward_image(batch.to(predictor.device).float())
                 for b, (_, key) in enumerate(part):
                     self.put(key, {"backbone_fpn": [f[b:b + 1] for f in out["backbone_fpn"]],
                                    "vision_pos_enc": out["vision_pos_enc"]})
@@ -90,6 +92,15 @@ def feature_device(device: torch.device, image_size: int, frames: int) -> torch.
     return torch.device("cpu") if total < CPU_FEATURE_SHARE * _available_memory() else None
 
 
-def encode_chunk(device: torch.device) -> int:
-    """Frames per encoder call: a GPU is faster on a batch; a CPU gains nothing and would hold more."""
-    return 8 if device.type == "cuda" else 1
+# The image encoder's peak working memory per frame, in multiples of its outputs (about 30 measured on an H100).
+ENCODER_WORK_FACTOR = 40
+
+
+def encode_chunk(device: torch.device, image_size: int = 1024) -> int:
+    """Frames per encoder call: on a GPU as many as fit in a quarter of its free memory, up to 32 (an H100 encodes
+    a frame in 9.7 ms alone, 1.1 ms in batches of 8, 0.77 ms in batches of 32 at size 512); a CPU gains nothing
+    from batches and would hold more."""
+    if device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(32, free // 4 // (ENCODER_WORK_FACTOR * frame_feature_bytes(image_size)))))

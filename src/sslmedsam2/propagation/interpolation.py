@@ -1,26 +1,35 @@
 """The no-weights baseline: ITK's morphological contour interpolation between seed slices.
 
-It is the filter behind Slicer's "Fill between slices", run in a worker process that stays alive (itk_worker).
+It is the filter behind Slicer's "Fill between slices". ITK never shares a process with SimpleITK (itk_worker), and
+loading it costs about 10 s, so the filter runs in a worker that stays alive: the user's shared worker, which
+outlives each command (shared_worker), or, on Windows or with SSLMEDSAM2_ITK_WORKER=child, a child of this process.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import subprocess
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 
+from sslmedsam2.errors import UserError, WorkerError
+from sslmedsam2.propagation import shared_worker
 from sslmedsam2.propagation.confidence import SliceConfidence
-from sslmedsam2.propagation.itk_worker import _LENGTH, array_bytes, bytes_array, read_exactly, write_frame
+from sslmedsam2.propagation.itk_worker import array_bytes, bytes_array, read_answer, write_frame
 from sslmedsam2.propagation.result import Propagation
 from sslmedsam2.propagation.seeds import Seeds
 
+MODE_ENV = "SSLMEDSAM2_ITK_WORKER"
+MODES = ("shared", "child")
 
-class ContourWorker:
-    """The ITK process: started once (about 10 s to load ITK), then each request costs the filter alone.
+
+class ChildWorker:
+    """The ITK process of this process alone: started once (about 10 s to load ITK), ended with it.
 
     A crash of the worker fails only the request it was serving; the next request starts a new worker.
     """
@@ -44,24 +53,20 @@ class ContourWorker:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         self._ready = False
 
-    def _answer(self) -> tuple[int, bytes]:
-        status = read_exactly(self._process.stdout, 1)[0]
-        size = _LENGTH.unpack(read_exactly(self._process.stdout, _LENGTH.size))[0]
-        return status, read_exactly(self._process.stdout, size)
-
     def interpolate(self, seeds_map: np.ndarray) -> np.ndarray:
+        """One request; WorkerError (one line) when the filter fails or the worker dies."""
         with self._lock:
             self._start()
             try:
                 if not self._ready:
-                    self._answer()
+                    read_answer(self._process.stdout)
                     self._ready = True
                 write_frame(self._process.stdin, array_bytes(seeds_map))
-                status, payload = self._answer()
+                status, payload = read_answer(self._process.stdout)
             except (EOFError, BrokenPipeError, OSError):
-                raise RuntimeError(f"contour interpolation failed: {self._died()}") from None
+                raise WorkerError(f"contour interpolation failed: {self._died()}") from None
         if status != 0:
-            raise RuntimeError(f"contour interpolation failed: {payload.decode(errors='replace')}")
+            raise WorkerError(f"contour interpolation failed: {payload.decode(errors='replace')}")
         return bytes_array(payload)
 
     def _died(self) -> str:
@@ -80,6 +85,60 @@ class ContourWorker:
                 except subprocess.TimeoutExpired:
                     self._process.kill()
                 self._process = None
+
+
+class ContourWorker:
+    """The worker behind interpolate_between_seeds, chosen at each request (the environment may change).
+
+    The shared worker where Unix sockets and a private folder are available; otherwise (or with
+    SSLMEDSAM2_ITK_WORKER=child) a child of this process, which ends with it.
+    """
+
+    def __init__(self) -> None:
+        self.child = ChildWorker()
+        self._shared: dict[Path, shared_worker.SharedWorker] = {}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def backend(self) -> ChildWorker | shared_worker.SharedWorker:
+        """The worker the next request goes to: the shared one unless it is unavailable or unsafe, or not wanted."""
+        mode = os.environ.get(MODE_ENV, "").strip().lower() or "shared"
+        if mode not in MODES:
+            raise UserError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "child" or not shared_worker.supported():
+            return self.child
+        try:
+            directory = shared_worker.worker_directory()
+            with self._lock:
+                if directory not in self._shared:
+                    self._shared[directory] = shared_worker.SharedWorker(directory)
+                return self._shared[directory]
+        except shared_worker.WorkerDirError as exc:
+            self._refused(exc)
+            return self.child
+
+    def _refused(self, exc: Exception) -> None:
+        if str(exc) not in self._warned:  # once per problem: the command still works, only slower
+            self._warned.add(str(exc))
+            print(f"sslmedsam2: warning: {exc}; ITK runs in a worker of this command only (make the folder "
+                  f"private, or set {MODE_ENV}=child to silence this)", file=sys.stderr, flush=True)
+
+    def start(self) -> None:
+        """Start loading ITK (or find the shared worker) in the background; returns at once."""
+        self.backend().start()
+
+    def interpolate(self, seeds_map: np.ndarray) -> np.ndarray:
+        """ITK's interpolation of a slice-first label map; WorkerError (one line) when the worker fails."""
+        backend = self.backend()
+        try:
+            return backend.interpolate(seeds_map)
+        except shared_worker.WorkerDirError as exc:  # the folder or the socket's owner changed since: not trusted
+            self._refused(exc)
+            return self.child.interpolate(seeds_map)
+
+    def close(self) -> None:
+        """End this process's child worker; the shared one ends by itself when idle."""
+        self.child.close()
 
 
 WORKER = ContourWorker()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation import confidence
@@ -18,14 +19,25 @@ from sslmedsam2.propagation.seeds import Seeds
 
 
 def slice_certainty(prob: torch.Tensor) -> torch.Tensor:
-    """Per object of (objects, h, w): `sslmedsam2.propagation.confidence.slice_certainty` (one rule for every source)."""
-    return torch.from_numpy(confidence.slice_certainty(prob.detach().float().cpu().numpy()))
+    """`sslmedsam2.propagation.confidence.slice_certainty` (one rule for every source), computed where `prob` lies:
+    per leading index of (k, ...) probabilities."""
+    flat = prob.detach().float().flatten(1)
+    rim = flat > confidence.CERTAINTY_FLOOR
+    count = rim.sum(1)
+    total = torch.where(rim, (2 * flat - 1).abs(), 0.0).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total))
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def autocast_for(device: torch.device) -> Iterator[None]:
+    """bf16 autocast on CUDA, with any attention kernel but cuDNN's: cuDNN plans every call on the host (about 4 ms
+    each, measured on an H100), longer than a whole tracking step takes on the GPU."""
+    if device.type != "cuda":
+        yield
+        return
+    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(
+            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def _dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,7 +98,8 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
         if store is not None:
             from sslmedsam2.propagation.features import encode_chunk
 
-            store.encode(predictor, frames, keys, encode_chunk(predictor.device), on_chunk=step)
+            store.encode(predictor, frames, keys, encode_chunk(predictor.device, predictor.image_size),
+                         on_chunk=step)
             state["feature_store"], state["frame_keys"] = store, keys
         for label, slices in seeds.seed_slices().items():
             for z in slices:
@@ -119,32 +132,41 @@ def merge_passes(per_pass: torch.Tensor, presence: torch.Tensor, covered: torch.
     agreement = torch.ones_like(mean_presence)
     if both.any():
         agreement[both] = _dice(per_pass[0][both] > 0, per_pass[1][both] > 0)
-    return logits.cpu(), mean_presence.cpu(), agreement.cpu(), covered
+    return logits, mean_presence, agreement, covered
+
+
+_TORCH_TYPES = {np.uint8: torch.uint8, np.uint16: torch.int32}  # labels above 255: int32 (few torch kernels take uint16)
+# Slices upsampled at once in fusion: (objects x 16) planes of the volume's size.
+FUSE_CHUNK = 16
 
 
 def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, covered: torch.Tensor,
          seeds: Seeds, height: int, width: int) -> Propagation:
-    """Upsample per slice, let the highest score win where labels overlap, restore the seeds, score every slice."""
+    """Upsample, let the highest score win where labels overlap, restore the seeds, score every slice. Runs where
+    `logits` lie (the GPU after a GPU propagation): only the label map and the per-slice figures come to the host."""
     labels = seeds.labels
     n = logits.shape[1]
-    lut = torch.tensor([0, *labels])
+    lut = torch.tensor([0, *labels], device=logits.device)
     dtype = np.uint8 if max(labels) < 256 else np.uint16
     out = np.zeros((n, height, width), dtype=dtype)
-    certainty = torch.ones(len(labels), n)
-    for z in range(n):
+    certainty = torch.ones(len(labels), n, device=logits.device)
+    for start in range(0, n, FUSE_CHUNK):
+        part = slice(start, min(start + FUSE_CHUNK, n))
         # bilinear, as SAM2 resizes its low-resolution masks to the video size
-        up = F.interpolate(logits[:, z:z + 1], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        prob = torch.sigmoid(up)
+        up = F.interpolate(logits[:, part].float(), size=(height, width), mode="bilinear", align_corners=False)
         best_score, best = up.max(dim=0)
-        out[z] = torch.where(best_score > 0, lut[best + 1], 0).numpy()
-        certainty[:, z] = slice_certainty(prob)
+        # converted to the map's type on the device: a quarter (uint8) of the int64 bytes cross to the host
+        out[part] = torch.where(best_score > 0, lut[best + 1], 0).to(_TORCH_TYPES[dtype]).cpu().numpy()
+        certainty[:, part] = slice_certainty(torch.sigmoid(up).flatten(0, 1)).view(len(labels), -1)
+    certainty, presence, agreement = certainty.cpu(), presence.cpu(), agreement.cpu()
     out = seeds.impose(out)
     seed_slices = seeds.seed_slices()
     rows = []
     for i, label in enumerate(labels):
         drawn = set(seed_slices[label])
+        counts = (out == label).sum(axis=(1, 2))
         for z in range(n):
-            voxels = int((out[z] == label).sum())
+            voxels = int(counts[z])
             if z in drawn:
                 rows.append(SliceConfidence(z, label, "seed", True, voxels, 1.0, 1.0, 1.0, 1.0))
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
+import faulthandler
 import signal
 import socket
 import sys
@@ -91,6 +92,8 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> int:
             service.runner.stop()
 
         saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr (what is it doing?)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         thread = threading.Thread(target=http, name="sslmedsam2-http", daemon=True)
         thread.start()
         host, port = sock.getsockname()[:2]
