@@ -77,30 +77,38 @@ def test_cached_equals_naive_and_is_multilabel(tmp_path, tiny_checkpoint):
 def _memory_layouts(predictor, run) -> Counter:
     """What each query-slice tracking step reads: the positions of its prompt memories and of the tracked outputs
     within SAM2's look-back, relative to the step's frame. A random-weight SAM2 barely depends on its memories,
-    so equal numbers alone would not show that batched videos read what naive ones read; equal layouts do."""
-    seen: Counter = Counter()
-    original = predictor._run_single_frame_inference
+    so equal numbers alone would not show that batched videos read what naive ones read; equal layouts do.
+    Naive videos step through sam2's `_run_single_frame_inference`; batched tracks through `batched._record_bank`."""
+    from sslmedsam2.propagation import batched
 
-    def spy(**kw):
-        state, frame, outputs, reverse = kw["inference_state"], kw["frame_idx"], kw["output_dict"], kw["reverse"]
-        if isinstance(state.get("frame_keys"), dict):
-            keys = state["frame_keys"][frame]
-        else:
-            keys = [state["images"].source(frame)] if isinstance(state["images"], VideoFrames) else []
+    seen: Counter = Counter()
+
+    def note(key, frame, outputs, reverse, num_frames):
         sign = -1 if reverse else 1
         prompts = tuple(sorted(f - frame for f in outputs["cond_frame_outputs"]))
         tracked = tuple(sorted((frame - f) * sign for f in outputs["non_cond_frame_outputs"]
-                               if 0 <= f < state["num_frames"] and 0 < (frame - f) * sign < predictor.memory_window))
-        for key in keys:
-            if key[0] == "query":
-                seen[(key[1], reverse, prompts, tracked)] += 1
+                               if 0 <= f < num_frames and 0 < (frame - f) * sign < predictor.memory_window))
+        if key[0] == "query":
+            seen[(key[1], reverse, prompts, tracked)] += 1
+
+    original, original_bank = predictor._run_single_frame_inference, batched._record_bank
+
+    def spy(**kw):
+        state, frame = kw["inference_state"], kw["frame_idx"]
+        if isinstance(state["images"], VideoFrames):
+            note(state["images"].source(frame), frame, kw["output_dict"], kw["reverse"], state["num_frames"])
         return original(**kw)
 
-    predictor._run_single_frame_inference = spy
+    def bank_spy(predictor_, track, frame, feats, pos, sizes, num_frames):
+        note(track.frame_key(frame), frame, track.outputs, track.reverse, num_frames)
+        return original_bank(predictor_, track, frame, feats, pos, sizes, num_frames)
+
+    predictor._run_single_frame_inference, batched._record_bank = spy, bank_spy
     try:
         return seen, run()
     finally:
         del predictor._run_single_frame_inference
+        batched._record_bank = original_bank
 
 
 def test_batched_videos_equal_naive_videos(tiny_checkpoint):

@@ -44,17 +44,24 @@ def _fields(result):
 
 
 def _same(a, b) -> None:
-    assert np.array_equal(a.labels, b.labels)
+    """Equal up to float rounding: a random-weight SAM2 leaves some pixels at a near-tie, where a difference of
+    1e-7 in a logit may flip one voxel (and its slice's voxel count)."""
+    differ = a.labels != b.labels
+    assert differ.sum() <= max(2, differ.size // 10000)
     keys_a, values_a = _fields(a)
     keys_b, values_b = _fields(b)
-    assert keys_a == keys_b
+    assert [k[:4] for k in keys_a] == [k[:4] for k in keys_b]
+    assert all(abs(x[4] - y[4]) <= differ.sum() for x, y in zip(keys_a, keys_b))
     assert np.allclose(values_a, values_b, atol=1e-4, equal_nan=True)
 
 
-def test_batched_tracks_give_sams_own_numbers(predictor, volume, monkeypatch):
-    """Cached features and every label's two passes batched, padded memory banks masked: sam2's per-track numbers."""
+@pytest.mark.parametrize("pad", [True, False], ids=["padded as on a GPU", "grouped by bank as on a CPU"])
+def test_batched_tracks_give_sams_own_numbers(predictor, volume, monkeypatch, pad):
+    """Cached features and every label's two passes batched (memory banks of different lengths padded and masked,
+    or attended in groups of equal banks): sam2's per-track numbers."""
     from sslmedsam2.propagation import batched
 
+    monkeypatch.setattr(batched, "PAD_ALWAYS", pad)
     slices, labels = volume
     seeds = Seeds(seeds_on(labels, {1: [4, 9], 2: [7]}))
     padded = []
@@ -72,8 +79,12 @@ def test_batched_tracks_give_sams_own_numbers(predictor, volume, monkeypatch):
     raw_cached = run_passes(predictor, cached.frames, seeds, store=cached.store)[0]
     raw_uncached = run_passes(predictor, uncached.frames, seeds)[0]
     assert torch.allclose(raw_cached, raw_uncached, atol=1e-4)
-    assert max(size for size, _ in padded) == 4, "both labels' two passes were not tracked in one batch"
-    assert any(mask for _, mask in padded), "no step had memory banks of different lengths: padding untested"
+    if pad:
+        assert max(size for size, _ in padded) == 4, "both labels' two passes were not tracked in one batch"
+        assert any(mask for _, mask in padded), "no step had memory banks of different lengths: padding untested"
+    else:
+        assert not any(mask for _, mask in padded), "a CPU step attended over padding"
+        assert any(size < 4 for size, _ in padded) and max(size for size, _ in padded) > 1
 
 
 def test_each_slice_is_encoded_once_across_propagations(predictor, volume, monkeypatch):

@@ -4,7 +4,7 @@ In every video, the forward pass starts at the support's first prompted slice an
 so until a pass leaves the support block it sees only support frames, at the same relative positions whatever
 the query and k. SAM2 reads frame positions only as differences, so the block's outputs (its prompts' memories
 and its tracked slices) are computed once per support and reused; each video then tracks only its query slices,
-and one support's videos are tracked together as a batch.
+and one support's videos and labels are tracked together, by the tracker propagation uses.
 The naive path (`track_video_naive`) builds and tracks each video in full, as the reference code does.
 """
 
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sslmedsam2.frames.video import VolumeFrames
+from sslmedsam2.propagation.batched import Track, track_step
 from sslmedsam2.propagation.features import FeatureStore
 from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.sam2_propagation import autocast_for, tracking_passes
@@ -122,74 +123,46 @@ class SupportMemory:
         return [dict(state["output_dict_per_obj"][i]["non_cond_frame_outputs"]) for i in range(len(state["obj_ids"]))]
 
 
-def _fit(output: dict, batch: int) -> dict:
-    """A stored frame output for `batch` videos: a shared one (batch 1) is expanded, a batched one is cut to its
-    first `batch` videos (those still tracking)."""
-    def fit(value):
-        if isinstance(value, torch.Tensor):
-            return value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value[:batch]
-        return [fit(v) for v in value] if isinstance(value, list) else value
-    return {key: fit(value) for key, value in output.items()}
-
-
 def track_videos_cached(predictor: SlicePredictor, query: VolumeFrames, query_store: FeatureStore,
                         memory: SupportMemory, ks: Sequence[int], encode_chunk: int = 8,
                         on_step: Callable[[int], None] | None = None) -> list[VideoResult]:
-    """The numbers `track_video_naive` gives for each k, tracking only the query slices, all videos as one batch.
-
-    A pass reads frame positions only as differences, and every video's query slices follow (or, backward,
-    precede) the same support block; so the videos are laid out in one frame numbering in which the block starts
-    at 0 (forward) or ends at the last frame (backward), and step t of every video is one batch element. Videos
-    that run out of query slices leave the batch. Videos of different supports hold different numbers of prompt
-    memories, and SAM2's memory attention has no padding mask, so only one support's videos share a batch.
-    """
+    """The numbers `track_video_naive` gives for each k, tracking only the query slices: every video and every
+    label of this support advance together, one batched step (propagation's tracker, `batched.track_step`) per
+    query slice. Each (label, video) is a track in its own video's frame numbering, starting from the support's
+    prompt memories and tracked block (shared, not copied); `on_step(videos)` after each step."""
     n_query, n_support = len(query), memory.length
-    low, objects = predictor.image_size // 4, len(memory.labels)
-    # pinned host memory lets a GPU copy each step's masks out without waiting for the step to finish
-    pin = predictor.device.type == "cuda"
-    results = [VideoResult(torch.zeros(objects, n_query, low, low, pin_memory=pin),
-                           torch.zeros(objects, n_query, pin_memory=pin)) for _ in ks]
     query_store.encode(predictor, query, [("query", z) for z in range(n_query)], encode_chunk)
-    with torch.inference_mode(), autocast_for(predictor.device):
+    low, objects, device = predictor.image_size // 4, len(memory.labels), predictor.device
+    # outputs stay on the compute device until every step is done: no step waits for a copy
+    logits = torch.zeros(len(ks), objects, n_query, low, low, device=device)
+    presence = torch.zeros(len(ks), objects, n_query, device=device)
+    state = predictor.init_state_from_frames(query, query.height, query.width)
+    state["feature_store"], state["num_frames"] = query_store, n_query + n_support
+    window = predictor.memory_window
+    with torch.inference_mode(), autocast_for(device):
         for block, reverse in ((memory.forward, False), (memory.backward, True)):
-            rows = [range(k - 1, -1, -1) if reverse else range(k, n_query) for k in ks]
-            videos = sorted((j for j in range(len(ks)) if rows[j]), key=lambda j: -len(rows[j]))
-            if not videos:
-                continue
-            block_start = n_query if reverse else 0
-            video = VideoFrames(query, n_support, block_start)
-            state = predictor.init_state_from_frames(video, query.height, query.width)
-            state["feature_store"] = query_store
-            outputs = [{"cond_frame_outputs": {block_start + z: out for z, out in memory.prompts[i].items()},
-                        "non_cond_frame_outputs": {block_start + z: out for z, out in block[i].items()}}
-                       for i in range(objects)]
+            runs = []  # (video, track, query rows in tracking order); a video is query[:k] + support + query[k:]
+            for j, k in enumerate(ks):
+                rows = range(k - 1, -1, -1) if reverse else range(k, n_query)
+                if not rows:
+                    continue
+                key = (lambda frame, k=k: ("query", frame if frame < k else frame - n_support))
+                for i in range(objects):
+                    outputs = {"cond_frame_outputs": {k + z: out for z, out in memory.prompts[i].items()},
+                               "non_cond_frame_outputs": {k + z: out for z, out in block[i].items()}}
+                    runs.append((j, Track(i, reverse, outputs, key), rows))
             step = -1 if reverse else 1
-            first = n_query - 1 if reverse else n_support
-            batch = 0
-            for t in range(len(rows[videos[0]])):
-                active = [j for j in videos if len(rows[j]) > t]  # a prefix of `videos`: longest first
-                if len(active) != batch:
-                    batch = len(active)
-                    for per_object in outputs:
-                        for stored in per_object.values():
-                            stored.update({f: _fit(out, batch) for f, out in stored.items()})
-                frame = first + step * t
-                state["frame_keys"] = {frame: [("query", rows[j][t]) for j in active]}
-                for i, per_object in enumerate(outputs):
-                    out, _ = predictor._run_single_frame_inference(
-                        inference_state=state, output_dict=per_object, frame_idx=frame, batch_size=batch,
-                        is_init_cond_frame=False, point_inputs=None, mask_inputs=None, reverse=reverse,
-                        run_mem_encoder=True)
-                    tracked = per_object["non_cond_frame_outputs"]
-                    tracked[frame] = out
-                    tracked.pop(frame - step * predictor.memory_window, None)
-                    masks = out["pred_masks"][:, 0].float()
-                    presence = torch.sigmoid(out["object_score_logits"][:, 0].float())
-                    for b, j in enumerate(active):
-                        results[j].logits[i, rows[j][t]].copy_(masks[b], non_blocking=True)
-                        results[j].presence[i, rows[j][t]].copy_(presence[b], non_blocking=True)
+            for t in range(max((len(rows) for _, _, rows in runs), default=0)):
+                active = [(j, track, rows[t]) for j, track, rows in runs if t < len(rows)]
+                frames = [row if reverse else row + n_support for _, _, row in active]
+                outs = track_step(predictor, state, [(track, frame) for (_, track, _), frame in zip(active, frames)])
+                for (j, track, row), frame, out in zip(active, frames, outs):
+                    stored = track.outputs["non_cond_frame_outputs"]
+                    stored[frame] = out
+                    stored.pop(frame - step * window, None)
+                    logits[j, track.obj, row] = out["pred_masks"][0, 0].float()
+                    presence[j, track.obj, row] = torch.sigmoid(out["object_score_logits"][0, 0].float())
                 if on_step is not None:
-                    on_step(batch)
-    if pin:
-        torch.cuda.synchronize(predictor.device)
-    return results
+                    on_step(len({j for j, _, _ in active}))
+    logits, presence = logits.cpu(), presence.cpu()
+    return [VideoResult(logits[j], presence[j]) for j in range(len(ks))]

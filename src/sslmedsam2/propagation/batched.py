@@ -54,11 +54,17 @@ def _key_mask(mask: torch.Tensor | None) -> Iterator[None]:
 
 @dataclass
 class Track:
-    """One object followed in one direction: its outputs so far (seeds shared with the other direction)."""
+    """One object followed in one direction of one video: its outputs so far (seeds shared with the other
+    direction). A few-shot track numbers the frames of its own video, so it names the stored features of each
+    frame itself (`frame_key`); by default a frame's features are the state's `frame_keys[frame]`."""
 
     obj: int
     reverse: bool
     outputs: dict = field(default_factory=dict)  # {"cond_frame_outputs": {...}, "non_cond_frame_outputs": {...}}
+    frame_key: Callable[[int], object] | None = None
+
+    def key(self, state: dict, frame: int) -> object:
+        return state["frame_keys"][frame] if self.frame_key is None else self.frame_key(frame)
 
 
 @dataclass
@@ -109,10 +115,41 @@ def _padded(banks: list[_Bank]) -> tuple[torch.Tensor, torch.Tensor, int, torch.
     return memory, pos, pointers, mask
 
 
+# Pad on every device, as on a GPU (tests check the GPU's layout on CPU with it).
+PAD_ALWAYS = False
+
+
+def _attend(predictor: SlicePredictor, feats: torch.Tensor, pos: torch.Tensor, banks: list[_Bank]) -> torch.Tensor:
+    """Memory attention of every track (feats: (tokens, tracks, channels)) over its own bank. On a GPU all tracks
+    go in one call, banks padded to the longest (a step costs its latency, not its arithmetic); on a CPU tracks
+    whose banks have the same layout go together, so no track attends over padding."""
+    if predictor.device.type == "cuda" or PAD_ALWAYS:
+        groups = [list(range(len(banks)))]
+    else:
+        layouts: dict[tuple[int, int], list[int]] = {}
+        for b, bank in enumerate(banks):
+            layouts.setdefault((bank.memory.shape[0], bank.pointers), []).append(b)
+        groups = list(layouts.values())
+    attended = None
+    for group in groups:
+        memory, memory_pos, pointers, mask = _padded([banks[b] for b in group])
+        index = None if len(groups) == 1 else torch.tensor(group, device=feats.device)
+        curr, curr_pos = (feats, pos) if index is None else (feats[:, index], pos[:, index])
+        with _key_mask(mask):
+            out = predictor.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=memory, memory_pos=memory_pos,
+                                             num_obj_ptr_tokens=pointers)
+        if index is None:
+            return out
+        if attended is None:
+            attended = out.new_empty(out.shape[0], len(banks), out.shape[2])
+        attended[:, index] = out
+    return attended
+
+
 def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, int]]) -> list[dict]:
     """One tracking step of every (track, frame) in `steps`, as one batch; returns each step's compact output
     (what sam2's `_run_single_frame_inference` stores), in order. Frames' features come from the state's store."""
-    keys = [state["frame_keys"][frame] for _, frame in steps]
+    keys = [track.key(state, frame) for track, frame in steps]
     view = {**state, "frame_keys": {-1: keys}}
     _, _, feats, pos, sizes = predictor._get_image_feature(view, -1, len(steps))
     banks = []
@@ -120,11 +157,8 @@ def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, 
         one = [f[:, b:b + 1] for f in feats]
         banks.append(_record_bank(predictor, track, frame, one, [p[:, b:b + 1] for p in pos], sizes,
                                   state["num_frames"]))
-    memory, memory_pos, pointers, mask = _padded(banks)
+    attended = _attend(predictor, feats[-1], pos[-1], banks)
     (height, width), channels = sizes[-1], predictor.hidden_dim
-    with _key_mask(mask):
-        attended = predictor.memory_attention(curr=feats[-1:], curr_pos=pos[-1:], memory=memory,
-                                              memory_pos=memory_pos, num_obj_ptr_tokens=pointers)
     pix_feat = attended.permute(1, 2, 0).view(len(steps), channels, height, width)
     high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], sizes[:-1])]
     _, _, _, low_res, high_res_masks, obj_ptr, scores = predictor._forward_sam_heads(
