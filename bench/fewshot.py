@@ -44,7 +44,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     stages = Stages(sync=torch.cuda.synchronize if on_gpu else None)
     for owner, name, stage in ((engine, "build_predictor", "build"), (job, "load_volume", "read"),
                                (FeatureStore, "encode", "encode"), (SupportMemory, "__init__", "support memories"),
-                               (engine, "track_videos_cached", "track"), (engine, "track_video_naive", "track"),
+                               (engine, "track_queries_cached", "track"), (engine, "track_video_naive", "track"),
                                (ProbabilityMean, "add", "fuse"), (ProbabilityMean, "finish", "fuse"),
                                (job, "write_case", "write")):
         stages.wrap(owner, name, stage)

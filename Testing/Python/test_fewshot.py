@@ -88,7 +88,7 @@ def _memory_layouts(predictor, run) -> Counter:
         prompts = tuple(sorted(f - frame for f in outputs["cond_frame_outputs"]))
         tracked = tuple(sorted((frame - f) * sign for f in outputs["non_cond_frame_outputs"]
                                if 0 <= f < num_frames and 0 < (frame - f) * sign < predictor.memory_window))
-        if key[0] == "query":
+        if key[0] != "support":  # a query slice (named "query" alone, or by its query when batched)
             seen[(key[1], reverse, prompts, tracked)] += 1
 
     original, original_bank = predictor._run_single_frame_inference, batched._record_bank
@@ -141,6 +141,49 @@ def test_batched_videos_equal_naive_videos(tiny_checkpoint):
         assert ours.presence.sub(reference.presence).abs().max() <= 1e-4
 
 
+def test_queries_batched_together_equal_each_query_alone(tmp_path, tiny_checkpoint, monkeypatch):
+    """On a GPU several queries share each support's tracking steps (queries of other lengths, k = 0 and the last
+    slice included): the same memories are read and the same numbers come out as for each query alone, and the
+    command writes the same files."""
+    import torch
+
+    import sslmedsam2.fewshot.engine as engine
+    from sslmedsam2.fewshot.tracking import (FeatureStore, QueryVideos, SupportMemory, support_masks,
+                                             track_queries_cached, track_videos_cached)
+    from sslmedsam2.models import get_model
+    from sslmedsam2.models.loader import build_predictor
+
+    predictor = build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", TINY_SIZE)
+    support_image, support_labels = synthetic_case((10, 40, 40), seed=3)
+    support = VolumeFrames(to_uint8(support_image, IntensitySpec()), TINY_SIZE)
+    queries = [VolumeFrames(to_uint8(synthetic_case((n, 36, 44), seed=4 + n)[0], IntensitySpec()), TINY_SIZE)
+               for n in (9, 12)]
+    masks = support_masks(support_labels, 36, 44)
+    # both videos are longer than SAM2's pointer look-back: one memory serves both queries
+    memory = SupportMemory(predictor, support, masks, [1, 2], 9 + len(support), 36, 44, FeatureStore())
+    ks = [[0, 5, 9], [3, 12]]
+    together_layout, together = _memory_layouts(predictor, lambda: track_queries_cached(
+        predictor, [QueryVideos(q, f"q{i}", k) for i, (q, k) in enumerate(zip(queries, ks))], FeatureStore(), memory))
+    alone_layout, alone = _memory_layouts(predictor, lambda: [
+        track_videos_cached(predictor, q, FeatureStore(), memory, k) for q, k in zip(queries, ks)])
+    assert together_layout == alone_layout and sum(alone_layout.values()) == 2 * (9 * 3 + 12 * 2)
+    for many, one in zip(together, alone):
+        for ours, reference in zip(many, one):
+            assert torch.sigmoid(ours.logits).sub(torch.sigmoid(reference.logits)).abs().max() <= 1e-4
+            assert ours.presence.sub(reference.presence).abs().max() <= 1e-4
+
+    folders = _cohort(tmp_path, supports=2, queries=3)
+    assert main(_argv(folders, tiny_checkpoint)) == 0  # one query at a time (CPU)
+    monkeypatch.setattr(engine.FewShotEngine, "queries_per_batch", lambda self, slices: 2)
+    argv = _argv(folders, tiny_checkpoint)
+    argv[argv.index(str(folders["out"]))] = str(tmp_path / "together")
+    assert main(argv) == 0
+    for query in ("query0", "query1", "query2"):
+        for label in (1, 2):
+            one = _read(folders["out"] / f"{query}.prob_{label}.nii.gz")
+            assert np.abs(_read(tmp_path / "together" / f"{query}.prob_{label}.nii.gz") - one).max() <= 1e-4
+
+
 def test_out_of_gpu_memory_means_smaller_batches_then_a_clear_error(tmp_path, tiny_checkpoint, monkeypatch, capsys):
     import torch
 
@@ -148,13 +191,13 @@ def test_out_of_gpu_memory_means_smaller_batches_then_a_clear_error(tmp_path, ti
 
     folders = _cohort(tmp_path, supports=1, queries=1)
     assert main(_argv(folders, tiny_checkpoint)) == 0
-    real = engine.track_videos_cached
+    real = engine.track_queries_cached
 
-    def small_gpu(predictor, frames, store, memory, ks, chunk, on_step):
-        if len(ks) > 1:
+    def small_gpu(predictor, videos, store, memory, chunk, on_step):
+        if sum(len(v.ks) for v in videos) > 1:
             on_step(1)  # some progress before memory ran out
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(predictor, frames, store, memory, ks, chunk, on_step)
+        return real(predictor, videos, store, memory, chunk, on_step)
 
     def no_gpu(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -180,7 +223,7 @@ def test_out_of_gpu_memory_means_smaller_batches_then_a_clear_error(tmp_path, ti
 
     monkeypatch.setattr("sslmedsam2.cli._ProgressBar", Bar)
     for name, tracker in (("retry", small_gpu), ("fail", no_gpu)):
-        monkeypatch.setattr(engine, "track_videos_cached", tracker)
+        monkeypatch.setattr(engine, "track_queries_cached", tracker)
         argv = _argv(folders, tiny_checkpoint)
         argv[argv.index(str(folders["out"]))] = str(tmp_path / name)
         capsys.readouterr()

@@ -9,11 +9,12 @@ import torch
 
 from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import ProbabilityMean, PseudoLabel
-from sslmedsam2.fewshot.tracking import (SupportMemory, VideoResult, support_masks, track_video_naive,
-                                         track_videos_cached)
+from sslmedsam2.fewshot.tracking import (QueryVideos, SupportMemory, VideoResult, support_masks,
+                                         track_queries_cached, track_video_naive)
 from sslmedsam2.fewshot.volumes import FewShotVolume
 from sslmedsam2.frames.video import VolumeFrames
-from sslmedsam2.propagation.features import FeatureStore, encode_chunk, feature_device
+from sslmedsam2.propagation.features import (GPU_FEATURE_SHARE, FeatureStore, encode_chunk, feature_device,
+                                             frame_feature_bytes)
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor, resolve_device
 from sslmedsam2.pipeline import PropagateOptions, find_weights
@@ -40,30 +41,52 @@ class FewShotEngine:
     def _frames(self, volume: FewShotVolume) -> VolumeFrames:
         return VolumeFrames(volume.slices, self.image_size, self.device)
 
+    def _memory_key(self, name: str, query: FewShotVolume) -> tuple:
+        n_query, height, width = query.slices.shape
+        video_length = n_query + len(self.supports[name].slices)
+        # SAM2 reads the video's length only to bound pointer look-back: beyond that bound all lengths agree
+        return name, height, width, min(video_length, self.predictor.max_obj_ptrs_in_encoder)
+
     def _memory(self, name: str, query: FewShotVolume) -> SupportMemory:
         support = self.supports[name]
-        n_query, height, width = query.slices.shape
-        video_length = n_query + len(support.slices)
-        # SAM2 reads the video's length only to bound pointer look-back: beyond that bound all lengths agree
-        key = (name, height, width, min(video_length, self.predictor.max_obj_ptrs_in_encoder))
+        key = self._memory_key(name, query)
         if key not in self._memories:
+            _, height, width, _ = key
             masks = support_masks(support.labels, height, width)
             self._memories[key] = SupportMemory(self.predictor, self._frames(support), masks, self.labels,
-                                                video_length, height, width, FeatureStore(self.device))
+                                                len(query.slices) + len(support.slices), height, width,
+                                                FeatureStore(self.device))
             while len(self._memories) > 2 * len(self.supports):
                 self._memories.popitem(last=False)
         self._memories.move_to_end(key)
         return self._memories[key]
 
-    def _query_store(self, query: FewShotVolume) -> FeatureStore:
-        """Every video reads each query slice: its features stay in memory (CPU memory at worst)."""
-        return FeatureStore(feature_device(self.device, self.image_size, len(query.slices)) or "cpu")
+    def queries_per_batch(self, slices: int) -> int:
+        """Queries pseudo-labelled together. On a GPU a tracking step costs its latency, so the videos of several
+        queries share each step: as many queries as keep their features under 40 % of the free memory, up to 8.
+        On a CPU one: a step costs its arithmetic, and more queries would only hold more memory."""
+        if self.device.type != "cuda" or self.naive:
+            return 1
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(max(1, min(8, GPU_FEATURE_SHARE * free // max(frame_feature_bytes(self.image_size) * slices, 1))))
 
-    def _track(self, frames: VolumeFrames, store: FeatureStore, memory: SupportMemory, ks: list[int],
-               progress=None) -> list[VideoResult]:
-        """One support's videos as one batch; smaller batches, then query features in CPU memory, when the GPU
-        runs out of memory."""
-        size = self._video_batch or len(ks)
+    def _query_store(self, queries: list[FewShotVolume]) -> FeatureStore:
+        """Every video reads each query slice: their features stay in memory (CPU memory at worst)."""
+        slices = sum(len(q.slices) for q in queries)
+        return FeatureStore(feature_device(self.device, self.image_size, slices) or "cpu")
+
+    def _track(self, videos: list[QueryVideos], store: FeatureStore, memory: SupportMemory,
+               progress=None) -> list[list[VideoResult]]:
+        """One support's videos of these queries as one batch; smaller batches, then query features in CPU
+        memory, when the GPU runs out of memory."""
+        size = self._video_batch or sum(len(v.ks) for v in videos)
+        parts = [(q, QueryVideos(v.frames, v.name, v.ks[start:start + size]))
+                 for q, v in enumerate(videos) for start in range(0, len(v.ks), size)]
+        batches: list[list] = [[]]
+        for part in parts:  # consecutive parts, at most `size` videos per batch
+            if batches[-1] and sum(len(p.ks) for _, p in batches[-1]) + len(part[1].ks) > size:
+                batches.append([])
+            batches[-1].append(part)
         reported = 0
 
         def step(slices: int) -> None:
@@ -73,9 +96,13 @@ class FewShotEngine:
                 progress.update(slices)
 
         try:
-            return [video for start in range(0, len(ks), size)
-                    for video in track_videos_cached(self.predictor, frames, store, memory, ks[start:start + size],
-                                                     self._encode_chunk, on_step=step)]
+            results: list[list[VideoResult]] = [[] for _ in videos]
+            for batch in batches:
+                tracked = track_queries_cached(self.predictor, [p for _, p in batch], store, memory,
+                                               self._encode_chunk, on_step=step)
+                for (q, _), found in zip(batch, tracked):
+                    results[q].extend(found)
+            return results
         except torch.OutOfMemoryError:
             if progress is not None:
                 progress.update(-reported)  # this support's videos start again
@@ -90,26 +117,43 @@ class FewShotEngine:
             else:
                 raise UserError("out of GPU memory even for one video: lower --image-size or use --device cpu") \
                     from None
-            return self._track(frames, store, memory, ks, progress)
+            return self._track(videos, store, memory, progress)
 
     def pseudo_label(self, query: FewShotVolume, positions: dict[str, list[int]], progress=None) -> PseudoLabel:
         """`progress` counts query slices tracked, summed over videos."""
-        n, height, width = query.slices.shape
-        mean = ProbabilityMean(self.labels, n, height, width)
-        frames = self._frames(query)
-        store = self._query_store(query)
+        return self.pseudo_label_many([query], [positions], progress)[0]
+
+    def pseudo_label_many(self, queries: list[FewShotVolume], positions: list[dict[str, list[int]]],
+                          progress=None) -> list[PseudoLabel]:
+        """Several queries at once: each support's videos for all of them are tracked as one batch (queries of
+        the same in-plane size; others in batches of their own). `progress` counts query slices tracked."""
+        means = [ProbabilityMean(self.labels, *q.slices.shape) for q in queries]
+        frames = [self._frames(q) for q in queries]
         if progress is not None:
-            progress.reset(total=n * sum(len(p) for p in positions.values()))
-        for name, ks in positions.items():
-            if self.naive:
-                support = self.supports[name]
-                support_frames = self._frames(support)
-                masks = support_masks(support.labels, height, width)
-                for k in ks:
-                    mean.add(track_video_naive(self.predictor, frames, support_frames, masks, self.labels, k))
-                    if progress is not None:
-                        progress.update(n)
-            else:
-                for result in self._track(frames, store, self._memory(name, query), ks, progress):
-                    mean.add(result)
-        return mean.finish()
+            progress.reset(total=sum(len(q.slices) * sum(len(p) for p in pos.values())
+                                     for q, pos in zip(queries, positions)))
+        if self.naive:
+            for query, query_frames, pos, mean in zip(queries, frames, positions, means):
+                _, height, width = query.slices.shape
+                for name, ks in pos.items():
+                    support = self.supports[name]
+                    support_frames = self._frames(support)
+                    masks = support_masks(support.labels, height, width)
+                    for k in ks:
+                        mean.add(track_video_naive(self.predictor, query_frames, support_frames, masks, self.labels, k))
+                        if progress is not None:
+                            progress.update(len(query.slices))
+            return [mean.finish() for mean in means]
+        store = self._query_store(queries)
+        for name in dict.fromkeys(name for pos in positions for name in pos):  # supports, in order of first use
+            groups: dict[tuple, list[int]] = {}
+            for q, pos in enumerate(positions):
+                if name in pos:
+                    groups.setdefault(self._memory_key(name, queries[q]), []).append(q)
+            for members in groups.values():
+                memory = self._memory(name, queries[members[0]])
+                videos = [QueryVideos(frames[q], q, positions[q][name]) for q in members]
+                for q, results in zip(members, self._track(videos, store, memory, progress)):
+                    for result in results:
+                        means[q].add(result)
+        return [mean.finish() for mean in means]

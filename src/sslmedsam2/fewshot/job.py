@@ -182,20 +182,34 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
     written = []
     if todo:
         engine = FewShotEngine(options, supports, labels, log, download_progress)
-        for path in todo:
+        group: list[tuple[Path, FewShotVolume, list[str], dict]] = []
+
+        def finish_group() -> None:
+            """Pseudo-label the queries gathered (one batch per support on a GPU), then write each case."""
             started = time.perf_counter()
+            results = engine.pseudo_label_many([q for _, q, _, _ in group], [p for _, _, _, p in group], progress)
+            seconds = round((time.perf_counter() - started) / len(group), 2)
+            for (path, query, chosen, positions), result in zip(group, results):
+                info = {"query_file": path.name, "labels": labels, "supports": chosen, "insertions": positions,
+                        "videos": sum(len(p) for p in positions.values()), "seconds": seconds,
+                        "model": options.model, "image_size": engine.image_size, "naive": options.naive,
+                        "settings": settings}
+                write_case(outdir, query, result, info)
+                written.append(output_files(outdir, path)["labels"])
+                log(f"{path.name}: {info['videos']} videos from {len(chosen)} supports, case confidence "
+                    f"{result.case_confidence:.3f}, {seconds:.1f} s" + (f" (one of {len(group)} queries tracked "
+                                                                      "together)" if len(group) > 1 else ""))
+            group.clear()
+
+        for path in todo:
             query = load_volume(path, options.axis, options.intensity)
             chosen = most_similar(query.slices, {s.name: s.slices for s in supports}, options.supports)
             positions = {name: insertion_positions(query.name, name, len(query.slices), options.insertions, options.seed)
                          for name in chosen}
-            result = engine.pseudo_label(query, positions, progress)
-            info = {"query_file": path.name, "labels": labels, "supports": chosen, "insertions": positions,
-                    "videos": sum(len(p) for p in positions.values()), "seconds": round(time.perf_counter() - started, 2),
-                    "model": options.model, "image_size": engine.image_size, "naive": options.naive,
-                    "settings": settings}
-            write_case(outdir, query, result, info)
-            written.append(output_files(outdir, path)["labels"])
-            log(f"{path.name}: {info['videos']} videos from {len(chosen)} supports, case confidence "
-                f"{result.case_confidence:.3f}, {info['seconds']:.1f} s")
+            group.append((path, query, chosen, positions))
+            if len(group) >= engine.queries_per_batch(len(query.slices)):
+                finish_group()
+        if group:
+            finish_group()
     write_ranking(outdir)
     return written

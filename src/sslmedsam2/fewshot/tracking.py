@@ -123,46 +123,71 @@ class SupportMemory:
         return [dict(state["output_dict_per_obj"][i]["non_cond_frame_outputs"]) for i in range(len(state["obj_ids"]))]
 
 
+@dataclass
+class QueryVideos:
+    """One query's videos with one support: its frames, the name its features are stored under (keys
+    (name, slice)), and the insertion points k of its videos."""
+
+    frames: VolumeFrames
+    name: object
+    ks: Sequence[int]
+
+
 def track_videos_cached(predictor: SlicePredictor, query: VolumeFrames, query_store: FeatureStore,
                         memory: SupportMemory, ks: Sequence[int], encode_chunk: int = 8,
                         on_step: Callable[[int], None] | None = None) -> list[VideoResult]:
-    """The numbers `track_video_naive` gives for each k, tracking only the query slices: every video and every
-    label of this support advance together, one batched step (propagation's tracker, `batched.track_step`) per
-    query slice. Each (label, video) is a track in its own video's frame numbering, starting from the support's
-    prompt memories and tracked block (shared, not copied); `on_step(videos)` after each step."""
-    n_query, n_support = len(query), memory.length
-    query_store.encode(predictor, query, [("query", z) for z in range(n_query)], encode_chunk)
+    """The numbers `track_video_naive` gives for each k (one query's videos: `track_queries_cached`)."""
+    return track_queries_cached(predictor, [QueryVideos(query, "query", ks)], query_store, memory, encode_chunk,
+                                on_step)[0]
+
+
+def track_queries_cached(predictor: SlicePredictor, queries: Sequence[QueryVideos], store: FeatureStore,
+                         memory: SupportMemory, encode_chunk: int = 8,
+                         on_step: Callable[[int], None] | None = None) -> list[list[VideoResult]]:
+    """The numbers `track_video_naive` gives for every video of every query, tracking only the query slices:
+    all videos and labels of this support, across queries, advance together, one batched step (propagation's
+    tracker, `batched.track_step`) per query slice. Each (label, video) is a track in its own video's frame
+    numbering, starting from the support's prompt memories and tracked block (shared, not copied). The queries
+    must share `memory` (same in-plane size, see `FewShotEngine._memory`). `on_step(videos)` after each step."""
+    n_support = memory.length
+    for query in queries:
+        store.encode(predictor, query.frames, [(query.name, z) for z in range(len(query.frames))], encode_chunk)
     low, objects, device = predictor.image_size // 4, len(memory.labels), predictor.device
+    videos = [(q, k) for q, query in enumerate(queries) for k in query.ks]
     # outputs stay on the compute device until every step is done: no step waits for a copy
-    logits = torch.zeros(len(ks), objects, n_query, low, low, device=device)
-    presence = torch.zeros(len(ks), objects, n_query, device=device)
-    state = predictor.init_state_from_frames(query, query.height, query.width)
-    state["feature_store"], state["num_frames"] = query_store, n_query + n_support
+    logits = [torch.zeros(objects, len(queries[q].frames), low, low, device=device) for q, _ in videos]
+    presence = [torch.zeros(objects, len(queries[q].frames), device=device) for q, _ in videos]
+    first = queries[0].frames
+    state = predictor.init_state_from_frames(first, first.height, first.width)
+    state["feature_store"] = store
     window = predictor.memory_window
     with torch.inference_mode(), autocast_for(device):
         for block, reverse in ((memory.forward, False), (memory.backward, True)):
             runs = []  # (video, track, query rows in tracking order); a video is query[:k] + support + query[k:]
-            for j, k in enumerate(ks):
+            for v, (q, k) in enumerate(videos):
+                n_query, name = len(queries[q].frames), queries[q].name
                 rows = range(k - 1, -1, -1) if reverse else range(k, n_query)
                 if not rows:
                     continue
-                key = (lambda frame, k=k: ("query", frame if frame < k else frame - n_support))
+                key = (lambda frame, k=k, name=name: (name, frame if frame < k else frame - n_support))
                 for i in range(objects):
                     outputs = {"cond_frame_outputs": {k + z: out for z, out in memory.prompts[i].items()},
                                "non_cond_frame_outputs": {k + z: out for z, out in block[i].items()}}
-                    runs.append((j, Track(i, reverse, outputs, key), rows))
+                    runs.append((v, Track(i, reverse, outputs, key, n_query + n_support), rows))
             step = -1 if reverse else 1
             for t in range(max((len(rows) for _, _, rows in runs), default=0)):
-                active = [(j, track, rows[t]) for j, track, rows in runs if t < len(rows)]
+                active = [(v, track, rows[t]) for v, track, rows in runs if t < len(rows)]
                 frames = [row if reverse else row + n_support for _, _, row in active]
                 outs = track_step(predictor, state, [(track, frame) for (_, track, _), frame in zip(active, frames)])
-                for (j, track, row), frame, out in zip(active, frames, outs):
+                for (v, track, row), frame, out in zip(active, frames, outs):
                     stored = track.outputs["non_cond_frame_outputs"]
                     stored[frame] = out
                     stored.pop(frame - step * window, None)
-                    logits[j, track.obj, row] = out["pred_masks"][0, 0].float()
-                    presence[j, track.obj, row] = torch.sigmoid(out["object_score_logits"][0, 0].float())
+                    logits[v][track.obj, row] = out["pred_masks"][0, 0].float()
+                    presence[v][track.obj, row] = torch.sigmoid(out["object_score_logits"][0, 0].float())
                 if on_step is not None:
-                    on_step(len({j for j, _, _ in active}))
-    logits, presence = logits.cpu(), presence.cpu()
-    return [VideoResult(logits[j], presence[j]) for j in range(len(ks))]
+                    on_step(len({v for v, _, _ in active}))
+    results: list[list[VideoResult]] = [[] for _ in queries]
+    for (q, _), lg, pr in zip(videos, logits, presence):
+        results[q].append(VideoResult(lg.cpu(), pr.cpu()))
+    return results

@@ -62,6 +62,7 @@ class Track:
     reverse: bool
     outputs: dict = field(default_factory=dict)  # {"cond_frame_outputs": {...}, "non_cond_frame_outputs": {...}}
     frame_key: Callable[[int], object] | None = None
+    num_frames: int | None = None  # its video's length, when videos of several lengths share a state
 
     def key(self, state: dict, frame: int) -> object:
         return state["frame_keys"][frame] if self.frame_key is None else self.frame_key(frame)
@@ -156,7 +157,7 @@ def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, 
     for b, (track, frame) in enumerate(steps):
         one = [f[:, b:b + 1] for f in feats]
         banks.append(_record_bank(predictor, track, frame, one, [p[:, b:b + 1] for p in pos], sizes,
-                                  state["num_frames"]))
+                                  track.num_frames or state["num_frames"]))
     attended = _attend(predictor, feats[-1], pos[-1], banks)
     (height, width), channels = sizes[-1], predictor.hidden_dim
     pix_feat = attended.permute(1, 2, 0).view(len(steps), channels, height, width)
