@@ -234,6 +234,15 @@ def batched_vs_sequential(work: Path) -> str:
     return f"batched vs sequential: label-map dice={dice:.5f} max_abs_diff={diff:.2e} (confidence table)"
 
 
+def sitk_size(path: str) -> int:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader.GetSize()[2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_case = CHAOS / "images" / "chaos_t2_2.nii.gz"
@@ -252,6 +261,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--synthetic-slices", type=int, help="use a synthetic 512 x 512 x N volume (one label)")
     parser.add_argument("--profile", help="run ours once under torch.profiler and write its tables to this file")
+    parser.add_argument("--only-ours", action="store_true", help="run this pipeline alone (no reference routes)")
     parser.add_argument("--variant", choices=("ours", "jpeg", "sequential"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--seeds", help=argparse.SUPPRESS)
@@ -266,15 +276,18 @@ def main() -> None:
             args.labels = [1]
         prepare(args, work)
         results = {}
-        for variant in ("ours",) if args.profile else ("jpeg", "sequential", "ours"):
+        for variant in ("ours",) if args.profile or args.only_ours else ("jpeg", "sequential", "ours"):
             cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--seeds", args.seeds,
                    "--image", args.image, "--axis", args.axis, "--model", args.model, "--checkpoint", args.checkpoint,
                    "--image-size", str(args.image_size), "--device", args.device]
             done = subprocess.run(cmd + (["--profile", args.profile] if args.profile else []), capture_output=True,
                                   text=True, check=True)
             results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-        if args.profile:
-            print(f"profiled: {results['ours']}; tables in {args.profile}")
+        if args.profile or args.only_ours:
+            r = results["ours"]
+            print(f"ours: end to end {r['seconds']:.2f} s, {sitk_size(args.image) / r['seconds']:.2f} slices/s, "
+                  f"stages " + ", ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items())
+                  + (f"; tables in {args.profile}" if args.profile else ""))
             return
         import SimpleITK as sitk
 
