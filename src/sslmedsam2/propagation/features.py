@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.sam2_propagation import autocast_for
 
@@ -47,7 +48,7 @@ class FeatureStore:
         self._pos = None if self._pos is None else [p.to(self.device) for p in self._pos]
 
     @torch.inference_mode()
-    def encode(self, predictor: SlicePredictor, frames: Sequence, keys: Sequence, chunk: int,
+    def encode(self, predictor: SlicePredictor, frames: VolumeFrames, keys: Sequence, chunk: int,
                on_chunk: Callable[[int], None] | None = None) -> None:
         """Encode the frames not stored yet, `chunk` at a time (a GPU encodes a batch faster than one by one);
         `on_chunk(count)` after each chunk (progress; it may raise to stop)."""
@@ -55,8 +56,7 @@ class FeatureStore:
         with autocast_for(predictor.device):
             for start in range(0, len(todo), chunk):
                 part = todo[start:start + chunk]
-                indices = [i for i, _ in part]
-                batch = frames.stack(indices) if hasattr(frames, "stack") else torch.stack([frames[i] for i in indices])
+                batch = frames.stack([i for i, _ in part])
                 out = predictor.forward_image(batch.to(predictor.device).float())
                 for b, (_, key) in enumerate(part):
                     self.put(key, {"backbone_fpn": [f[b:b + 1] for f in out["backbone_fpn"]],
