@@ -107,4 +107,5 @@ def keyslices_command(prediction: str, output: str, confidence: str, axis: str) 
 def serve_command(settings: EngineSettings, port: int, token_file: str) -> list[str]:
     """The module's local engine: loopback only, a token all the same (other users of this machine must not reach
     it), the panel's model built at start."""
-    return ["serve", "--host", "127.0.0.1", "--port", str(port), "--token-file", token_file, *_model_args(settings)]
+    return ["serve", "--host", "127.0.0.1", "--port", str(port), "--token-file", token_file, "--exit-with-stdin",
+            *_model_args(settings)]

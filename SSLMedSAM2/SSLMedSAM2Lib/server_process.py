@@ -3,7 +3,8 @@ token in a file only this user can read. No Slicer here.
 
 It is started as the engine commands are (launch.py: the real interpreter, Slicer's environment), with a pipe on
 its standard input that nothing writes to: when Slicer exits, or crashes, the pipe closes and the server stops
-itself (SIGTERM on POSIX, so it deletes every session's data). `stop()` does the same and waits.
+itself (`serve --exit-with-stdin`: the same graceful stop as SIGTERM, on every platform, so it deletes every
+session's data). `stop()` does the same and waits.
 """
 
 from __future__ import annotations
@@ -24,25 +25,16 @@ from SSLMedSAM2Lib.engine_output import EngineOutput
 from SSLMedSAM2Lib.launch import child_options, engine_environment, python_interpreter
 from SSLMedSAM2Lib.parameters import EngineSettings, serve_command
 
-# Runs `sslmedsam2 serve ...` (sys.argv[1:]); a thread waits for the end of standard input (Slicer gone), deletes
-# the private folder (token, log) and stops the server as SIGTERM does (uvicorn's graceful stop, then every
-# session's data is deleted).
+# Runs `sslmedsam2 serve ... --exit-with-stdin` (sys.argv[1:]): the server stops itself gracefully when standard
+# input ends (Slicer gone), deleting every session's data; then this deletes the private folder (token, log). A
+# server that failed keeps its log for the module to read (the module deletes the folder).
 SERVE = """
-import os, shutil, signal, sys, threading
-def _parent_gone():
-    try:
-        while sys.stdin.buffer.read(65536):
-            pass
-    except (OSError, ValueError):
-        pass
-    if os.environ.get("SSLMEDSAM2_PRIVATE_FOLDER"):
-        shutil.rmtree(os.environ["SSLMEDSAM2_PRIVATE_FOLDER"], ignore_errors=True)
-    if os.name == "nt":
-        os._exit(0)
-    os.kill(os.getpid(), signal.SIGTERM)
-threading.Thread(target=_parent_gone, name="sslmedsam2-parent-watch", daemon=True).start()
+import os, shutil, sys
 from sslmedsam2.cli import main
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+if code == 0 and os.environ.get("SSLMEDSAM2_PRIVATE_FOLDER"):
+    shutil.rmtree(os.environ["SSLMEDSAM2_PRIVATE_FOLDER"], ignore_errors=True)
+sys.exit(code)
 """
 LOG_TAIL_CHARS = 20000
 START_TIMEOUT_S = 1800.0  # a first start may download the model's weights

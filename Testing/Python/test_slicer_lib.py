@@ -93,8 +93,8 @@ def test_commands_are_accepted_by_the_engine_parser():
         ("keyslices", "pred.nrrd", "seeds.nrrd", ["pred.confidence.csv"], "coronal")
     args = parser.parse_args(serve_command(settings, 40123, "/private/token"))
     assert (args.command, args.host, args.port, str(args.token_file), args.model, args.device, args.image_size,
-            str(args.checkpoint), args.no_download) == \
-        ("serve", "127.0.0.1", 40123, "/private/token", "sam2.1-tiny", "cpu", 256, "/x.pt", True)
+            str(args.checkpoint), args.no_download, args.exit_with_stdin) == \
+        ("serve", "127.0.0.1", 40123, "/private/token", "sam2.1-tiny", "cpu", 256, "/x.pt", True, True)
 
 
 def test_engine_connection_problems(tmp_path):

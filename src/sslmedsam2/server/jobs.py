@@ -137,7 +137,10 @@ class JobRunner:
     def run(self) -> None:
         """Run the jobs in order on the calling thread, until stop()."""
         while True:
-            job = self._queue.get()
+            try:  # wake up now and then: a signal the OS gave another thread is handled only when this one runs
+                job = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
             if job is None:
                 return
             if job.cancel_requested:

@@ -61,23 +61,41 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         tokens=read_server_tokens(args.token_file) if args.token_file else [])
 
 
-def serve(settings: ServerSettings, say: Callable[[str], None]) -> int:
-    """Serve until SIGINT or SIGTERM. HTTP runs on a thread; the jobs run on this (the main) thread, as the
-    command line computes: torch's CPU kernels are markedly faster there than on another thread."""
+def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin: bool = False) -> int:
+    """Serve until SIGINT or SIGTERM (or, with exit_with_stdin, until standard input closes). HTTP runs on a thread;
+    the jobs run on this (the main) thread, as the command line computes: torch's CPU kernels are markedly faster
+    there than on another thread."""
     import uvicorn
 
     from sslmedsam2.server.app import create_app
     from sslmedsam2.server.limits import human
     from sslmedsam2.server.service import Service
+    from sslmedsam2.server.shutdown import Shutdown, stop_when_closed
 
     settings.check()
     check_bind(settings)
     sock = bind(settings.host, settings.port)  # before the model is built: a taken port fails at once
     service = Service(settings, say, worker_thread=False)
     server = thread = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+        service.runner.stop()
+
+    shutdown = Shutdown(stop, lambda: service.root, say)
+
+    def on_signal(signum, frame) -> None:  # the work goes to a thread: nothing here may wait for a lock or write
+        threading.Thread(target=shutdown.request, args=(signal.Signals(signum).name,), daemon=True).start()
+
     saved = {}
+    if exit_with_stdin:
+        stop_when_closed(sys.stdin.buffer, shutdown)
     try:
-        service.start()
+        service.start()  # Ctrl-C here (a download, say) interrupts it at once
+        saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr (what is it doing?)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False,
                                                timeout_graceful_shutdown=5))
 
@@ -87,13 +105,6 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> int:
             finally:
                 service.runner.stop()  # no HTTP, no work
 
-        def stop(signum, frame) -> None:
-            server.should_exit = True
-            service.runner.stop()
-
-        saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr (what is it doing?)
-            faulthandler.register(signal.SIGUSR1, all_threads=True)
         thread = threading.Thread(target=http, name="sslmedsam2-http", daemon=True)
         thread.start()
         host, port = sock.getsockname()[:2]
@@ -102,16 +113,18 @@ def serve(settings: ServerSettings, say: Callable[[str], None]) -> int:
         say(f"serving {service.model} on {service.device} at {url} ({access}; "
             f"memory budget {human(service.budget.limit)}, at most {settings.max_sessions} sessions, idle sessions "
             f"closed after {settings.idle_timeout_s / 60:.0f} min); API: {url}/docs")
-        service.runner.run()
+        if not shutdown.requested.is_set():  # a stop asked for while the model was built
+            service.runner.run()
     finally:
         if server is not None:
             server.should_exit = True
         if thread is not None:
             thread.join(15)
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
         service.close()
         sock.close()
+        shutdown.done()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     say("stopped; every session's data is deleted")
     return 0
 
@@ -134,6 +147,8 @@ def add_serve_command(sub, add_model_options: Callable[[argparse.ArgumentParser]
                    help="close a session (and delete its data) after this long unused (default 30)")
     s.add_argument("--max-request-mb", type=float, default=1024.0, help="largest request (an image upload) in MB "
                    "(default 1024)")
+    s.add_argument("--exit-with-stdin", action="store_true", help="also stop (and delete every session's data) when "
+                   "standard input closes: for a program that starts the server and may end without stopping it")
     add_model_options(s)
     s.set_defaults(func=cmd_serve, model=None)
 
@@ -142,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         print(f"sslmedsam2: {message}", file=sys.stderr, flush=True)
 
-    return serve(settings_from(args), say)
+    return serve(settings_from(args), say, exit_with_stdin=args.exit_with_stdin)
 
 
 @contextlib.contextmanager
