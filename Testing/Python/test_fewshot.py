@@ -141,6 +141,48 @@ def test_batched_videos_equal_naive_videos(tiny_checkpoint):
         assert ours.presence.sub(reference.presence).abs().max() <= 1e-4
 
 
+def test_query_batches_are_sized_by_features_and_memory_banks(tiny_checkpoint, monkeypatch):
+    """On a GPU a batch holds as many queries as their features and tracks fit in 40 % of the free memory (at most
+    8); a support prompted on more slices gives every track a longer memory bank. On a CPU one query per batch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sslmedsam2.fewshot.engine import BANK_TOKEN_BYTES, FewShotEngine
+    from sslmedsam2.fewshot.volumes import FewShotVolume
+    from sslmedsam2.propagation.features import frame_feature_bytes
+
+    def support(name: str, prompted: int) -> FewShotVolume:
+        labels = np.zeros((20, 32, 32), np.uint8)
+        labels[:prompted, 4:9, 4:9] = 1
+        labels[:2, 20:25, 20:25] = 2
+        return FewShotVolume(name, Path(name), None, np.zeros((20, 32, 32), np.uint8), labels, "axial")
+
+    options = SimpleNamespace(model="sam2.1-tiny", checkpoint=tiny_checkpoint, download=False, device="cpu",
+                              image_size=TINY_SIZE, naive=False)
+    engine = FewShotEngine(options, [support("a", 3)], [1, 2], log=lambda message: None)
+    assert engine.fits([10**12]) and not engine.fits([1, 1])  # CPU
+    narrow = engine.track_bytes(50)
+    engine.supports["b"] = support("b", 15)
+    tokens = (TINY_SIZE // 16) ** 2
+    pointer_tokens = engine.predictor.hidden_dim // engine.predictor.mem_dim
+    assert engine.track_bytes(50) - narrow == 12 * (tokens + pointer_tokens) * (BANK_TOKEN_BYTES + 4 * tokens)
+    assert engine.track_bytes(60) > engine.track_bytes(50)
+    cost = engine.query_bytes(50, videos=5)
+    assert cost == frame_feature_bytes(TINY_SIZE) * 50 + 5 * 2 * engine.track_bytes(50)
+
+    free = [0]
+    monkeypatch.setattr(engine, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 80 * 2**30))
+    free[0] = int(3 * cost / 0.4) + 10
+    assert engine.fits([cost] * 3) and not engine.fits([cost] * 4)
+    assert engine.fits([cost, cost, cost // 2]) and not engine.fits([cost, cost, 2 * cost])
+    free[0] = 0
+    assert engine.fits([cost])  # one query always goes (running out of memory then splits its videos)
+    free[0] = 10**15
+    assert engine.fits([cost] * 8) and not engine.fits([cost] * 9)
+
+
 def test_queries_batched_together_equal_each_query_alone(tmp_path, tiny_checkpoint, monkeypatch):
     """On a GPU several queries share each support's tracking steps (queries of other lengths, k = 0 and the last
     slice included): the same memories are read and the same numbers come out as for each query alone, and the
@@ -174,7 +216,7 @@ def test_queries_batched_together_equal_each_query_alone(tmp_path, tiny_checkpoi
 
     folders = _cohort(tmp_path, supports=2, queries=3)
     assert main(_argv(folders, tiny_checkpoint)) == 0  # one query at a time (CPU)
-    monkeypatch.setattr(engine.FewShotEngine, "queries_per_batch", lambda self, slices: 2)
+    monkeypatch.setattr(engine.FewShotEngine, "fits", lambda self, costs: len(costs) <= 2)
     argv = _argv(folders, tiny_checkpoint)
     argv[argv.index(str(folders["out"]))] = str(tmp_path / "together")
     assert main(argv) == 0

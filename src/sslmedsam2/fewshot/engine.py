@@ -19,6 +19,13 @@ from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor, resolve_device
 from sslmedsam2.pipeline import PropagateOptions, find_weights
 
+# Working memory of a tracking step per memory-bank token of one track, besides 4 bytes per query token for the
+# padding mask, should the attention kernel expand it into a bias: the bank and its position encoding in float32
+# (512 B), the cross-attention's keys and values and their rotary copies (about 2 KB). An upper estimate, not
+# measured on a GPU; running out of memory falls back to smaller batches.
+BANK_TOKEN_BYTES = 2560
+
+
 class FewShotEngine:
     def __init__(self, options, supports: list[FewShotVolume], labels: list[int], log: Callable[[str], None],
                  download_progress=False) -> None:
@@ -61,14 +68,31 @@ class FewShotEngine:
         self._memories.move_to_end(key)
         return self._memories[key]
 
-    def queries_per_batch(self, slices: int) -> int:
-        """Queries pseudo-labelled together. On a GPU a tracking step costs its latency, so the videos of several
-        queries share each step: as many queries as keep their features under 40 % of the free memory, up to 8.
-        On a CPU one: a step costs its arithmetic, and more queries would only hold more memory."""
+    def track_bytes(self, slices: int) -> int:
+        """GPU memory one (label, video) track of a query takes while tracked: its largest memory bank in a step
+        (every prompted slice of its label in the most prompted support, the recent memories, the object
+        pointers) and its outputs kept on the device (logits and presence of every query slice)."""
+        tokens = (self.image_size // 16) ** 2  # one frame's memory (the backbone's stride 16)
+        prompts = max((int((support.labels == label).any(axis=(1, 2)).sum()) for support in self.supports.values()
+                       for label in self.labels), default=0)
+        predictor = self.predictor
+        pointers = (prompts + predictor.max_obj_ptrs_in_encoder) * max(1, predictor.hidden_dim // predictor.mem_dim)
+        bank = (prompts + predictor.num_maskmem) * tokens + pointers
+        outputs = slices * (4 * (self.image_size // 4) ** 2 + 4)
+        return bank * (BANK_TOKEN_BYTES + 4 * tokens) + outputs
+
+    def query_bytes(self, slices: int, videos: int) -> int:
+        """GPU memory one query adds to a batch: its slices' features and its tracks (`videos` per support)."""
+        return frame_feature_bytes(self.image_size) * slices + videos * len(self.labels) * self.track_bytes(slices)
+
+    def fits(self, costs: list[int]) -> bool:
+        """Whether queries of these `query_bytes` go in one batch. On a GPU a tracking step costs its latency, so
+        the videos of several queries share each step: up to 8 queries whose features and tracks take under 40 %
+        of the free memory. On a CPU one query: a step costs its arithmetic, more queries would only hold more."""
         if self.device.type != "cuda" or self.naive:
-            return 1
+            return len(costs) <= 1
         free, _ = torch.cuda.mem_get_info(self.device)
-        return int(max(1, min(8, GPU_FEATURE_SHARE * free // max(frame_feature_bytes(self.image_size) * slices, 1))))
+        return len(costs) <= 1 or (len(costs) <= 8 and sum(costs) <= GPU_FEATURE_SHARE * free)
 
     def _query_store(self, queries: list[FewShotVolume]) -> FeatureStore:
         """Every video reads each query slice: their features stay in memory (CPU memory at worst)."""

@@ -182,14 +182,15 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
     written = []
     if todo:
         engine = FewShotEngine(options, supports, labels, log, download_progress)
-        group: list[tuple[Path, FewShotVolume, list[str], dict]] = []
+        group: list[tuple[Path, FewShotVolume, list[str], dict, int]] = []  # ..., the query's GPU bytes
 
         def finish_group() -> None:
             """Pseudo-label the queries gathered (one batch per support on a GPU), then write each case."""
             started = time.perf_counter()
-            results = engine.pseudo_label_many([q for _, q, _, _ in group], [p for _, _, _, p in group], progress)
+            results = engine.pseudo_label_many([q for _, q, _, _, _ in group], [p for _, _, _, p, _ in group],
+                                               progress)
             seconds = round((time.perf_counter() - started) / len(group), 2)
-            for (path, query, chosen, positions), result in zip(group, results):
+            for (path, query, chosen, positions, _), result in zip(group, results):
                 info = {"query_file": path.name, "labels": labels, "supports": chosen, "insertions": positions,
                         "videos": sum(len(p) for p in positions.values()), "seconds": seconds,
                         "model": options.model, "image_size": engine.image_size, "naive": options.naive,
@@ -206,8 +207,11 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
             chosen = most_similar(query.slices, {s.name: s.slices for s in supports}, options.supports)
             positions = {name: insertion_positions(query.name, name, len(query.slices), options.insertions, options.seed)
                          for name in chosen}
-            group.append((path, query, chosen, positions))
-            if len(group) >= engine.queries_per_batch(len(query.slices)):
+            cost = engine.query_bytes(len(query.slices), max(map(len, positions.values()), default=0))
+            if group and not engine.fits([c for *_, c in group] + [cost]):
+                finish_group()
+            group.append((path, query, chosen, positions, cost))
+            if not engine.fits([c for *_, c in group] + [cost]):  # no room for another like it: go now
                 finish_group()
         if group:
             finish_group()
