@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -61,9 +62,11 @@ def run_variant(args: argparse.Namespace) -> dict:
     options = PseudoLabelOptions(support_images=work / "si", support_labels=work / "sl", query=work / "q",
                                  output=work / args.variant, model=args.model, checkpoint=Path(args.checkpoint),
                                  device=args.device, image_size=args.image_size, insertions=args.insertions,
-                                 naive=args.variant == "naive")
+                                 naive=args.variant == "naive", compile=args.compile)
     start = time.perf_counter()
-    run_pseudolabel(options, log=lambda m: None)
+    compiling = []  # seconds of each compilation (--compile), from the engine's own line about it
+    run_pseudolabel(options, log=lambda m: compiling.extend(
+        float(s) for s in re.findall(r"^compiled the tracking step .* in ([0-9.]+) s", m)))
     seconds = time.perf_counter() - start - stages.get("build")
     split = {stage: stages.get(stage) for stage in ("read", "encode", "support memories", "track", "fuse", "write")}
     split["other"] = seconds - sum(split.values())
@@ -71,7 +74,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     gpu = torch.cuda.max_memory_reserved() / 2**20 if on_gpu else None
     used = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
     return {"seconds": seconds, "stages": split, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_gpu_mb": gpu, "peak_gpu_allocated_mb": used, "estimated_query_mb": estimates[0] / 2**20}
+            "peak_gpu_mb": gpu, "peak_gpu_allocated_mb": used, "estimated_query_mb": estimates[0] / 2**20,
+            "compile_seconds": sum(compiling)}
 
 
 def phantom(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +162,8 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="GPU memory check (10 supports of 512 x 512 x 100)")
     parser.add_argument("--slices", type=int, default=100, help="--memory: slices per volume")
     parser.add_argument("--size", type=int, default=512, help="--memory: in-plane size of every volume")
+    parser.add_argument("--compile", action="store_true", help="ours with --compile (its compilation time, part of "
+                        "ours' time, is printed)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,7 +191,7 @@ def main() -> None:
         for variant in ("ours",) if args.memory else ("naive", "ours"):
             cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--model", args.model,
                    "--checkpoint", args.checkpoint, "--device", args.device, "--image-size", str(args.image_size),
-                   "--insertions", str(args.insertions)]
+                   "--insertions", str(args.insertions)] + (["--compile"] if args.compile else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
@@ -197,7 +203,8 @@ def main() -> None:
                    if r["peak_gpu_mb"] is not None else "")
             estimate = (f"; estimated per query (features and memory banks) {r['estimated_query_mb']:.0f} MB"
                         if r["estimated_query_mb"] else "")
-            print(f"{variant:>5}: {r['seconds']:.1f} s, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}{estimate}")
+            compiled = f" (of which compiling {r['compile_seconds']:.1f} s)" if r["compile_seconds"] else ""
+            print(f"{variant:>5}: {r['seconds']:.1f} s{compiled}, peak RAM {r['peak_rss_mb']:.0f} MB{gpu}{estimate}")
             print("       stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in r["stages"].items()))
         if args.memory:
             peak = results["ours"]["peak_gpu_mb"]

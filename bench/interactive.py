@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-check", action="store_true", help="skip the cold run that checks the edit's result")
+    parser.add_argument("--compile", action="store_true", help="start the server with --compile (compiled on the "
+                        "first propagation; --repeat keeps the fastest rounds)")
     parser.add_argument("--repeat", type=int, default=3, help="measure (a), (b) and (c) this many times and report "
                         "the fastest (a shared machine's noise only ever adds time; default 3)")
     args = parser.parse_args()
@@ -152,7 +154,8 @@ def main() -> None:
         port = _free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "sslmedsam2", "serve", "--port", str(port), "--model", args.model, "--checkpoint",
-             args.checkpoint, "--image-size", str(args.image_size), "--device", args.device],
+             args.checkpoint, "--image-size", str(args.image_size), "--device", args.device]
+            + (["--compile"] if args.compile else []),
             stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "wb"), env={**os.environ, "TMPDIR": str(work)})
         client = Client(f"http://127.0.0.1:{port}")
         try:

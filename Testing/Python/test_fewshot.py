@@ -159,7 +159,7 @@ def test_query_batches_are_sized_by_features_and_memory_banks(tiny_checkpoint, m
         return FewShotVolume(name, Path(name), None, np.zeros((20, 32, 32), np.uint8), labels, "axial")
 
     options = SimpleNamespace(model="sam2.1-tiny", checkpoint=tiny_checkpoint, download=False, device="cpu",
-                              image_size=TINY_SIZE, naive=False)
+                              image_size=TINY_SIZE, naive=False, compile=False)
     engine = FewShotEngine(options, [support("a", 3)], [1, 2], log=lambda message: None)
     assert engine.fits([10**12]) and not engine.fits([1, 1])  # CPU
     narrow = engine.track_bytes(50)

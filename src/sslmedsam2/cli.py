@@ -54,6 +54,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="SAM2 input size (multiple of 16); smaller is faster, "
                         "coarser (default: the model's own, 1024 or 512)")
     parser.add_argument("--no-download", action="store_true", help="never download weights")
+    parser.add_argument("--compile", action="store_true", help="compile SAM2's tracking step (torch.compile; CUDA "
+                        "graphs on a GPU, where a step is bound by its latency): tens of seconds once per shape, then "
+                        "cached on disk; for a GPU and long volumes or a long-lived server, not for a CPU")
 
 
 def _add_frame_options(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +77,8 @@ def _intensity(args: argparse.Namespace) -> IntensitySpec:
 def _options(args: argparse.Namespace) -> PropagateOptions:
     return PropagateOptions(method=args.method, model=args.model or DEFAULT_MODEL, checkpoint=args.checkpoint,
                             device=args.device, image_size=args.image_size, axis=args.axis, intensity=_intensity(args),
-                            download=not args.no_download, seed_slices=_slice_list(getattr(args, "seed_slices", None)))
+                            download=not args.no_download, seed_slices=_slice_list(getattr(args, "seed_slices", None)),
+                            compile=args.compile)
 
 
 def _slice_list(text: str | None) -> list[int] | None:
@@ -121,7 +125,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
         model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
         insertions=args.insertions, seed=args.seed, supports=args.supports, shard=parse_shard(args.shard),
         axis=args.axis, intensity=_intensity(args), download=not args.no_download, naive=args.naive,
-        redo=args.redo)
+        redo=args.redo, compile=args.compile)
     with _ProgressBar("pseudolabel", unit="slice") as bar:
         written = run_pseudolabel(options, log=_say, progress=bar, download_progress=True)
     _say(f"{len(written)} pseudo-labels written; review order in {args.output / 'ranking.csv'}")

@@ -38,6 +38,7 @@ class PropagateOptions:
     intensity: IntensitySpec = field(default_factory=IntensitySpec)
     download: bool = True
     seed_slices: list[int] | None = None  # use only these slices of SEEDS as prompts (re-propagation from a review)
+    compile: bool = False  # SAM2's tracking step compiled (propagation/compiled.py)
 
 
 @dataclass
@@ -129,7 +130,8 @@ def find_weights(options: PropagateOptions, log: Callable[[str], None], progress
 
 
 def propagate_case(case: Case, options: PropagateOptions, weights: Path | None,
-                   progress: Progress | None = None) -> tuple[Propagation, str, str | None]:
+                   progress: Progress | None = None, log: Callable[[str], None] = print
+                   ) -> tuple[Propagation, str, str | None]:
     """Run the chosen method; returns the result, the method used and the device (SAM2 only)."""
     if options.method == "interpolate" or weights is None:
         from sslmedsam2.propagation.interpolation import interpolate_between_seeds
@@ -139,7 +141,7 @@ def propagate_case(case: Case, options: PropagateOptions, weights: Path | None,
     from sslmedsam2.propagation.sam2_propagation import propagate_sam2
 
     device = resolve_device(options.device)
-    predictor = build_predictor(get_model(options.model), weights, device, options.image_size)
+    predictor = build_predictor(get_model(options.model), weights, device, options.image_size, options.compile, log)
     slices = to_uint8(case.volume, options.intensity)
     return propagate_sam2(predictor, slices, case.seeds, progress), "sam2", str(device)
 
@@ -165,7 +167,7 @@ def run_propagate(image_path: Path, seeds_path: Path, output: Path, options: Pro
     case = load_case(*inputs, options.axis, options.seed_slices, log)
     check_geometry_fits(case.image, output, what=str(image_path))
     weights = None if options.method == "interpolate" else find_weights(options, log, download_progress)
-    result, method, device = propagate_case(case, options, weights, progress)
+    result, method, device = propagate_case(case, options, weights, progress, log)
     with staged_image(case.to_image(result.labels), output):  # the label map appears last
         write_confidence(result.confidence, confidence)
     return PropagateReport(method, output, confidence, case.seeds.labels, case.volume.shape[0],

@@ -34,7 +34,8 @@ class FewShotEngine:
         if weights is None:  # pragma: no cover - find_weights raises for method sam2
             raise UserError("the few-shot branch needs SAM2 weights")
         self.device = resolve_device(options.device)
-        self.predictor = build_predictor(get_model(options.model), weights, self.device, options.image_size)
+        self.predictor = build_predictor(get_model(options.model), weights, self.device, options.image_size,
+                                         options.compile and not options.naive, log)
         self.image_size = self.predictor.image_size
         self.supports = {s.name: s for s in supports}
         self.labels = labels

@@ -47,6 +47,7 @@ class PseudoLabelOptions:
     download: bool = True
     naive: bool = False  # the reference's per-video computation (for comparison)
     redo: bool = False  # recompute finished cases made with other settings (else such a folder is refused)
+    compile: bool = False  # SAM2's tracking step compiled (propagation/compiled.py); the same numbers
 
     def settings(self, support_files: list[str]) -> dict:
         """What a finished case's result depends on: a resumed run must not mix results of other settings.

@@ -178,7 +178,8 @@ def track_queries_cached(predictor: SlicePredictor, queries: Sequence[QueryVideo
             for t in range(max((len(rows) for _, _, rows in runs), default=0)):
                 active = [(v, track, rows[t]) for v, track, rows in runs if t < len(rows)]
                 frames = [row if reverse else row + n_support for _, _, row in active]
-                outs = track_step(predictor, state, [(track, frame) for (_, track, _), frame in zip(active, frames)])
+                outs = track_step(predictor, state, [(track, frame) for (_, track, _), frame in zip(active, frames)],
+                                  [track for _, track, _ in runs])
                 for (v, track, row), frame, out in zip(active, frames, outs):
                     stored = track.outputs["non_cond_frame_outputs"]
                     stored[frame] = out

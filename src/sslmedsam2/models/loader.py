@@ -6,6 +6,7 @@ import contextlib
 import logging
 import pickle
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,8 +70,10 @@ def _no_random_init():
 
 
 def build_predictor(spec: ModelSpec, checkpoint: Path | None, device: torch.device | str = "cpu",
-                    image_size: int | None = None):
-    """A `SlicePredictor` with `checkpoint` loaded (None: random weights, for tests and benchmarks)."""
+                    image_size: int | None = None, compile: bool = False,
+                    say: Callable[[str], None] = lambda message: None):
+    """A `SlicePredictor` with `checkpoint` loaded (None: random weights, for tests and benchmarks); `compile`:
+    its tracking steps run compiled (propagation/compiled.py), `say` tells of each compilation."""
     from sam2.build_sam import build_sam2_video_predictor
 
     from sslmedsam2.propagation.predictor import SlicePredictor
@@ -100,6 +103,10 @@ def build_predictor(spec: ModelSpec, checkpoint: Path | None, device: torch.devi
         predictor.fill_hole_area = 0
     if predictor.device.type == "cuda":
         autocast_weights_in_bf16(predictor)
+    if compile:
+        from sslmedsam2.propagation.compiled import enable
+
+        enable(predictor, say)
     return predictor
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,11 +33,18 @@ class _MaskedAttention:
 
     @staticmethod
     def scaled_dot_product_attention(q, k, v, attn_mask=None, **kwargs):
-        mask = _KEY_MASK.get()
+        # a compiled step (compiled.py) cannot trace a ContextVar; it hands its mask over in `COMPILED_MASK`
+        mask = COMPILED_MASK.mask if torch.compiler.is_compiling() else _KEY_MASK.get()
         if mask is not None and attn_mask is None and k.shape[-2] == mask.shape[-1]:
             attn_mask = mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
 
+
+class _MaskHolder:
+    mask: torch.Tensor | None = None
+
+
+COMPILED_MASK = _MaskHolder()
 
 if not isinstance(transformer.F, _MaskedAttention):
     transformer.F = _MaskedAttention()
@@ -95,14 +102,15 @@ def _record_bank(predictor: SlicePredictor, track: Track, frame: int, feats, pos
     return _Bank(recorded["memory"], recorded["pos"], int(recorded["pointers"]))
 
 
-def _padded(banks: list[_Bank]) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-    """Banks laid out as [spatial memories | pointers], each part padded to the longest; the key mask (None when no
-    track needed padding, decided from the lengths: no step waits for the GPU)."""
+def _padded(banks: list[_Bank], capacity: tuple[int, int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+    """Banks laid out as [spatial memories | pointers], each part padded to the longest (or to `capacity`, the
+    fixed (spatial, pointer) lengths of a compiled step); the key mask (None when no track needed padding, decided
+    from the lengths: no step waits for the GPU)."""
     lengths = [(b.memory.shape[0] - b.pointers, b.pointers) for b in banks]
-    if len(set(lengths)) == 1:
+    if capacity is None and len(set(lengths)) == 1:
         return torch.cat([b.memory for b in banks], 1), torch.cat([b.pos for b in banks], 1), banks[0].pointers, None
-    spatial = max(s for s, _ in lengths)
-    pointers = max(p for _, p in lengths)
+    spatial, pointers = capacity or (max(s for s, _ in lengths), max(p for _, p in lengths))
     first = banks[0].memory
     memory = first.new_zeros(spatial + pointers, len(banks), first.shape[-1])
     pos = memory.clone().to(banks[0].pos.dtype)
@@ -147,9 +155,31 @@ def _attend(predictor: SlicePredictor, feats: torch.Tensor, pos: torch.Tensor, b
     return attended
 
 
-def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, int]]) -> list[dict]:
+def model_step(predictor: SlicePredictor, feats: list[torch.Tensor], pos: list[torch.Tensor], sizes: list,
+               attend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The model part of a step, batched (what a compiled step compiles): memory attention by `attend`, then SAM's
+    heads and the memory encoder. Returns (low-res masks, object pointers, object scores, memory features,
+    memory position encoding)."""
+    attended = attend(feats[-1], pos[-1])
+    (height, width), channels = sizes[-1], predictor.hidden_dim
+    batch = attended.shape[1]
+    pix_feat = attended.permute(1, 2, 0).view(batch, channels, height, width)
+    high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], sizes[:-1])]
+    _, _, _, low_res, high_res_masks, obj_ptr, scores = predictor._forward_sam_heads(
+        backbone_features=pix_feat, point_inputs=None, mask_inputs=None, high_res_features=high_res,
+        multimask_output=predictor._use_multimask(False, None))
+    maskmem, maskmem_pos = predictor._encode_new_memory(current_vision_feats=feats, feat_sizes=sizes,
+                                                        pred_masks_high_res=high_res_masks,
+                                                        object_score_logits=scores, is_mask_from_pts=False)
+    return low_res, obj_ptr, scores, maskmem, maskmem_pos[-1]
+
+
+def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, int]],
+               tracks: Sequence[Track] = ()) -> list[dict]:
     """One tracking step of every (track, frame) in `steps`, as one batch; returns each step's compact output
-    (what sam2's `_run_single_frame_inference` stores), in order. Frames' features come from the state's store."""
+    (what sam2's `_run_single_frame_inference` stores), in order. Frames' features come from the state's store.
+    With a compiled step on the predictor (`compiled.enable`), the model part runs compiled, in a shape that
+    holds every track of the run (`tracks`; default: those of this step), so that one shape serves every step."""
     keys = [track.key(state, frame) for track, frame in steps]
     view = {**state, "frame_keys": {-1: keys}}
     _, _, feats, pos, sizes = predictor._get_image_feature(view, -1, len(steps))
@@ -158,16 +188,13 @@ def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, 
         one = [f[:, b:b + 1] for f in feats]
         banks.append(_record_bank(predictor, track, frame, one, [p[:, b:b + 1] for p in pos], sizes,
                                   track.num_frames or state["num_frames"]))
-    attended = _attend(predictor, feats[-1], pos[-1], banks)
-    (height, width), channels = sizes[-1], predictor.hidden_dim
-    pix_feat = attended.permute(1, 2, 0).view(len(steps), channels, height, width)
-    high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], sizes[:-1])]
-    _, _, _, low_res, high_res_masks, obj_ptr, scores = predictor._forward_sam_heads(
-        backbone_features=pix_feat, point_inputs=None, mask_inputs=None, high_res_features=high_res,
-        multimask_output=predictor._use_multimask(False, None))
-    maskmem, maskmem_pos = predictor._encode_new_memory(current_vision_feats=feats, feat_sizes=sizes,
-                                                        pred_masks_high_res=high_res_masks,
-                                                        object_score_logits=scores, is_mask_from_pts=False)
+    compiled = getattr(predictor, "compiled_step", None)
+    if compiled is not None:
+        low_res, obj_ptr, scores, maskmem, maskmem_pos = compiled(feats, pos, sizes, banks,
+                                                                  tracks or [t for t, _ in steps])
+    else:
+        low_res, obj_ptr, scores, maskmem, maskmem_pos = model_step(
+            predictor, feats, pos, sizes, lambda curr, curr_pos: _attend(predictor, curr, curr_pos, banks))
     if predictor.fill_hole_area > 0:
         from sam2.utils.misc import fill_holes_in_mask_scores
 
@@ -176,7 +203,7 @@ def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, 
     outputs = []
     for b in range(len(steps)):
         out = {"maskmem_features": maskmem[b:b + 1].to(torch.bfloat16).to(storage, non_blocking=True),
-               "maskmem_pos_enc": [x[b:b + 1] for x in maskmem_pos], "pred_masks": low_res[b:b + 1].to(storage),
+               "maskmem_pos_enc": [maskmem_pos[b:b + 1]], "pred_masks": low_res[b:b + 1].to(storage),
                "obj_ptr": obj_ptr[b:b + 1], "object_score_logits": scores[b:b + 1]}
         out["maskmem_pos_enc"] = predictor._get_maskmem_pos_enc(state, out)
         outputs.append(out)
@@ -208,7 +235,7 @@ def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callab
                 else:
                     batch.append((track, frame))
         if batch:
-            for (track, frame), out in zip(batch, track_step(predictor, state, batch)):
+            for (track, frame), out in zip(batch, track_step(predictor, state, batch, list(tracks.values()))):
                 stored = track.outputs["non_cond_frame_outputs"]
                 stored[frame] = out
                 stored.pop(frame + (window if track.reverse else -window), None)

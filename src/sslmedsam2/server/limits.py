@@ -31,6 +31,7 @@ class ServerSettings:
     job_retention_s: float = 3600.0  # finished jobs stay readable this long
     tokens: list[str] = field(default_factory=list)  # empty: no token (then only a loopback address is allowed)
     workdir: Path | None = None  # where the server's private temporary folder goes (default: the system's)
+    compile: bool = False  # SAM2's tracking step compiled (propagation/compiled.py)
 
     def check(self) -> None:
         if self.max_sessions < 1:

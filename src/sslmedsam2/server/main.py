@@ -57,7 +57,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         image_size=args.image_size, download=not args.no_download,
         memory_budget=None if args.memory_budget is None else parse_gb(args.memory_budget),
         max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout * 60.0,
-        max_request_bytes=int(args.max_request_mb * MB),
+        max_request_bytes=int(args.max_request_mb * MB), compile=args.compile,
         tokens=read_server_tokens(args.token_file) if args.token_file else [])
 
 

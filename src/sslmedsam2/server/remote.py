@@ -48,6 +48,8 @@ def _check_options(options) -> None:
     if options.checkpoint is not None:
         raise UserError("--checkpoint names a file on this machine; a server uses its own weights "
                         "(sslmedsam2 serve --checkpoint), so leave out --checkpoint with --server")
+    if options.compile:
+        raise UserError("--compile is the server's setting (sslmedsam2 serve --compile); leave it out with --server")
     if options.model is not None:
         get_model(options.model)
     if options.image_size is not None:

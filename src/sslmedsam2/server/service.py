@@ -132,7 +132,7 @@ class Service:
         else:
             weights = find_weights(PropagateOptions(method="sam2", model=model, download=self.settings.download),
                                    self.say)
-        predictor = build_predictor(get_model(model), weights, self.device, image_size)
+        predictor = build_predictor(get_model(model), weights, self.device, image_size, self.settings.compile, self.say)
         with self._lock:
             self._predictors[key] = predictor
             while len(self._predictors) > MAX_MODELS:
