@@ -104,6 +104,32 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(process, client, timeout: float = 180) -> None:
+    """Until a `serve` process answers its health check; fails the test if it ends or does not start."""
+    import time
+
+    from sslmedsam2.server.client import ServerUnreachable
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            pytest.fail(f"serve ended with {process.returncode}: {process.stdout.read()}")
+        try:
+            client.health()
+            return
+        except ServerUnreachable:
+            time.sleep(0.2)
+    pytest.fail("serve did not start")
+
+
 def shared_dataset(name: str) -> Path:
     folder = SHARED_DATA / name
     if not (folder / "images").is_dir():

@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
+from conftest import TINY_SIZE, free_port, seeds_on, synthetic_case, to_image, wait_for_server
 
 from sslmedsam2.server.client import Client, ServerUnreachable, SessionGone
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(port: int, checkpoint, workdir) -> subprocess.Popen:
@@ -31,25 +23,12 @@ def _start(port: int, checkpoint, workdir) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_ready(process: subprocess.Popen, client: Client, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            pytest.fail(f"serve ended with {process.returncode}: {process.stdout.read()}")
-        try:
-            client.health()
-            return
-        except ServerUnreachable:
-            time.sleep(0.2)
-    pytest.fail("serve did not start")
-
-
 def _folders(workdir, pid: int) -> list:
     return list(workdir.glob(f".sslmedsam2-server.*-{pid}-*"))
 
 
 def test_killed_and_restarted_server(tiny_checkpoint, tmp_path):
-    port = _free_port()
+    port = free_port()
     work = tmp_path / "tmp"
     work.mkdir()
     image, labels = synthetic_case(shape=(8, 24, 24))
@@ -64,7 +43,7 @@ def test_killed_and_restarted_server(tiny_checkpoint, tmp_path):
     first = _start(port, tiny_checkpoint, work)
     second = None
     try:
-        _wait_ready(first, client)
+        wait_for_server(first, client)
         volume = client.open_volume(path.read_bytes(), path.name, model="sam2.1-tiny", image_size=TINY_SIZE)
         before = volume.propagate(planes)
         assert _folders(work, first.pid), "the server keeps its sessions in its own folder"
@@ -74,7 +53,7 @@ def test_killed_and_restarted_server(tiny_checkpoint, tmp_path):
         with pytest.raises(ServerUnreachable, match="is `sslmedsam2 serve` running"):
             volume.propagate(planes)
         second = _start(port, tiny_checkpoint, work)
-        _wait_ready(second, client)
+        wait_for_server(second, client)
         assert not _folders(work, first.pid), "a restarted server deletes what the killed one left"
         with pytest.raises(SessionGone, match="restarted: the session is gone; open the volume again"):
             volume.propagate(planes)

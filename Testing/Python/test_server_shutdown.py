@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
-from conftest import TINY_SIZE
+from conftest import TINY_SIZE, free_port, wait_for_server
 
+from sslmedsam2.server.client import Client
 from sslmedsam2.server.shutdown import Shutdown, stop_when_closed
 
 
@@ -81,14 +81,8 @@ def test_end_of_standard_input_requests_the_stop(tmp_path):
     assert seen.exits == [1] and not seen.folder.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(tmp_path, tiny_checkpoint, script: str, *extra: str) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     work = tmp_path / "tmp"
     work.mkdir()
     arguments = ["serve", "--port", str(port), "--device", "cpu", "--model", "sam2.1-tiny", "--checkpoint",
@@ -100,19 +94,9 @@ def _serve(tmp_path, tiny_checkpoint, script: str, *extra: str) -> tuple[subproc
 
 
 def _wait_ready(process: subprocess.Popen, port: int) -> None:
-    from sslmedsam2.server.client import Client, ServerUnreachable
-
     client = Client(f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + 180
     try:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                client.health()
-                return
-            except ServerUnreachable:
-                time.sleep(0.2)
-        pytest.fail("serve did not start")
+        wait_for_server(process, client)
     finally:
         client.close()
 

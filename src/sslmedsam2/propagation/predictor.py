@@ -23,6 +23,8 @@ def _memory_in_weight_dtype(module: torch.nn.Module, args: tuple, kwargs: dict) 
 
 
 class SlicePredictor(SAM2VideoPredictor):
+    compiled_step = None  # the tracking step's model part compiled (compiled.py, `--compile`); None: eager
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.memory_attention.register_forward_pre_hook(_memory_in_weight_dtype, with_kwargs=True)
