@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from sslmedsam2.frames.video import VolumeFrames
-from sslmedsam2.propagation.batched import Track, track_step
-from sslmedsam2.propagation.features import FeatureStore
+from sslmedsam2.propagation.batched import Track, run_tracks, track_step
+from sslmedsam2.propagation.features import FeatureStore, encode_chunk
 from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.sam2_propagation import autocast_for, tracking_passes
 from sslmedsam2.propagation.seeds import slices_with
@@ -105,22 +105,19 @@ class SupportMemory:
         state["feature_store"], state["frame_keys"] = store, [("support", z) for z in range(len(support))]
         spans = []
         with torch.inference_mode(), autocast_for(predictor.device):
+            store.encode(predictor, support, state["frame_keys"], encode_chunk(predictor.device, predictor.image_size))
             for label in labels:
                 drawn = slices_with(masks, label)
                 spans.append((drawn[0], drawn[-1]))
                 for z in drawn:
                     predictor.add_new_mask(state, z, label, masks[z] == label)
-            self.forward, self.backward = (self._track_block(predictor, state, *one_pass)
-                                           for one_pass in tracking_passes(spans, len(support)))
+            predictor.propagate_in_video_preflight(state)
+            # both passes of every label in lockstep, as propagation tracks; what is left after tracking's own
+            # trimming is exactly what later frames can still read
+            tracks = run_tracks(predictor, state, tracking_passes(spans, len(support)), lambda *output: None)
+        self.forward, self.backward = ([dict(tracks[(i, reverse)].outputs["non_cond_frame_outputs"])
+                                        for i in range(len(labels))] for reverse in (False, True))
         self.prompts = [dict(state["output_dict_per_obj"][i]["cond_frame_outputs"]) for i in range(len(labels))]
-
-    @staticmethod
-    def _track_block(predictor, state, order, reverse, objects) -> list[dict]:
-        predictor.forget_tracking(state)
-        for _ in predictor.track(state, order, reverse=reverse, objects=objects):
-            pass
-        # what is left after tracking's own trimming is exactly what later frames can still read
-        return [dict(state["output_dict_per_obj"][i]["non_cond_frame_outputs"]) for i in range(len(state["obj_ids"]))]
 
 
 @dataclass

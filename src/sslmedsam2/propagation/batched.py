@@ -210,10 +210,11 @@ def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, 
 
 
 def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callable[[int, int, bool, dict], None],
-               on_step: Callable[[int], None] | None = None) -> None:
+               on_step: Callable[[int], None] | None = None) -> dict[tuple[int, bool], Track]:
     """Both passes of every object in lockstep. `passes` is `tracking_passes(...)`: (frames, reverse, objects on a
     frame) per direction. `on_output(obj, frame, reverse, output)` gets every frame's output (a seed's own output on
-    its seed frames); `on_step(count)` after each step with the number of frames done."""
+    its seed frames); `on_step(count)` after each step with the number of frames done. Returns the tracks by
+    (object, reverse), holding the outputs later frames could still read."""
     objects = len(state["obj_ids"])
     tracks = {(i, reverse): Track(i, reverse, {
         "cond_frame_outputs": state["output_dict_per_obj"][i]["cond_frame_outputs"],
@@ -241,3 +242,4 @@ def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callab
                 on_output(track.obj, frame, track.reverse, out)
         if on_step is not None:
             on_step(sum(t < len(order) for order, _, _ in passes))
+    return tracks
