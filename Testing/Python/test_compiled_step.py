@@ -61,6 +61,46 @@ def test_compiled_tracking_equals_eager(tiny_checkpoint):
         assert ours.presence.sub(reference.presence).abs().max() <= 1e-4
 
 
+def test_a_step_that_cannot_compile_falls_back_to_eager(tiny_checkpoint, tmp_path, monkeypatch):
+    """Where torch's compiler stack does not work (no Triton, no C++ compiler, CUDA graphs refused), --compile
+    says so in one line and the run finishes uncompiled, with the eager numbers."""
+    import SimpleITK as sitk
+    from conftest import to_image
+
+    from sslmedsam2.models import loader
+
+    image, labels = synthetic_case((8, 32, 32), seed=2)
+    sitk.WriteImage(to_image(image), str(tmp_path / "image.nii.gz"))
+    sitk.WriteImage(to_image(seeds_on(labels, {1: [3, 5]})), str(tmp_path / "seeds.nii.gz"))
+    built = loader.build_predictor
+
+    def broken_compiler(*args, **kwargs):
+        predictor = built(*args, **kwargs)
+        if predictor.compiled_step is not None:
+            def fails(*inputs):
+                raise RuntimeError("no working C++ compiler\nsecond line")
+            predictor.compiled_step._run = fails
+        return predictor
+
+    argv = [str(tmp_path / "image.nii.gz"), str(tmp_path / "seeds.nii.gz"), "--method", "sam2", "--model",
+            "sam2.1-tiny", "--checkpoint", str(tiny_checkpoint), "--image-size", str(TINY_SIZE), "--device", "cpu"]
+    assert main(["propagate", *argv, "-o", str(tmp_path / "eager.nii.gz")]) == 0
+    from sslmedsam2.pipeline import PropagateOptions, run_propagate
+
+    said = []
+    monkeypatch.setattr(loader, "build_predictor", broken_compiler)
+    options = PropagateOptions(method="sam2", model="sam2.1-tiny", checkpoint=tiny_checkpoint, device="cpu",
+                               image_size=TINY_SIZE, compile=True)
+    run_propagate(tmp_path / "image.nii.gz", tmp_path / "seeds.nii.gz", tmp_path / "fallback.nii.gz", options,
+                  log=said.append)
+    assert [line for line in said if "--compile" in line] == [
+        "--compile: the tracking step could not be compiled (RuntimeError: no working C++ compiler); tracking goes "
+        "on uncompiled"]
+    read = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"{n}.nii.gz"))) for n in ("eager", "fallback")]
+    np.testing.assert_array_equal(*read)
+    assert (tmp_path / "eager.confidence.csv").read_text() == (tmp_path / "fallback.confidence.csv").read_text()
+
+
 def test_bank_capacity_holds_every_memory_a_track_reads():
     from types import SimpleNamespace
 

@@ -188,12 +188,13 @@ def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, 
         one = [f[:, b:b + 1] for f in feats]
         banks.append(_record_bank(predictor, track, frame, one, [p[:, b:b + 1] for p in pos], sizes,
                                   track.num_frames or state["num_frames"]))
-    if predictor.compiled_step is not None:
-        low_res, obj_ptr, scores, maskmem, maskmem_pos = predictor.compiled_step(feats, pos, sizes, banks,
-                                                                                 tracks or [t for t, _ in steps])
-    else:
-        low_res, obj_ptr, scores, maskmem, maskmem_pos = model_step(
-            predictor, feats, pos, sizes, lambda curr, curr_pos: _attend(predictor, curr, curr_pos, banks))
+    result = None
+    if predictor.compiled_step is not None:  # None back: it could not compile, and has switched itself off
+        result = predictor.compiled_step(feats, pos, sizes, banks, tracks or [t for t, _ in steps])
+    if result is None:
+        result = model_step(predictor, feats, pos, sizes,
+                            lambda curr, curr_pos: _attend(predictor, curr, curr_pos, banks))
+    low_res, obj_ptr, scores, maskmem, maskmem_pos = result
     if predictor.fill_hole_area > 0:
         from sam2.utils.misc import fill_holes_in_mask_scores
 

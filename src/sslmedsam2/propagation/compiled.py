@@ -68,8 +68,10 @@ class CompiledStep:
         return batched.model_step(predictor, feats, pos, sizes, attend)
 
     def __call__(self, feats: list[torch.Tensor], pos: list[torch.Tensor], sizes: list, banks: list,
-                 tracks: Sequence[batched.Track]) -> tuple[torch.Tensor, ...]:
-        """`banks`: this step's; `tracks`: every track of the run, which the shape must hold."""
+                 tracks: Sequence[batched.Track]) -> tuple[torch.Tensor, ...] | None:
+        """`banks`: this step's; `tracks`: every track of the run, which the shape must hold. None when torch
+        could not compile the step here (a compiler stack that does not work on this machine): the predictor then
+        tracks uncompiled from this step on, which the caller does."""
         count = len(banks)
         batch = _power_of_two(max(count, len(tracks)))
         if batch > count:  # pad with copies of the last track (real numbers; their outputs are dropped)
@@ -84,7 +86,16 @@ class CompiledStep:
         started = time.perf_counter()
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        outputs = self._run(feats, pos, sizes, memory, memory_pos, pointers, mask)
+        try:
+            outputs = self._run(feats, pos, sizes, memory, memory_pos, pointers, mask)
+        except torch.OutOfMemoryError:
+            raise  # the callers' own fallbacks (smaller batches) apply
+        except Exception as exc:  # Triton, the C++ compiler or CUDA graphs unusable here: not worth stopping for
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            self.predictor.compiled_step = None
+            self.say(f"--compile: the tracking step could not be compiled ({type(exc).__name__}: {first}); "
+                     "tracking goes on uncompiled")
+            return None
         # a CUDA graph's outputs are overwritten by its next replay; the tracks keep theirs for later steps
         outputs = tuple(o[:count].clone() if self.graphs else o[:count] for o in outputs)
         if shape not in self._shapes:
