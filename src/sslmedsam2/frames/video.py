@@ -47,7 +47,11 @@ class VolumeFrames(Sequence):
 
     def stack(self, indices: Sequence[int]) -> torch.Tensor:
         """Frames (k, 3, S, S) of several slices, resized in one call (what a batched encoder call reads)."""
-        grey = torch.from_numpy(np.ascontiguousarray(self.slices[list(indices)])).to(self.device)
+        grey = torch.from_numpy(np.ascontiguousarray(self.slices[list(indices)]))
+        if self.device.type == "cuda":  # from pinned memory the copy is queued: the host goes on to the next batch
+            grey = grey.pin_memory().to(self.device, non_blocking=True)  # while the GPU still encodes this one
+        else:
+            grey = grey.to(self.device)
         grey = grey.float().div_(255.0)[:, None]
         if grey.shape[-2:] != (self.image_size, self.image_size):
             # bicubic with antialiasing follows PIL's resize, which SAM2's JPEG loader uses
