@@ -160,10 +160,9 @@ def test_query_batches_are_sized_by_features_and_memory_banks(tiny_checkpoint, m
 
     options = SimpleNamespace(model="sam2.1-tiny", checkpoint=tiny_checkpoint, download=False, device="cpu",
                               image_size=TINY_SIZE, naive=False, compile=False)
-    engine = FewShotEngine(options, [support("a", 3)], [1, 2], log=lambda message: None)
+    narrow = FewShotEngine(options, [support("a", 3)], [1, 2], log=lambda message: None).track_bytes(50)
+    engine = FewShotEngine(options, [support("a", 3), support("b", 15)], [1, 2], log=lambda message: None)
     assert engine.fits([10**12]) and not engine.fits([1, 1])  # CPU
-    narrow = engine.track_bytes(50)
-    engine.supports["b"] = support("b", 15)
     tokens = (TINY_SIZE // 16) ** 2
     pointer_tokens = engine.predictor.hidden_dim // engine.predictor.mem_dim
     assert engine.track_bytes(50) - narrow == 12 * (tokens + pointer_tokens) * (BANK_TOKEN_BYTES + 4 * tokens)

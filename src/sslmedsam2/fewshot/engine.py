@@ -18,6 +18,7 @@ from sslmedsam2.propagation.features import (GPU_FEATURE_SHARE, FeatureStore, en
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor, resolve_device
 from sslmedsam2.pipeline import PropagateOptions, find_weights
+from sslmedsam2.propagation.seeds import slices_with
 
 # Working memory of a tracking step per memory-bank token of one track, besides 4 bytes per query token for the
 # padding mask, should the attention kernel expand it into a bias: the bank and its position encoding in float32
@@ -39,6 +40,8 @@ class FewShotEngine:
         self.image_size = self.predictor.image_size
         self.supports = {s.name: s for s in supports}
         self.labels = labels
+        # the most slices any support has a label drawn on: each is a prompt memory its tracks attend to
+        self.most_prompts = max((len(slices_with(s.labels, label)) for s in supports for label in labels), default=0)
         self.naive = options.naive
         self.log = log
         # one per support and query grid; queries of other grids evict the least recently used
@@ -74,9 +77,7 @@ class FewShotEngine:
         (every prompted slice of its label in the most prompted support, the recent memories, the object
         pointers) and its outputs kept on the device (logits and presence of every query slice)."""
         tokens = (self.image_size // 16) ** 2  # one frame's memory (the backbone's stride 16)
-        prompts = max((int((support.labels == label).any(axis=(1, 2)).sum()) for support in self.supports.values()
-                       for label in self.labels), default=0)
-        predictor = self.predictor
+        prompts, predictor = self.most_prompts, self.predictor
         pointers = (prompts + predictor.max_obj_ptrs_in_encoder) * max(1, predictor.hidden_dim // predictor.mem_dim)
         bank = (prompts + predictor.num_maskmem) * tokens + pointers
         outputs = slices * (4 * (self.image_size // 4) ** 2 + 4)
