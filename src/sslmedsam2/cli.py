@@ -255,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except UserError as exc:
-        _say(f"error: {exc}")
-        return 1
-    except WorkerError as exc:
+    except (UserError, WorkerError) as exc:
         _say(f"error: {exc}")
         return 1
     except KeyboardInterrupt:

@@ -145,10 +145,6 @@ class FewShotEngine:
                     from None
             return self._track(videos, store, memory, progress)
 
-    def pseudo_label(self, query: FewShotVolume, positions: dict[str, list[int]], progress=None) -> PseudoLabel:
-        """`progress` counts query slices tracked, summed over videos."""
-        return self.pseudo_label_many([query], [positions], progress)[0]
-
     def pseudo_label_many(self, queries: list[FewShotVolume], positions: list[dict[str, list[int]]],
                           progress=None) -> list[PseudoLabel]:
         """Several queries at once: each support's videos for all of them are tracked as one batch (queries of

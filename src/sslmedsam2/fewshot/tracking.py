@@ -26,13 +26,10 @@ from sslmedsam2.propagation.seeds import slices_with
 
 
 class VideoFrames(Sequence):
-    """query[:k] + support + query[k:] without copying: index -> (source, slice).
+    """query[:k] + support + query[k:] without copying: index -> (source, slice)."""
 
-    `support` may be None when only the query's frames will be read (the support block is already tracked).
-    """
-
-    def __init__(self, query: VolumeFrames, support_length: int, k: int, support: VolumeFrames | None = None) -> None:
-        self.query, self.support, self.k, self.support_length = query, support, k, support_length
+    def __init__(self, query: VolumeFrames, support: VolumeFrames, k: int) -> None:
+        self.query, self.support, self.k, self.support_length = query, support, k, len(support)
         self.height, self.width = query.height, query.width
 
     def __len__(self) -> int:
@@ -47,8 +44,6 @@ class VideoFrames(Sequence):
 
     def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
         which, i = self.source(index)
-        if which == "support" and self.support is None:
-            raise LookupError("support frames were not supplied to this video")
         return (self.query if which == "query" else self.support)[i]
 
 
@@ -73,7 +68,7 @@ def track_video_naive(predictor: SlicePredictor, query: VolumeFrames, support: V
     """The reference's ordering: for each pass a fresh state (sam2's init_state encodes frame 0), every prompt
     added again, the whole video tracked from the first prompt forward and from the last one backward, every frame
     encoded again. Each query slice is covered by one of the two passes."""
-    video = VideoFrames(query, len(support), k, support)
+    video = VideoFrames(query, support, k)
     n_query = len(query)
     drawn = [slices_with(masks, label) for label in labels]
     low = predictor.image_size // 4

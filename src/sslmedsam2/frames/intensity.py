@@ -59,7 +59,8 @@ class IntensitySpec:
 
 def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
     """`np.percentile(values, qs)` (linear method, the same numbers) from the few order statistics it reads: on a
-    512 x 512 x 300 volume np.percentile took 3.5 s, one partition of the whole volume 1.5 s, this about 0.4 s."""
+    512 x 512 x 300 volume np.percentile took 3.5 s (on the H100's host), one partition of the whole volume 1.5 s,
+    this 0.5 s (the 2-core machine)."""
     values = values.ravel()
     virtual = np.asarray(qs, np.float64) / 100 * (values.size - 1)
     below = np.floor(virtual).astype(np.int64)
@@ -83,7 +84,7 @@ def order_statistics(values: np.ndarray, ranks: np.ndarray) -> list:
     sample = np.sort(values[:: values.size // SAMPLE])
     margin = int(4 * np.sqrt(sample.size)) + 16
     found: dict[int, object] = {}
-    windows: list[tuple[int, np.ndarray]] = []  # (count below the window, its values sorted where read)
+    windows: list[tuple[int, np.ndarray]] = []  # (how many values lie below the window, the values inside it)
     for rank in (int(r) for r in np.unique(ranks)):
         for start, inside in windows:
             if start <= rank < start + inside.size:
@@ -107,8 +108,8 @@ def to_uint8(volume: np.ndarray, spec: IntensitySpec) -> np.ndarray:
     out = volume.astype(np.float32)  # a copy, then in place: a 512 x 512 x 300 volume is 300 MB per temporary
     out -= np.float32(low)
     out *= np.float32(scale)
-    np.clip(out, 0, 255, out=out)
+    np.fmax(out, 0, out=out)  # clips to 0..255, and a NaN voxel becomes 0 (np.clip keeps it; nan_to_num costs 12x)
+    np.fmin(out, 255, out=out)
     if spec.modality == "mri" and spec.value_range is None:
         out[volume == 0] = 0
-    np.nan_to_num(out, copy=False, nan=0.0)
     return np.rint(out, out=out).astype(np.uint8)
