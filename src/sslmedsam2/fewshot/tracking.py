@@ -166,12 +166,12 @@ def track_queries_cached(predictor: SlicePredictor, queries: Sequence[QueryVideo
                     outputs = {"cond_frame_outputs": {k + z: out for z, out in memory.prompts[i].items()},
                                "non_cond_frame_outputs": {k + z: out for z, out in block[i].items()}}
                     runs.append((v, Track(i, reverse, outputs, key, n_query + n_support), rows))
-            step = -1 if reverse else 1
+            step, every = -1 if reverse else 1, [track for _, track, _ in runs]
             for t in range(max((len(rows) for _, _, rows in runs), default=0)):
                 active = [(v, track, rows[t]) for v, track, rows in runs if t < len(rows)]
                 frames = [row if reverse else row + n_support for _, _, row in active]
                 outs = track_step(predictor, state, [(track, frame) for (_, track, _), frame in zip(active, frames)],
-                                  [track for _, track, _ in runs])
+                                  every)
                 for (v, track, row), frame, out in zip(active, frames, outs):
                     stored = track.outputs["non_cond_frame_outputs"]
                     stored[frame] = out

@@ -221,6 +221,7 @@ def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callab
         "cond_frame_outputs": state["output_dict_per_obj"][i]["cond_frame_outputs"],
         "non_cond_frame_outputs": {}}) for i in range(objects) for _, reverse, _ in passes}
     window = predictor.memory_window
+    every = list(tracks.values())
     longest = max(len(order) for order, _, _ in passes)
     for t in range(longest):
         batch = []
@@ -236,7 +237,7 @@ def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callab
                 else:
                     batch.append((track, frame))
         if batch:
-            for (track, frame), out in zip(batch, track_step(predictor, state, batch, list(tracks.values()))):
+            for (track, frame), out in zip(batch, track_step(predictor, state, batch, every)):
                 stored = track.outputs["non_cond_frame_outputs"]
                 stored[frame] = out
                 stored.pop(frame + (window if track.reverse else -window), None)
