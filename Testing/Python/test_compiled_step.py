@@ -106,11 +106,11 @@ def test_bank_capacity_holds_every_memory_a_track_reads():
 
     from sslmedsam2.propagation.compiled import bank_capacity
 
-    predictor = SimpleNamespace(num_maskmem=7, hidden_dim=256, mem_dim=64, max_obj_ptrs_in_encoder=16)
+    predictor = SimpleNamespace(num_maskmem=7, max_obj_ptrs_in_encoder=16)
     tracks = [Track(0, False, {"cond_frame_outputs": dict.fromkeys(range(n))}) for n in (1, 3)]
-    # 3 seeds + 6 recent memories -> 16 frames of 64 tokens; (3 + 15) pointers of 4 tokens -> 128
-    assert bank_capacity(predictor, tracks, 64) == (16 * 64, 128)
-    assert bank_capacity(predictor, tracks[:1], 64) == (8 * 64, 64)  # 1 + 6 frames -> at least 8; 64 pointer tokens
+    # 3 seeds + 6 recent memories -> 16 frames; 3 + 15 pointers -> 32 (memory_bank.assemble refuses what overflows)
+    assert bank_capacity(predictor, tracks) == (16, 32)
+    assert bank_capacity(predictor, tracks[:1]) == (8, 16)  # 1 + 6 frames -> at least 8; 16 pointers
 
 
 def test_compile_is_the_servers_setting_with_server(tmp_path, capsys):

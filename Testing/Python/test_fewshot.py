@@ -78,8 +78,8 @@ def _memory_layouts(predictor, run) -> Counter:
     """What each query-slice tracking step reads: the positions of its prompt memories and of the tracked outputs
     within SAM2's look-back, relative to the step's frame. A random-weight SAM2 barely depends on its memories,
     so equal numbers alone would not show that batched videos read what naive ones read; equal layouts do.
-    Naive videos step through sam2's `_run_single_frame_inference`; batched tracks through `batched._record_bank`."""
-    from sslmedsam2.propagation import batched
+    Naive videos step through sam2's `_run_single_frame_inference`; batched tracks through `track_step`."""
+    from sslmedsam2.fewshot import tracking
 
     seen: Counter = Counter()
 
@@ -91,7 +91,7 @@ def _memory_layouts(predictor, run) -> Counter:
         if key[0] != "support":  # a query slice (named "query" alone, or by its query when batched)
             seen[(key[1], reverse, prompts, tracked)] += 1
 
-    original, original_bank = predictor._run_single_frame_inference, batched._record_bank
+    original, original_step = predictor._run_single_frame_inference, tracking.track_step
 
     def spy(**kw):
         state, frame = kw["inference_state"], kw["frame_idx"]
@@ -99,16 +99,17 @@ def _memory_layouts(predictor, run) -> Counter:
             note(state["images"].source(frame), frame, kw["output_dict"], kw["reverse"], state["num_frames"])
         return original(**kw)
 
-    def bank_spy(predictor_, track, frame, feats, pos, sizes, num_frames):
-        note(track.frame_key(frame), frame, track.outputs, track.reverse, num_frames)
-        return original_bank(predictor_, track, frame, feats, pos, sizes, num_frames)
+    def step_spy(predictor_, state, steps, tracks=()):
+        for track, frame in steps:
+            note(track.key(state, frame), frame, track.outputs, track.reverse, track.num_frames or state["num_frames"])
+        return original_step(predictor_, state, steps, tracks)
 
-    predictor._run_single_frame_inference, batched._record_bank = spy, bank_spy
+    predictor._run_single_frame_inference, tracking.track_step = spy, step_spy
     try:
         return seen, run()
     finally:
         del predictor._run_single_frame_inference
-        batched._record_bank = original_bank
+        tracking.track_step = original_step
 
 
 def test_batched_videos_equal_naive_videos(tiny_checkpoint):

@@ -65,14 +65,14 @@ def test_batched_tracks_give_sams_own_numbers(predictor, volume, monkeypatch, pa
     slices, labels = volume
     seeds = Seeds(seeds_on(labels, {1: [4, 9], 2: [7]}))
     padded = []
-    original = batched._padded
+    original = batched.memory_bank.assemble
 
-    def spy(banks):
-        result = original(banks)
-        padded.append((len(banks), result[3] is not None))
+    def spy(predictor_, selections, device, capacity=None):
+        result = original(predictor_, selections, device, capacity)
+        padded.append((len(selections), result[3] is not None))
         return result
 
-    monkeypatch.setattr(batched, "_padded", spy)
+    monkeypatch.setattr(batched.memory_bank, "assemble", spy)
     cached = VolumeSession(predictor, slices, features_on="cpu")
     uncached = VolumeSession(predictor, slices, features_on=None)  # sam2 encodes each frame as a pass reads it
     _same(cached.propagate(seeds), uncached.propagate(seeds))
@@ -143,36 +143,6 @@ def test_a_checkpoint_build_skips_random_initialisation_and_loads_every_weight(t
     saved = torch.load(tiny_checkpoint, weights_only=True)["model"]
     state = built.state_dict()
     assert saved.keys() == state.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
-
-
-def test_padded_memory_banks_attend_as_each_bank_alone(predictor):
-    """The layout and mask of padded banks, at the memory attention's output (where random weights do depend on
-    every key: the final masks of a random-weight SAM2 barely do)."""
-    from sslmedsam2.propagation.batched import _Bank, _key_mask, _padded
-
-    torch.manual_seed(1)
-    tokens = (TINY_SIZE // 16) ** 2
-    channels, mem_dim = predictor.hidden_dim, predictor.mem_dim
-    banks, currs = [], []
-    for frames_in_bank, pointers in ((1, 0), (3, 8), (2, 4)):
-        n = frames_in_bank * tokens + pointers
-        banks.append(_Bank(torch.randn(n, 1, mem_dim), torch.randn(n, 1, mem_dim), pointers))
-        currs.append(torch.randn(tokens, 1, channels))
-    pos = torch.randn(tokens, 1, channels)
-    attention = predictor.memory_attention
-    with torch.inference_mode():
-        alone = [attention(curr=c, curr_pos=pos, memory=b.memory, memory_pos=b.pos, num_obj_ptr_tokens=b.pointers)
-                 for c, b in zip(currs, banks)]
-        memory, memory_pos, pointers, mask = _padded(banks)
-        assert mask is not None
-        args = dict(curr=torch.cat(currs, 1), curr_pos=pos.expand(-1, 3, -1), memory=memory, memory_pos=memory_pos,
-                    num_obj_ptr_tokens=pointers)
-        with _key_mask(mask):
-            together = attention(**args)
-        unmasked = attention(**args)
-    for b, one in enumerate(alone):
-        assert torch.allclose(together[:, b:b + 1], one, atol=1e-5)
-    assert (unmasked - together).abs().max() > 1e-3, "the mask made no difference: this test could not fail"
 
 
 def test_weights_stored_in_bf16_give_autocasts_numbers(tiny_checkpoint, volume):

@@ -109,7 +109,7 @@ class SupportMemory:
             predictor.propagate_in_video_preflight(state)
             # both passes of every label in lockstep, as propagation tracks; what is left after tracking's own
             # trimming is exactly what later frames can still read
-            tracks = run_tracks(predictor, state, tracking_passes(spans, len(support)), lambda *output: None)
+            tracks = run_tracks(predictor, state, tracking_passes(spans, len(support)))
         self.forward, self.backward = ([dict(tracks[(i, reverse)].outputs["non_cond_frame_outputs"])
                                         for i in range(len(labels))] for reverse in (False, True))
         self.prompts = [dict(state["output_dict_per_obj"][i]["cond_frame_outputs"]) for i in range(len(labels))]
@@ -146,9 +146,12 @@ def track_queries_cached(predictor: SlicePredictor, queries: Sequence[QueryVideo
         store.encode(predictor, query.frames, [(query.name, z) for z in range(len(query.frames))], encode_chunk)
     low, objects, device = predictor.image_size // 4, len(memory.labels), predictor.device
     videos = [(q, k) for q, query in enumerate(queries) for k in query.ks]
-    # outputs stay on the compute device until every step is done: no step waits for a copy
-    logits = [torch.zeros(objects, len(queries[q].frames), low, low, device=device) for q, _ in videos]
-    presence = [torch.zeros(objects, len(queries[q].frames), device=device) for q, _ in videos]
+    # every video's outputs in one tensor on the compute device (video v's rows from starts[v], object-major):
+    # a step writes its outputs with one operation and waits for no copy
+    lengths = [len(queries[q].frames) for q, _ in videos]
+    starts = np.cumsum([0] + [objects * n for n in lengths]).tolist()
+    logits = torch.zeros(starts[-1], low, low, device=device)
+    presence = torch.zeros(starts[-1], device=device)
     first = queries[0].frames
     state = predictor.init_state_from_frames(first, first.height, first.width)
     state["feature_store"] = store
@@ -157,7 +160,7 @@ def track_queries_cached(predictor: SlicePredictor, queries: Sequence[QueryVideo
         for block, reverse in ((memory.forward, False), (memory.backward, True)):
             runs = []  # (video, track, query rows in tracking order); a video is query[:k] + support + query[k:]
             for v, (q, k) in enumerate(videos):
-                n_query, name = len(queries[q].frames), queries[q].name
+                n_query, name = lengths[v], queries[q].name
                 rows = range(k - 1, -1, -1) if reverse else range(k, n_query)
                 if not rows:
                     continue
@@ -166,21 +169,24 @@ def track_queries_cached(predictor: SlicePredictor, queries: Sequence[QueryVideo
                     outputs = {"cond_frame_outputs": {k + z: out for z, out in memory.prompts[i].items()},
                                "non_cond_frame_outputs": {k + z: out for z, out in block[i].items()}}
                     runs.append((v, Track(i, reverse, outputs, key, n_query + n_support), rows))
-            step, every = -1 if reverse else 1, [track for _, track, _ in runs]
+            every = [track for _, track, _ in runs]
             for t in range(max((len(rows) for _, _, rows in runs), default=0)):
                 active = [(v, track, rows[t]) for v, track, rows in runs if t < len(rows)]
                 frames = [row if reverse else row + n_support for _, _, row in active]
-                outs = track_step(predictor, state, [(track, frame) for (_, track, _), frame in zip(active, frames)],
+                step = track_step(predictor, state, [(track, frame) for (_, track, _), frame in zip(active, frames)],
                                   every)
-                for (v, track, row), frame, out in zip(active, frames, outs):
-                    stored = track.outputs["non_cond_frame_outputs"]
-                    stored[frame] = out
-                    stored.pop(frame - step * window, None)
-                    logits[v][track.obj, row] = out["pred_masks"][0, 0].float()
-                    presence[v][track.obj, row] = torch.sigmoid(out["object_score_logits"][0, 0].float())
+                for (_, track, _), frame, out in zip(active, frames, step.outputs):
+                    track.keep(frame, out, window)
+                index = torch.tensor([starts[v] + track.obj * lengths[v] + row for v, track, row in active])
+                index = index.to(device, non_blocking=True)
+                logits.index_copy_(0, index, step.masks[:, 0].float())
+                presence.index_copy_(0, index, torch.sigmoid(step.scores[:, 0].float()))
                 if on_step is not None:
                     on_step(len({v for v, _, _ in active}))
+    logits, presence = logits.cpu(), presence.cpu()
     results: list[list[VideoResult]] = [[] for _ in queries]
-    for (q, _), lg, pr in zip(videos, logits, presence):
-        results[q].append(VideoResult(lg.cpu(), pr.cpu()))
+    for v, (q, _) in enumerate(videos):
+        part = slice(starts[v], starts[v + 1])
+        results[q].append(VideoResult(logits[part].view(objects, lengths[v], low, low),
+                                      presence[part].view(objects, lengths[v])))
     return results

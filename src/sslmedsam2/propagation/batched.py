@@ -2,10 +2,10 @@
 
 A track is one object followed in one direction. Tracks read different memories (their own seeds, their own recent
 frames, pointers from their own past), so their memory banks differ in length; SAM2's memory attention has no
-padding mask. Each track's bank is therefore assembled by sam2's own selection code (`_prepare_memory_conditioned_
-features`, its attention call recorded instead of run), padded to the longest, and attended with a key mask; the
-mask decoder and the memory encoder then run on the whole batch. Per track, the numbers are those of sam2's
-`_run_single_frame_inference` (tested to 1e-4 in float32); on a GPU a step costs about one track's latency.
+padding mask. The step's banks are therefore assembled together (memory_bank.py, SAM2's selection rules), padded
+to the longest, and attended with a key mask; the mask decoder and the memory encoder then run on the whole batch.
+Per track, the numbers are those of sam2's `_run_single_frame_inference` (tested to 1e-4 in float32); on a GPU a
+step costs about one track's latency.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from sam2.modeling.sam import transformer
 
+from sslmedsam2.propagation import memory_bank
 from sslmedsam2.propagation.predictor import SlicePredictor
 
 _KEY_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("sslmedsam2_key_mask", default=None)
@@ -74,74 +75,33 @@ class Track:
     def key(self, state: dict, frame: int) -> object:
         return state["frame_keys"][frame] if self.frame_key is None else self.frame_key(frame)
 
-
-@dataclass
-class _Bank:
-    memory: torch.Tensor  # (tokens, 1, mem_dim)
-    pos: torch.Tensor
-    pointers: int  # trailing object-pointer tokens (no rotary encoding)
-
-
-def _record_bank(predictor: SlicePredictor, track: Track, frame: int, feats, pos, sizes, num_frames: int) -> _Bank:
-    """The memory bank sam2 would attend to for this track on this frame, from sam2's own selection code."""
-    recorded = {}
-    attention = predictor.memory_attention
-
-    def record(curr, memory, curr_pos=None, memory_pos=None, num_obj_ptr_tokens=0):
-        recorded.update(memory=memory, pos=memory_pos, pointers=num_obj_ptr_tokens)
-        return torch.zeros_like(curr[0] if isinstance(curr, list) else curr)
-
-    attention.forward = record
-    try:
-        predictor._prepare_memory_conditioned_features(
-            frame_idx=frame, is_init_cond_frame=False, current_vision_feats=feats[-1:],
-            current_vision_pos_embeds=pos[-1:], feat_sizes=sizes[-1:], output_dict=track.outputs,
-            num_frames=num_frames, track_in_reverse=track.reverse)
-    finally:
-        del attention.forward
-    return _Bank(recorded["memory"], recorded["pos"], int(recorded["pointers"]))
-
-
-def _padded(banks: list[_Bank], capacity: tuple[int, int] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-    """Banks laid out as [spatial memories | pointers], each part padded to the longest (or to `capacity`, the
-    fixed (spatial, pointer) lengths of a compiled step); the key mask (None when no track needed padding, decided
-    from the lengths: no step waits for the GPU)."""
-    lengths = [(b.memory.shape[0] - b.pointers, b.pointers) for b in banks]
-    if capacity is None and len(set(lengths)) == 1:
-        return torch.cat([b.memory for b in banks], 1), torch.cat([b.pos for b in banks], 1), banks[0].pointers, None
-    spatial, pointers = capacity or (max(s for s, _ in lengths), max(p for _, p in lengths))
-    first = banks[0].memory
-    memory = first.new_zeros(spatial + pointers, len(banks), first.shape[-1])
-    pos = memory.clone().to(banks[0].pos.dtype)
-    mask = torch.zeros(len(banks), 1, 1, spatial + pointers, dtype=torch.bool, device=first.device)
-    for b, (bank, (s, p)) in enumerate(zip(banks, lengths)):
-        memory[:s, b], pos[:s, b] = bank.memory[:s, 0], bank.pos[:s, 0]
-        memory[spatial:spatial + p, b] = bank.memory[s:, 0]
-        pos[spatial:spatial + p, b] = bank.pos[s:, 0]
-        mask[b, ..., :s] = True
-        mask[b, ..., spatial:spatial + p] = True
-    return memory, pos, pointers, mask
+    def keep(self, frame: int, output: dict, window: int) -> None:
+        """Store a tracked frame's output and drop the one that fell out of the memory window."""
+        stored = self.outputs["non_cond_frame_outputs"]
+        stored[frame] = output
+        stored.pop(frame + (window if self.reverse else -window), None)
 
 
 # Pad on every device, as on a GPU (tests check the GPU's layout on CPU with it).
 PAD_ALWAYS = False
 
 
-def _attend(predictor: SlicePredictor, feats: torch.Tensor, pos: torch.Tensor, banks: list[_Bank]) -> torch.Tensor:
+def _attend(predictor: SlicePredictor, feats: torch.Tensor, pos: torch.Tensor,
+            selections: list[memory_bank.Selection]) -> torch.Tensor:
     """Memory attention of every track (feats: (tokens, tracks, channels)) over its own bank. On a GPU all tracks
     go in one call, banks padded to the longest (a step costs its latency, not its arithmetic); on a CPU tracks
     whose banks have the same layout go together, so no track attends over padding."""
     if predictor.device.type == "cuda" or PAD_ALWAYS:
-        groups = [list(range(len(banks)))]
+        groups = [list(range(len(selections)))]
     else:
         layouts: dict[tuple[int, int], list[int]] = {}
-        for b, bank in enumerate(banks):
-            layouts.setdefault((bank.memory.shape[0], bank.pointers), []).append(b)
+        for b, selection in enumerate(selections):
+            layouts.setdefault(selection.layout, []).append(b)
         groups = list(layouts.values())
     attended = None
     for group in groups:
-        memory, memory_pos, pointers, mask = _padded([banks[b] for b in group])
+        memory, memory_pos, pointers, mask = memory_bank.assemble(predictor, [selections[b] for b in group],
+                                                                  feats.device)
         index = None if len(groups) == 1 else torch.tensor(group, device=feats.device)
         curr, curr_pos = (feats, pos) if index is None else (feats[:, index], pos[:, index])
         with _key_mask(mask):
@@ -150,7 +110,7 @@ def _attend(predictor: SlicePredictor, feats: torch.Tensor, pos: torch.Tensor, b
         if index is None:
             return out
         if attended is None:
-            attended = out.new_empty(out.shape[0], len(banks), out.shape[2])
+            attended = out.new_empty(out.shape[0], len(selections), out.shape[2])
         attended[:, index] = out
     return attended
 
@@ -174,47 +134,57 @@ def model_step(predictor: SlicePredictor, feats: list[torch.Tensor], pos: list[t
     return low_res, obj_ptr, scores, maskmem, maskmem_pos[-1]
 
 
+@dataclass
+class StepOutputs:
+    """A step's outputs: per (track, frame), what sam2's `_run_single_frame_inference` stores; and the step's
+    low-resolution logits (tracks, 1, S/4, S/4) and object score logits (tracks, 1) as batches, for recording
+    with one operation."""
+
+    outputs: list[dict]
+    masks: torch.Tensor
+    scores: torch.Tensor
+
+
 def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, int]],
-               tracks: Sequence[Track] = ()) -> list[dict]:
-    """One tracking step of every (track, frame) in `steps`, as one batch; returns each step's compact output
-    (what sam2's `_run_single_frame_inference` stores), in order. Frames' features come from the state's store.
-    With a compiled step on the predictor (`compiled.enable`), the model part runs compiled, in a shape that
+               tracks: Sequence[Track] = ()) -> StepOutputs:
+    """One tracking step of every (track, frame) in `steps`, as one batch. Frames' features come from the state's
+    store. With a compiled step on the predictor (`compiled.enable`), the model part runs compiled, in a shape that
     holds every track of the run (`tracks`; default: those of this step), so that one shape serves every step."""
     keys = [track.key(state, frame) for track, frame in steps]
     view = {**state, "frame_keys": {-1: keys}}
     _, _, feats, pos, sizes = predictor._get_image_feature(view, -1, len(steps))
-    banks = []
-    for b, (track, frame) in enumerate(steps):
-        one = [f[:, b:b + 1] for f in feats]
-        banks.append(_record_bank(predictor, track, frame, one, [p[:, b:b + 1] for p in pos], sizes,
-                                  track.num_frames or state["num_frames"]))
+    selections = [memory_bank.select(predictor, track.outputs, frame, track.reverse,
+                                     track.num_frames or state["num_frames"]) for track, frame in steps]
     result = None
     if predictor.compiled_step is not None:  # None back: it could not compile, and has switched itself off
-        result = predictor.compiled_step(feats, pos, sizes, banks, tracks or [t for t, _ in steps])
+        result = predictor.compiled_step(feats, pos, sizes, selections, tracks or [t for t, _ in steps])
     if result is None:
         result = model_step(predictor, feats, pos, sizes,
-                            lambda curr, curr_pos: _attend(predictor, curr, curr_pos, banks))
+                            lambda curr, curr_pos: _attend(predictor, curr, curr_pos, selections))
     low_res, obj_ptr, scores, maskmem, maskmem_pos = result
     if predictor.fill_hole_area > 0:
         from sam2.utils.misc import fill_holes_in_mask_scores
 
         low_res = fill_holes_in_mask_scores(low_res, predictor.fill_hole_area)
     storage = state["storage_device"]
-    outputs = []
-    for b in range(len(steps)):
-        out = {"maskmem_features": maskmem[b:b + 1].to(torch.bfloat16).to(storage, non_blocking=True),
-               "maskmem_pos_enc": [maskmem_pos[b:b + 1]], "pred_masks": low_res[b:b + 1].to(storage),
-               "obj_ptr": obj_ptr[b:b + 1], "object_score_logits": scores[b:b + 1]}
-        out["maskmem_pos_enc"] = predictor._get_maskmem_pos_enc(state, out)
-        outputs.append(out)
-    return outputs
+    # converted and moved once for the batch; each output holds a view of its row
+    maskmem = maskmem.to(torch.bfloat16).to(storage, non_blocking=True)
+    stored_masks = low_res.to(storage)
+    encoding = predictor._get_maskmem_pos_enc(state, {"maskmem_pos_enc": [maskmem_pos[:1]]})
+    outputs = [{"maskmem_features": maskmem[b:b + 1], "maskmem_pos_enc": encoding, "pred_masks": stored_masks[b:b + 1],
+                "obj_ptr": obj_ptr[b:b + 1], "object_score_logits": scores[b:b + 1]} for b in range(len(steps))]
+    return StepOutputs(outputs, low_res, scores)
 
 
-def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callable[[int, int, bool, dict], None],
+# (object, frame, reverse) of each row, low-resolution logits (rows, 1, S/4, S/4), object score logits (rows, 1)
+OnOutputs = Callable[[list[tuple[int, int, bool]], torch.Tensor, torch.Tensor], None]
+
+
+def run_tracks(predictor: SlicePredictor, state: dict, passes, on_outputs: OnOutputs | None = None,
                on_step: Callable[[int], None] | None = None) -> dict[tuple[int, bool], Track]:
     """Both passes of every object in lockstep. `passes` is `tracking_passes(...)`: (frames, reverse, objects on a
-    frame) per direction. `on_output(obj, frame, reverse, output)` gets every frame's output (a seed's own output on
-    its seed frames); `on_step(count)` after each step with the number of frames done. Returns the tracks by
+    frame) per direction. `on_outputs` gets every step's outputs as one batch, and the seeds' own outputs on their
+    seed frames as another; `on_step(count)` after each step with the number of frames done. Returns the tracks by
     (object, reverse), holding the outputs later frames could still read."""
     objects = len(state["obj_ids"])
     tracks = {(i, reverse): Track(i, reverse, {
@@ -224,7 +194,7 @@ def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callab
     every = list(tracks.values())
     longest = max(len(order) for order, _, _ in passes)
     for t in range(longest):
-        batch = []
+        batch, seeds = [], []
         for order, reverse, active in passes:
             if t >= len(order):
                 continue
@@ -232,16 +202,19 @@ def run_tracks(predictor: SlicePredictor, state: dict, passes, on_output: Callab
             for i in active(frame):
                 track = tracks[(i, reverse)]
                 seed = track.outputs["cond_frame_outputs"].get(frame)
-                if seed is not None:
-                    on_output(i, frame, reverse, seed)
-                else:
+                if seed is None:
                     batch.append((track, frame))
+                else:
+                    seeds.append(((i, frame, reverse), seed))
+        if seeds and on_outputs is not None:
+            on_outputs([row for row, _ in seeds], torch.cat([out["pred_masks"] for _, out in seeds]),
+                       torch.cat([out["object_score_logits"] for _, out in seeds]))
         if batch:
-            for (track, frame), out in zip(batch, track_step(predictor, state, batch, every)):
-                stored = track.outputs["non_cond_frame_outputs"]
-                stored[frame] = out
-                stored.pop(frame + (window if track.reverse else -window), None)
-                on_output(track.obj, frame, track.reverse, out)
+            step = track_step(predictor, state, batch, every)
+            for (track, frame), out in zip(batch, step.outputs):
+                track.keep(frame, out, window)
+            if on_outputs is not None:
+                on_outputs([(track.obj, frame, track.reverse) for track, frame in batch], step.masks, step.scores)
         if on_step is not None:
             on_step(sum(t < len(order) for order, _, _ in passes))
     return tracks

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sslmedsam2.propagation import batched
+from sslmedsam2.propagation import batched, memory_bank
 from sslmedsam2.propagation.predictor import SlicePredictor
 
 RECOMPILE_LIMIT = 64  # distinct shapes per process before torch falls back to running the step uncompiled
@@ -28,14 +28,12 @@ def _power_of_two(n: int, least: int = 1) -> int:
     return max(least, 1 << max(0, int(n) - 1).bit_length())
 
 
-def bank_capacity(predictor: SlicePredictor, tracks: Sequence[batched.Track], tokens: int) -> tuple[int, int]:
-    """(spatial, pointer) token lengths that hold any bank these tracks can read: all their seeds (SAM2 attends to
+def bank_capacity(predictor: SlicePredictor, tracks: Sequence[batched.Track]) -> tuple[int, int]:
+    """(memory frames, object pointers) that hold any bank these tracks can read: all their seeds (SAM2 attends to
     every conditioning frame), the other memories of its window, and up to max_obj_ptrs_in_encoder pointers."""
     seeds = max(len(track.outputs["cond_frame_outputs"]) for track in tracks)
-    frames = _power_of_two(seeds + predictor.num_maskmem - 1, least=8)
-    split = max(1, predictor.hidden_dim // predictor.mem_dim)  # a pointer is split into this many tokens
-    pointers = _power_of_two((seeds + predictor.max_obj_ptrs_in_encoder - 1) * split, least=16)
-    return frames * tokens, pointers
+    return (_power_of_two(seeds + predictor.num_maskmem - 1, least=8),
+            _power_of_two(seeds + predictor.max_obj_ptrs_in_encoder - 1, least=4))
 
 
 class CompiledStep:
@@ -67,21 +65,23 @@ class CompiledStep:
 
         return batched.model_step(predictor, feats, pos, sizes, attend)
 
-    def __call__(self, feats: list[torch.Tensor], pos: list[torch.Tensor], sizes: list, banks: list,
-                 tracks: Sequence[batched.Track]) -> tuple[torch.Tensor, ...] | None:
-        """`banks`: this step's; `tracks`: every track of the run, which the shape must hold. None when torch
+    def __call__(self, feats: list[torch.Tensor], pos: list[torch.Tensor], sizes: list,
+                 selections: list[memory_bank.Selection], tracks: Sequence[batched.Track]
+                 ) -> tuple[torch.Tensor, ...] | None:
+        """`selections`: this step's memories; `tracks`: every track of the run, which the shape must hold. None when torch
         could not compile the step here (a compiler stack that does not work on this machine): the predictor then
         tracks uncompiled from this step on, which the caller does."""
-        count = len(banks)
+        count = len(selections)
         batch = _power_of_two(max(count, len(tracks)))
         if batch > count:  # pad with copies of the last track (real numbers; their outputs are dropped)
             feats = [torch.cat([f, f[:, -1:].expand(-1, batch - count, -1)], 1) for f in feats]
             pos = [torch.cat([p, p[:, -1:].expand(-1, batch - count, -1)], 1) for p in pos]
-            banks = banks + [banks[-1]] * (batch - count)
+            selections = selections + [selections[-1]] * (batch - count)
         # one memory layout, whatever views the features come as: strides are part of a compiled shape
         feats, pos = [f.contiguous() for f in feats], [p.contiguous() for p in pos]
-        capacity = bank_capacity(self.predictor, tracks, sizes[-1][0] * sizes[-1][1])
-        memory, memory_pos, pointers, mask = batched._padded(banks, capacity)
+        capacity = bank_capacity(self.predictor, tracks)
+        memory, memory_pos, pointers, mask = memory_bank.assemble(self.predictor, selections, feats[-1].device,
+                                                                  capacity)
         shape = (batch, *capacity, tuple(map(tuple, sizes)))
         started = time.perf_counter()
         if self.graphs:
@@ -100,8 +100,8 @@ class CompiledStep:
         outputs = tuple(o[:count].clone() if self.graphs else o[:count] for o in outputs)
         if shape not in self._shapes:
             self._shapes.add(shape)
-            self.say(f"compiled the tracking step for {batch} track(s) and memory banks of {capacity[0]} + "
-                     f"{capacity[1]} tokens in {time.perf_counter() - started:.1f} s (once per shape and process)")
+            self.say(f"compiled the tracking step for {batch} track(s) and memory banks of {len(memory)} tokens "
+                     f"in {time.perf_counter() - started:.1f} s (once per shape and process)")
         return outputs
 
 

@@ -86,12 +86,16 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
     # each pass's outputs, kept on the compute device: no step waits for a copy to the host; one copy at the end
     per_pass = torch.zeros(2, len(spans), n, low, low, device=device)
     presence = torch.zeros(2, len(spans), n, device=device)
-    covered = torch.zeros(len(spans), n, 2, dtype=torch.bool)  # host bookkeeping, known without the GPU
+    covered = np.zeros((len(spans), n, 2), dtype=bool)  # host bookkeeping, known without the GPU
 
-    def record(obj: int, z: int, reverse: bool, mask: torch.Tensor, score: torch.Tensor) -> None:
-        per_pass[int(reverse), obj, z] = mask.float()
-        presence[int(reverse), obj, z] = torch.sigmoid(score.float())
-        covered[obj, z, int(reverse)] = True
+    def record(rows: list[tuple[int, int, bool]], masks: torch.Tensor, scores: torch.Tensor) -> None:
+        """A step's outputs, written with one operation each (rows: (object, slice, reverse))."""
+        index = torch.tensor([(int(reverse) * len(spans) + obj) * n + z for obj, z, reverse in rows])
+        index = index.to(device, non_blocking=True)
+        per_pass.view(-1, low, low).index_copy_(0, index, masks[:, 0].float())
+        presence.view(-1).index_copy_(0, index, torch.sigmoid(scores[:, 0].float()))
+        for obj, z, reverse in rows:
+            covered[obj, z, int(reverse)] = True
 
     with torch.inference_mode(), autocast_for(predictor.device):
         state = predictor.init_state_from_frames(frames, frames.height, frames.width)
@@ -108,16 +112,14 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
             from sslmedsam2.propagation.batched import run_tracks
 
             predictor.propagate_in_video_preflight(state)
-            run_tracks(predictor, state, passes, on_step=step, on_output=lambda obj, z, reverse, out: record(
-                obj, z, reverse, out["pred_masks"][0, 0], out["object_score_logits"][0, 0]))
+            run_tracks(predictor, state, passes, on_outputs=record, on_step=step)
         else:
             for order, reverse, objects in passes:
                 predictor.forget_tracking(state)
                 for z, active, masks, scores in predictor.track(state, order, reverse=reverse, objects=objects):
-                    for k, obj in enumerate(active):
-                        record(obj, z, reverse, masks[k, 0], scores[k, 0])
+                    record([(obj, z, reverse) for obj in active], masks, scores)
                     step()
-    return merge_passes(per_pass, presence, covered)
+    return merge_passes(per_pass, presence, torch.from_numpy(covered))
 
 
 def merge_passes(per_pass: torch.Tensor, presence: torch.Tensor, covered: torch.Tensor
