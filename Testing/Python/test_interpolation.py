@@ -14,7 +14,7 @@ from sslmedsam2.cli import main
 from sslmedsam2.metrics import score_labels
 from sslmedsam2.pipeline import load_case
 from sslmedsam2.propagation.interpolation import interpolate_between_seeds
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.propagation.seeds import Seeds, slices_with
 
 
 def test_fills_between_seed_slices_and_keeps_them():
@@ -68,3 +68,16 @@ def test_interpolation_baseline_on_real_data(dataset, case, axis, floors, tmp_pa
     scores = {s.label: s.dice for s in score_labels(result, truth, spacing)}
     for label_value, floor in floors.items():
         assert scores[label_value] >= floor, f"{case} label {label_value}: Dice {scores[label_value]:.3f} < {floor}"
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32])
+def test_seeds_find_what_a_full_search_finds(dtype):
+    """Seeds search only the slices holding a label (a full np.unique took 0.24 s per call on 512 x 512 x 300)."""
+    rng = np.random.default_rng(5)
+    labels_map = np.zeros((12, 9, 7), dtype)
+    for z, label in [(1, 3), (1, 700 if dtype != np.uint8 else 7), (4, 3), (10, 1), (11, 3)]:
+        labels_map[z, rng.integers(9), rng.integers(7)] = label
+    seeds = Seeds(labels_map)
+    expected = {int(v): slices_with(labels_map, int(v)) for v in np.unique(labels_map) if v}
+    assert seeds.seed_slices() == expected and seeds.labels == sorted(expected)
+    assert seeds.slices_of(3) == [1, 4, 11] and seeds.slices_of(2) == []

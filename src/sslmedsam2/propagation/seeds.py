@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -10,6 +11,24 @@ import numpy as np
 def slices_with(labels_map: np.ndarray, label: int) -> list[int]:
     """The slices of a slice-first label map (n, h, w) on which `label` has voxels."""
     return [int(z) for z in np.flatnonzero((labels_map == label).any(axis=(1, 2)))]
+
+
+def drawn_slices(labels_map: np.ndarray) -> dict[int, list[int]]:
+    """Each label of a slice-first label map (n, h, w) with the slices it has voxels on, in label order. Only
+    slices holding a label are searched: a drawing has a few, and a search of all 300 slices of a 512 x 512 volume
+    (np.unique) takes a quarter of a second."""
+    labelled = np.flatnonzero(labels_map.reshape(len(labels_map), -1).any(axis=1))
+    found: dict[int, list[int]] = {}
+    for z in labelled:
+        plane = labels_map[z]
+        if plane.dtype.kind == "u":  # counting is linear; np.unique sorts
+            values = np.flatnonzero(np.bincount(plane.ravel()))
+        else:
+            values = np.unique(plane)
+        for value in values:
+            if value:
+                found.setdefault(int(value), []).append(int(z))
+    return dict(sorted(found.items()))
 
 
 @dataclass(frozen=True)
@@ -36,15 +55,19 @@ class Seeds:
         if not self.labels:
             raise ValueError("seeds without any labelled voxel")
 
+    @cached_property
+    def _drawn(self) -> dict[int, list[int]]:  # the map is not changed after construction
+        return drawn_slices(self.labels_map)
+
     @property
     def labels(self) -> list[int]:
-        return [int(v) for v in np.unique(self.labels_map) if v != 0]
+        return list(self._drawn)
 
     def slices_of(self, label: int) -> list[int]:
-        return slices_with(self.labels_map, label)
+        return list(self._drawn.get(label, []))
 
     def seed_slices(self) -> dict[int, list[int]]:
-        return {label: self.slices_of(label) for label in self.labels}
+        return {label: list(slices) for label, slices in self._drawn.items()}
 
     def impose(self, result: np.ndarray) -> np.ndarray:
         """Return `result` with every (slice, label) seed restored exactly as drawn."""
