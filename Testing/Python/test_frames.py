@@ -48,6 +48,21 @@ def test_percentiles_when_the_sample_misleads():
     np.testing.assert_array_equal(percentiles(values, qs), np.percentile(values, qs))
 
 
+@pytest.mark.parametrize("spec", [IntensitySpec("mri"), IntensitySpec("ct"), IntensitySpec(value_range=(90.0, 180.0))],
+                         ids=["mri", "ct", "range"])
+def test_rescaling_in_chunks_equals_the_whole_volume_at_once(spec):
+    """to_uint8 works a few slices at a time; every chunk boundary gives what one pass over the volume gives."""
+    rng = np.random.default_rng(3)
+    volume = np.moveaxis(rng.uniform(60, 220, size=(30, 21, 17)).astype(np.float32), 1, 0)  # 21 slices, a view
+    volume[4, 2:5] = 0
+    volume[9, 0, 0] = np.nan
+    low, high = spec.bounds(volume)
+    whole = np.fmin(np.fmax((volume.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low)), 0), 255)
+    if spec.modality == "mri" and spec.value_range is None:
+        whole[volume == 0] = 0
+    np.testing.assert_array_equal(to_uint8(volume, spec), np.rint(whole).astype(np.uint8))
+
+
 def test_nan_voxels_are_not_counted_and_become_zero():
     rng = np.random.default_rng(2)
     volume = rng.uniform(100, 200, size=(8, 30, 30)).astype(np.float32)

@@ -101,15 +101,23 @@ def order_statistics(values: np.ndarray, ranks: np.ndarray) -> list:
     return [found[int(r)] for r in ranks]
 
 
+# Slices rescaled at once: a few MB of float32 stay in the processor's cache instead of 300 MB temporaries.
+UINT8_CHUNK = 8
+
+
 def to_uint8(volume: np.ndarray, spec: IntensitySpec) -> np.ndarray:
     """Rescale to uint8 (a quarter of float32's memory; SAM2's own frames are 8-bit JPEGs)."""
     low, high = spec.bounds(volume)
-    scale = 255.0 / (high - low) if high > low else 0.0
-    out = volume.astype(np.float32)  # a copy, then in place: a 512 x 512 x 300 volume is 300 MB per temporary
-    out -= np.float32(low)
-    out *= np.float32(scale)
-    np.fmax(out, 0, out=out)  # clips to 0..255, and a NaN voxel becomes 0 (np.clip keeps it; nan_to_num costs 12x)
-    np.fmin(out, 255, out=out)
-    if spec.modality == "mri" and spec.value_range is None:
-        out[volume == 0] = 0
-    return np.rint(out, out=out).astype(np.uint8)
+    scale = np.float32(255.0 / (high - low) if high > low else 0.0)
+    out = np.empty(volume.shape, np.uint8)
+    for start in range(0, len(volume), UINT8_CHUNK):
+        source = volume[start:start + UINT8_CHUNK]
+        part = source.astype(np.float32)  # a copy, then in place
+        part -= np.float32(low)
+        part *= scale
+        np.fmax(part, 0, out=part)  # clips to 0..255, and a NaN voxel becomes 0 (np.clip keeps it; nan_to_num costs 12x)
+        np.fmin(part, 255, out=part)
+        if spec.modality == "mri" and spec.value_range is None:
+            part[source == 0] = 0
+        out[start:start + UINT8_CHUNK] = np.rint(part, out=part)
+    return out
