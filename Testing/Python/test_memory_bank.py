@@ -45,12 +45,13 @@ def _output(predictor, generator, encoding):
             "maskmem_pos_enc": [encoding], "obj_ptr": torch.randn(1, predictor.hidden_dim, generator=generator)}
 
 
-def _random_tracks(predictor, seed: int, count: int = 6):
+def _random_tracks(predictor, seed: int, count: int = 6, encodings: int = 2):
     """Tracks with seeds and tracked outputs at random frames (some seeds shared between tracks, as a label's two
-    passes and a support's videos share them), each on a frame it has not got an output for."""
+    passes and a support's videos share them), each on a frame it has not got an output for. Memories carry one of
+    `encodings` position encodings (sam2 gives every memory of a state the same one)."""
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
     side = TINY_SIZE // 16
-    encodings = [torch.randn(1, predictor.mem_dim, side, side, generator=generator) for _ in range(2)]
+    encodings = [torch.randn(1, predictor.mem_dim, side, side, generator=generator) for _ in range(encodings)]
     shared = {f: _output(predictor, generator, encodings[0]) for f in rng.sample(range(40), 3)}
     tracks = []
     for _ in range(count):
@@ -77,7 +78,7 @@ def test_assembled_banks_equal_sams(predictor, monkeypatch, settings, capacity):
         monkeypatch.setattr(predictor, name, value)
     tokens, split = (TINY_SIZE // 16) ** 2, memory_bank.pointer_split(predictor)
     for seed in range(8):
-        tracks = _random_tracks(predictor, seed)
+        tracks = _random_tracks(predictor, seed, encodings=1 + seed % 2)
         selections = [memory_bank.select(predictor, *track) for track in tracks]
         with torch.inference_mode():
             memory, pos, pointers, mask = memory_bank.assemble(predictor, selections, torch.device("cpu"), capacity)

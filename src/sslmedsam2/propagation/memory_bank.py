@@ -140,7 +140,10 @@ def assemble(predictor, selections: Sequence[Selection], device: torch.device,
     # spatial memories: SAM2 concatenates each memory's (tokens, 1, mem_dim), so the frame is the outer index
     gathered = features.flatten(2)[parts[0].view(count, frames)]  # (tracks, frames, mem_dim, tokens)
     memory = gathered.permute(1, 3, 0, 2).to(torch.float32).reshape(frames * tokens, count, mem_dim)
-    encoding = encodings.flatten(2)[parts[1].view(count, frames)].permute(1, 3, 0, 2)
+    if len(encodings) == 1:  # sam2 keeps one per state: broadcast it, (1, tokens, 1, mem_dim)
+        encoding = encodings.flatten(2).permute(0, 2, 1).unsqueeze(2)
+    else:
+        encoding = encodings.flatten(2)[parts[1].view(count, frames)].permute(1, 3, 0, 2)
     temporal = predictor.maskmem_tpos_enc[parts[2].view(count, frames)].view(count, frames, mem_dim)
     memory_pos = (encoding + temporal.permute(1, 0, 2).unsqueeze(1)).reshape(frames * tokens, count, mem_dim)
     if pointers:
