@@ -9,7 +9,7 @@ from PIL import Image
 
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec, to_uint8
-from sslmedsam2.frames.intensity import percentiles
+from sslmedsam2.frames.intensity import nonzero_percentiles
 from sslmedsam2.frames.video import VolumeFrames
 
 
@@ -28,16 +28,37 @@ def test_mri_percentiles_of_nonzero_voxels_and_zeros_stay_zero():
     assert np.abs(out[inside].astype(int) - expected).max() <= 1
 
 
+def _numpys(values, qs):
+    kept = values[(values != 0) & ~np.isnan(values)] if values.dtype.kind == "f" else values[values != 0]
+    return np.percentile(kept, qs)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
 @pytest.mark.parametrize("size", [1, 7, 2_000_000])
 def test_percentiles_are_numpys(dtype, size):
-    """The same numbers as np.percentile, whichever way an order statistic is found (a narrow window, or the
-    whole array when the window misses), ties and extremes included."""
+    """The same numbers as np.percentile of the non-zero voxels, whichever way an order statistic is found (a
+    narrow window, or all values when the window misses), ties and extremes included."""
     rng = np.random.default_rng(size)
     values = (rng.standard_normal(size) * 50 + 100).clip(0, 250).astype(dtype)
+    values[1::3] = 0
     qs = (0.0, 0.5, 7.3, 50.0, 99.5, 100.0)
-    np.testing.assert_array_equal(percentiles(values, qs), np.percentile(values, qs))
-    np.testing.assert_array_equal(percentiles(values, (0.5, 99.5)), np.percentile(values, (0.5, 99.5)))
+    np.testing.assert_array_equal(nonzero_percentiles(values, qs), _numpys(values, qs))
+    np.testing.assert_array_equal(nonzero_percentiles(values, (0.5, 99.5)), _numpys(values, (0.5, 99.5)))
+
+
+def test_percentiles_of_a_volume_in_any_layout_without_zeros_or_nan():
+    """A view of a volume (slices along another axis), negative values below the zeros, NaN voxels: the values are
+    counted in blocks, never copied out."""
+    rng = np.random.default_rng(4)
+    volume = (rng.standard_normal((40, 160, 170)) * 60 + 20).astype(np.float32)  # about a third below zero
+    volume[:, :30] = 0
+    volume[5, 7, :9] = np.nan
+    view = np.moveaxis(volume, 2, 0)
+    qs = (0.5, 25.0, 99.5)
+    for values in (volume, view, np.abs(view)):
+        np.testing.assert_array_equal(nonzero_percentiles(values, qs), _numpys(values, qs))
+    assert nonzero_percentiles(np.zeros((3, 4, 5)), qs) is None
+    assert nonzero_percentiles(np.full((3, 4, 5), np.nan), qs) is None
 
 
 def test_percentiles_when_the_sample_misleads():
@@ -45,7 +66,7 @@ def test_percentiles_when_the_sample_misleads():
     values[::45] = 1000 + np.arange(values[::45].size, dtype=np.float32)  # all the strided sample sees
     values[-500_000:] = -1.0
     qs = (0.5, 20.0, 99.5)
-    np.testing.assert_array_equal(percentiles(values, qs), np.percentile(values, qs))
+    np.testing.assert_array_equal(nonzero_percentiles(values, qs), _numpys(values, qs))
 
 
 @pytest.mark.parametrize("spec", [IntensitySpec("mri"), IntensitySpec("ct"), IntensitySpec(value_range=(90.0, 180.0))],

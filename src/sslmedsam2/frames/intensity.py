@@ -48,40 +48,67 @@ class IntensitySpec:
         if self.modality == "ct":
             level, width = CT_WINDOWS[self.window]
             return level - width / 2, level + width / 2
-        nonzero = volume[volume != 0]
-        if nonzero.dtype.kind == "f" and np.isnan(nonzero).any():  # NaN voxels (no value) are not counted
-            nonzero = nonzero[~np.isnan(nonzero)]
-        if nonzero.size == 0:
+        found = nonzero_percentiles(volume, self.percentiles)
+        if found is None:
             return 0.0, 1.0
-        low, high = percentiles(nonzero, self.percentiles)
-        return float(low), float(high)
+        return float(found[0]), float(found[1])
 
 
-def percentiles(values: np.ndarray, qs: tuple[float, ...]) -> np.ndarray:
-    """`np.percentile(values, qs)` (linear method, the same numbers) from the few order statistics it reads: on a
-    512 x 512 x 300 volume np.percentile took 3.5 s (on the H100's host), one partition of the whole volume 1.5 s,
-    this 0.5 s (the 2-core machine)."""
-    values = values.ravel()
-    virtual = np.asarray(qs, np.float64) / 100 * (values.size - 1)
+SAMPLE = 65536  # values looked at to bracket an order statistic
+BLOCK = 1 << 22  # values compared at once: temporaries of a few MB, never the volume's size
+
+
+def _blocks(values: np.ndarray) -> list[np.ndarray]:
+    """Views of `values` along its first axis, about BLOCK values each (no copy, whatever the memory layout)."""
+    values = values.reshape(1) if values.ndim == 0 else values
+    step = max(1, BLOCK * len(values) // max(values.size, 1))
+    return [values[i:i + step] for i in range(0, len(values), step)]
+
+
+def nonzero_percentiles(values: np.ndarray, qs: tuple[float, ...]) -> np.ndarray | None:
+    """`np.percentile` (linear method, the same numbers) of the values other than 0 and NaN (MRI's rule: zero is
+    no signal, NaN no value; None when none is left), from the few order statistics it reads, without copying the
+    values out: on a 512 x 512 x 300 volume np.percentile took 3.5 s (on the H100's host), one partition of the
+    whole volume 1.5 s, and copying the non-zero voxels out alone 0.7 s in a new process (the 2-core machine)."""
+    blocks = _blocks(values)
+    zeros = values.size - sum(np.count_nonzero(b) for b in blocks)  # count_nonzero counts NaN
+    nans = sum(int(np.count_nonzero(np.isnan(b))) for b in blocks) if values.dtype.kind == "f" else 0
+    size = values.size - zeros - nans
+    if size == 0:
+        return None
+    virtual = np.asarray(qs, np.float64) / 100 * (size - 1)
     below = np.floor(virtual).astype(np.int64)
-    above = np.minimum(below + 1, values.size - 1)
-    found = np.array(order_statistics(values, np.concatenate([below, above])), values.dtype)
+    above = np.minimum(below + 1, size - 1)
+    found = np.array(order_statistics(blocks, size, zeros, np.concatenate([below, above])), values.dtype)
     a, b, t = found[:below.size], found[below.size:], virtual - below
     difference = np.subtract(b, a)
     # numpy's own interpolation (_lerp): from the upper neighbour when t >= 0.5
     return np.where(t >= 0.5, b - difference * (1 - t), a + difference * t)
 
 
-SAMPLE = 65536  # values looked at to bracket an order statistic
+def _kept(values: np.ndarray) -> np.ndarray:
+    keep = values != 0
+    if values.dtype.kind == "f":
+        keep &= ~np.isnan(values)
+    return values[keep]
 
 
-def order_statistics(values: np.ndarray, ranks: np.ndarray) -> list:
-    """The `ranks`-th smallest of a flat array, as np.partition places them, reading each from a narrow window:
-    a strided sample brackets the rank, the window's lower end is checked by counting, and only the values inside
-    are partitioned. A window that misses (NaNs, a sample unlike the rest) falls back to partitioning everything."""
-    if values.size <= 16 * SAMPLE:
-        return list(np.partition(values, np.unique(ranks))[ranks])
-    sample = np.sort(values[:: values.size // SAMPLE])
+def order_statistics(blocks: list[np.ndarray], size: int, zeros: int, ranks: np.ndarray) -> list:
+    """The `ranks`-th smallest of the values in `blocks` other than 0 and NaN (`size` of them, besides `zeros`
+    zeros), as np.partition places them, reading each from a narrow window: a strided sample brackets
+    the rank, the window's lower end is checked by counting, and only the values inside are partitioned. A window
+    that misses (NaNs, a sample unlike the rest) falls back to partitioning everything."""
+
+    def everything() -> list:
+        kept = np.concatenate([_kept(b) for b in blocks])
+        return list(np.partition(kept, np.unique(ranks))[ranks])
+
+    if size <= 16 * SAMPLE:
+        return everything()
+    step = max(1, sum(b.size for b in blocks) // SAMPLE)
+    sample = np.sort(_kept(np.concatenate([b.flat[::step] for b in blocks])))
+    if sample.size < SAMPLE // 4:
+        return everything()
     margin = int(4 * np.sqrt(sample.size)) + 16
     found: dict[int, object] = {}
     windows: list[tuple[int, np.ndarray]] = []  # (how many values lie below the window, the values inside it)
@@ -90,12 +117,15 @@ def order_statistics(values: np.ndarray, ranks: np.ndarray) -> list:
             if start <= rank < start + inside.size:
                 break
         else:
-            at = rank * sample.size // values.size
+            at = rank * sample.size // size
             low, high = sample[max(at - margin, 0)], sample[min(at + margin, sample.size - 1)]
-            inside = values[(values >= low) & (values <= high)]
-            start = int(np.count_nonzero(values < low))
-            if not (start <= rank < start + inside.size) or inside.size > values.size // 8:
-                return list(np.partition(values, np.unique(ranks))[ranks])
+            # NaN compares false: it is never counted below nor taken inside
+            start = sum(int(np.count_nonzero(b < low)) for b in blocks) - (zeros if 0 < low else 0)
+            inside = np.concatenate([b[(b >= low) & (b <= high)] for b in blocks])
+            if low <= 0 <= high:
+                inside = inside[inside != 0]
+            if not (start <= rank < start + inside.size) or inside.size > size // 8:
+                return everything()
             windows.append((start, inside))
         found[rank] = np.partition(inside, rank - start)[rank - start]
     return [found[int(r)] for r in ranks]
