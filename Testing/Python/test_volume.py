@@ -52,6 +52,30 @@ def test_write_replaces_existing_output_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
 
 
+def test_images_written_side_by_side_are_each_complete_and_a_failure_is_raised(tmp_path):
+    import os
+
+    from sslmedsam2.errors import UserError
+    from sslmedsam2.volume import write_images
+
+    arrays = [np.full((6, 7, 8), value, np.float32) for value in range(5)]
+    write_images([(to_image(a), tmp_path / f"map_{i}.nii.gz") for i, a in enumerate(arrays)])
+    for i, a in enumerate(arrays):
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"map_{i}.nii.gz"))), a)
+    mask = os.umask(0o027)
+    try:
+        write_images([(to_image(a), tmp_path / f"again_{i}.nii.gz") for i, a in enumerate(arrays)])
+        assert os.umask(0o027) == 0o027, "writing side by side changed the umask"
+    finally:
+        os.umask(mask)
+    assert {(tmp_path / f"again_{i}.nii.gz").stat().st_mode & 0o777 for i in range(5)} == {0o640}
+    with pytest.raises(UserError, match="missing"):
+        write_images([(to_image(arrays[0]), tmp_path / "fine.nii.gz"),
+                      (to_image(arrays[1]), tmp_path / "missing" / "map.nii.gz")])
+    assert (tmp_path / "fine.nii.gz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+
+
 def test_axial_axis_is_numpy_axis_0_for_identity_direction():
     image = to_image(np.zeros((5, 6, 7), np.float32))
     assert slice_axis(image, "axial") == 0

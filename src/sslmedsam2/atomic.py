@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -36,9 +37,13 @@ def stem(path: Path) -> str:
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
+    with _UMASK_LOCK:  # reading it means setting it: two threads at once would leave the wrong one behind
+        mask = os.umask(0o022)
+        os.umask(mask)
     return mask
 
 

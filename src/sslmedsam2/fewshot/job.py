@@ -22,7 +22,7 @@ from sslmedsam2.fewshot.volumes import FewShotVolume, check_label_sets, list_ima
 from sslmedsam2.frames import IntensitySpec
 from sslmedsam2.propagation.confidence import read_confidence, write_confidence
 from sslmedsam2.models.registry import get_model
-from sslmedsam2.volume import write_image
+from sslmedsam2.volume import write_image, write_images
 from sslmedsam2.volume.io import is_orthogonal
 
 RANKING = "ranking.csv"
@@ -121,9 +121,9 @@ def _validate_queries(queries: list[Path]) -> None:
 
 def write_case(outdir: Path, query: FewShotVolume, result: PseudoLabel, info: dict) -> None:
     files = output_files(outdir, query.path)
-    for i, label in enumerate(info["labels"]):
-        write_image(query.to_image(result.probabilities[i].astype(np.float32)), outdir / f"{stem(query.path)}.prob_{label}.nii.gz")
-    write_image(query.to_image(result.uncertainty.astype(np.float32)), files["uncertainty"])
+    maps = [(query.to_image(result.probabilities[i].astype(np.float32)), outdir / f"{stem(query.path)}.prob_{label}.nii.gz")
+            for i, label in enumerate(info["labels"])]
+    write_images([*maps, (query.to_image(result.uncertainty.astype(np.float32)), files["uncertainty"])])
     write_confidence(result.confidence, files["confidence"])
     write_text(files["case"], json.dumps({**info, "case_confidence": result.case_confidence}, indent=2))
     write_image(query.to_image(result.labels), files["labels"])
