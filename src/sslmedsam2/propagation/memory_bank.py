@@ -75,6 +75,15 @@ def select(predictor, outputs: dict, frame: int, reverse: bool, num_frames: int)
     return Selection(memories, pointers, most - 1)
 
 
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host integers as a tensor on `device`, copied without waiting: a pageable source would let the driver wait
+    for the GPU's queued work first, so on CUDA they go from (cached) pinned memory."""
+    tensor = torch.tensor(values)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def pointer_split(predictor) -> int:
     """Memory tokens per object pointer (a pointer wider than the memory is split into several)."""
     return max(1, predictor.hidden_dim // predictor.mem_dim)
@@ -132,8 +141,7 @@ def assemble(predictor, selections: Sequence[Selection], device: torch.device,
                    _padded_rows([[offset for offset, _ in s.pointers] for s in selections], pointers),
                    _padded_rows([[s.scale] * len(s.pointers) for s in selections], pointers, pad=1),  # no 0 / 0
                    [len(s.pointers) for s in selections]]
-    # one host-to-device copy per step, queued (sam2 copies its pointer offsets the same way)
-    flat = torch.tensor([value for part in packed for value in part]).to(device, non_blocking=True)
+    flat = to_device([value for part in packed for value in part], device)  # one copy a step
     sizes = [len(part) for part in packed]
     parts = flat.split(sizes)
 

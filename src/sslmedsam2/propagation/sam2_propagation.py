@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation import confidence
 from sslmedsam2.propagation.confidence import SliceConfidence
+from sslmedsam2.propagation.memory_bank import to_device
 from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.result import Cancelled, Progress, Propagation
 from sslmedsam2.propagation.seeds import Seeds
@@ -90,8 +91,7 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
 
     def record(rows: list[tuple[int, int, bool]], masks: torch.Tensor, scores: torch.Tensor) -> None:
         """A step's outputs, written with one operation each (rows: (object, slice, reverse))."""
-        index = torch.tensor([(int(reverse) * len(spans) + obj) * n + z for obj, z, reverse in rows])
-        index = index.to(device, non_blocking=True)
+        index = to_device([(int(reverse) * len(spans) + obj) * n + z for obj, z, reverse in rows], device)
         per_pass.view(-1, low, low).index_copy_(0, index, masks[:, 0].float())
         presence.view(-1).index_copy_(0, index, torch.sigmoid(scores[:, 0].float()))
         for obj, z, reverse in rows:
