@@ -179,8 +179,23 @@ def _truncate(path: Path, keep: float = 0.6) -> Path:
     return path
 
 
+@pytest.fixture(params=["isal", "zlib"])
+def inflating(request, monkeypatch):
+    """NIfTI files are inflated by ISA-L where python-isal is installed, else by zlib: both must refuse damage."""
+    import zlib
+
+    from sslmedsam2.volume import integrity
+
+    if request.param == "isal":
+        isal_zlib = pytest.importorskip("isal.isal_zlib")
+        monkeypatch.setattr(integrity, "inflating", isal_zlib)
+    else:
+        monkeypatch.setattr(integrity, "inflating", zlib)
+    return request.param
+
+
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
-def test_truncated_nifti_is_refused_everywhere(tmp_path, capsys, suffix):
+def test_truncated_nifti_is_refused_everywhere(tmp_path, capsys, suffix, inflating):
     image, labels = synthetic_case(shape=(10, 24, 24))
     img = _truncate(_write(tmp_path / f"img{suffix}", image))
     lab = _write(tmp_path / f"lab{suffix}", labels)
@@ -193,7 +208,7 @@ def test_truncated_nifti_is_refused_everywhere(tmp_path, capsys, suffix):
     _one_line_error(capsys, ["evaluate", str(lab), str(seeds)], "not a readable image")
 
 
-def test_gzip_checksum_error_is_refused(tmp_path, capsys):
+def test_gzip_checksum_error_is_refused(tmp_path, capsys, inflating):
     image, labels = synthetic_case(shape=(10, 24, 24))
     img = _write(tmp_path / "img.nii.gz", image)
     raw = bytearray(gzip.decompress(img.read_bytes()))

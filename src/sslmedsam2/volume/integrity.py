@@ -15,6 +15,11 @@ import SimpleITK as sitk
 
 from sslmedsam2.errors import UserError
 
+try:  # Intel ISA-L's inflate (python-isal): zlib's streams and checks, 2 to 3 times faster
+    from isal import isal_zlib as inflating
+except ImportError:  # a platform without its wheel
+    inflating = zlib
+
 _HEADER_BYTES = 544  # NIfTI-2's 540-byte header and its 4-byte extension flag
 
 
@@ -41,12 +46,12 @@ def _file_bytes(path: Path) -> bytes:
     pieces = []
     try:
         while raw:
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            inflater = inflating.decompressobj(16 + zlib.MAX_WBITS)
             pieces.append(inflater.decompress(raw))
             if not inflater.eof:
                 raise EOFError("the compressed stream ends early")
             raw = inflater.unused_data.lstrip(b"\0")
-    except (EOFError, zlib.error) as exc:
+    except (EOFError, zlib.error, inflating.error) as exc:
         raise UserError(f"{path}: not a readable image: damaged or incomplete compressed file ({exc}); "
                         "copy it again") from None
     return b"".join(pieces)
