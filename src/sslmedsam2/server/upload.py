@@ -131,8 +131,7 @@ def read_volume_slices(path: Path, name: str, axis: str, intensity: IntensitySpe
         except UserError as exc:
             raise _renamed(exc, path, name) from None
         array_axis = slice_axis(image, axis)
-        volume = np.moveaxis(sitk.GetArrayFromImage(image), array_axis, 0)
-        slices = to_uint8(volume, intensity)
+        slices = to_uint8(np.moveaxis(sitk.GetArrayViewFromImage(image), array_axis, 0), intensity)  # no copy
         return Volume(tuple(image.GetSize()), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
                       array_axis, slices)
     finally:

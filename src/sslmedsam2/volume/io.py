@@ -66,7 +66,9 @@ def read_volume(path: Path | str) -> sitk.Image:
 
 def read_image(path: Path | str) -> sitk.Image:
     """Read an intensity volume as float32, refusing NaN or infinite voxels."""
-    image = sitk.Cast(read_volume(path), sitk.sitkFloat32)
+    image = read_volume(path)
+    if image.GetPixelID() != sitk.sitkFloat32:  # Cast copies even to the same type (300 MB for 512 x 512 x 300)
+        image = sitk.Cast(image, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
