@@ -311,6 +311,47 @@ def test_resume_after_kill_gives_the_same_result(tmp_path, tiny_checkpoint):
         np.testing.assert_array_equal(_read(folders["out"] / f"{query}.prob_1.nii.gz"), _read(reference / f"{query}.prob_1.nii.gz"))
 
 
+def test_a_failed_background_write_stops_the_job_and_the_case_is_redone(tmp_path, tiny_checkpoint, monkeypatch,
+                                                                         capsys):
+    """A case's files are written while the next query is tracked; a write that fails (a full disk) ends the job
+    with its one-line error, the cases written before stay done, and a rerun does the failed one."""
+    from sslmedsam2.errors import UserError
+    from sslmedsam2.fewshot import job
+
+    from sslmedsam2.fewshot.engine import FewShotEngine
+
+    folders = _cohort(tmp_path, supports=1, queries=3)
+    original, calls, events = job.write_case, [], []
+
+    def failing(outdir, query, result, info):
+        calls.append(info["query_file"])
+        if info["query_file"] == "query1.nii.gz":
+            time.sleep(1.0)  # still writing while the next query is tracked
+            events.append(("write failed", time.perf_counter()))
+            raise UserError(f"cannot write {outdir / 'query1.nii.gz'}: No space left on device")
+        original(outdir, query, result, info)
+
+    tracking = FewShotEngine.pseudo_label_many
+
+    def tracked(self, *args, **kwargs):
+        events.append(("tracking", time.perf_counter()))
+        return tracking(self, *args, **kwargs)
+
+    monkeypatch.setattr(job, "write_case", failing)
+    monkeypatch.setattr(FewShotEngine, "pseudo_label_many", tracked)
+    assert main(_argv(folders, tiny_checkpoint, "--insertions", "1")) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert (folders["out"] / "query0.nii.gz").exists() and not (folders["out"] / "query1.nii.gz").exists()
+    assert calls == ["query0.nii.gz", "query1.nii.gz"]
+    assert [name for name, _ in events] == ["tracking", "tracking", "tracking", "write failed"], \
+        "the third query was not tracked while the second one's files were written"
+    monkeypatch.setattr(job, "write_case", original)
+    stamp = (folders["out"] / "query0.nii.gz").stat().st_mtime_ns
+    assert main(_argv(folders, tiny_checkpoint, "--insertions", "1")) == 0
+    assert (folders["out"] / "query0.nii.gz").stat().st_mtime_ns == stamp
+    assert all((folders["out"] / f"query{i}.nii.gz").exists() for i in range(3))
+
+
 def test_shards_cover_every_query_exactly_once(tmp_path, tiny_checkpoint):
     paths = [Path(f"case{i:02d}.nii.gz") for i in range(11)]
     for count in (1, 2, 3, 4, 11, 12):

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,6 +185,16 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
     if todo:
         engine = FewShotEngine(options, supports, labels, log, download_progress)
         group: list[tuple[Path, FewShotVolume, list[str], dict, int]] = []  # ..., the query's GPU bytes
+        # a group's files are written while the next group is read and tracked; one group at a time is pending
+        pending: list[tuple[Future, Path, str]] = []
+
+        def collect() -> None:
+            """Wait for the pending writes; a failed one stops the job here (its case is not done: a rerun redoes it)."""
+            while pending:
+                future, labels_path, line = pending.pop(0)
+                future.result()
+                written.append(labels_path)
+                log(line)
 
         def finish_group() -> None:
             """Pseudo-label the queries gathered (one batch per support on a GPU), then write each case."""
@@ -191,30 +202,34 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
             results = engine.pseudo_label_many([q for _, q, _, _, _ in group], [p for _, _, _, p, _ in group],
                                                progress)
             seconds = round((time.perf_counter() - started) / len(group), 2)
+            collect()
             for (path, query, chosen, positions, _), result in zip(group, results):
                 info = {"query_file": path.name, "labels": labels, "supports": chosen, "insertions": positions,
                         "videos": sum(len(p) for p in positions.values()), "seconds": seconds,
                         "model": options.model, "image_size": engine.image_size, "naive": options.naive,
                         "settings": settings}
-                write_case(outdir, query, result, info)
-                written.append(output_files(outdir, path)["labels"])
-                log(f"{path.name}: {info['videos']} videos from {len(chosen)} supports, case confidence "
-                    f"{result.case_confidence:.3f}, {seconds:.1f} s" + (f" (one of {len(group)} queries tracked "
-                                                                      "together)" if len(group) > 1 else ""))
+                line = (f"{path.name}: {info['videos']} videos from {len(chosen)} supports, case confidence "
+                        f"{result.case_confidence:.3f}, {seconds:.1f} s" + (f" (one of {len(group)} queries "
+                                                                          "tracked together)" if len(group) > 1 else ""))
+                pending.append((writer.submit(write_case, outdir, query, result, info),
+                                output_files(outdir, path)["labels"], line))
             group.clear()
 
-        for path in todo:
-            query = load_volume(path, options.axis, options.intensity)
-            chosen = most_similar(query.slices, {s.name: s.slices for s in supports}, options.supports)
-            positions = {name: insertion_positions(query.name, name, len(query.slices), options.insertions, options.seed)
-                         for name in chosen}
-            cost = engine.query_bytes(len(query.slices), max(map(len, positions.values()), default=0))
-            if group and not engine.fits([c for *_, c in group] + [cost]):
+        # leaving the block waits for the writes under way, also when tracking failed or was interrupted
+        with ThreadPoolExecutor(1, thread_name_prefix="sslmedsam2-write") as writer:
+            for path in todo:
+                query = load_volume(path, options.axis, options.intensity)
+                chosen = most_similar(query.slices, {s.name: s.slices for s in supports}, options.supports)
+                positions = {name: insertion_positions(query.name, name, len(query.slices), options.insertions,
+                                                       options.seed) for name in chosen}
+                cost = engine.query_bytes(len(query.slices), max(map(len, positions.values()), default=0))
+                if group and not engine.fits([c for *_, c in group] + [cost]):
+                    finish_group()
+                group.append((path, query, chosen, positions, cost))
+                if not engine.fits([c for *_, c in group] + [cost]):  # no room for another like it: go now
+                    finish_group()
+            if group:
                 finish_group()
-            group.append((path, query, chosen, positions, cost))
-            if not engine.fits([c for *_, c in group] + [cost]):  # no room for another like it: go now
-                finish_group()
-        if group:
-            finish_group()
+            collect()
     write_ranking(outdir)
     return written
