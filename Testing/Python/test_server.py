@@ -4,6 +4,7 @@ once; cancel; the memory budget; every bad input answered with a 4xx one-line JS
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import threading
@@ -319,6 +320,9 @@ def test_every_bad_request_is_a_4xx_line_and_the_server_keeps_serving(engine_ser
          dict(json={"slices": [{"index": 5, "dtype": "uint8", "data": encode_array(np.zeros((48, 48), np.uint8))}]}),
          400, "more than"),
         ("POST", f"/sessions/{session}/propagate", dict(json={"slices": [{**good, "data": "%%%"}]}), 400, "base64"),
+        ("POST", f"/sessions/{session}/propagate",
+         dict(json={"slices": [{**good, "data": base64.b64encode(b"not zlib at all").decode()}]}), 400,
+         "not zlib-compressed"),
         ("POST", f"/sessions/{session}/propagate", dict(json={"slices": [slice_entry(5, plane.astype(np.float32))]}),
          400, "not a label type"),
         ("POST", f"/sessions/{session}/propagate", dict(json={"slices": [slice_entry(5, many)]}), 400,
@@ -431,3 +435,20 @@ def test_propagate_server_refusals(extra, fragment, case_files, tmp_path, capsys
     out = tmp_path / "out.nii.gz"
     message = _cli_error(capsys, ["propagate", str(image), str(seeds), "-o", str(out), *extra])
     assert fragment in message and not out.exists()
+
+
+def test_wire_data_is_plain_zlib_whichever_side_has_isal(monkeypatch):
+    """The server compresses with ISA-L where python-isal is installed; a client without it (standard zlib) reads
+    that, and the other way round."""
+    import zlib
+
+    from sslmedsam2.server import wire
+
+    labels = np.zeros((7, 40, 30), np.uint8)
+    labels[2:5, 10:20, 5:25] = 3
+    for writer, reader in ((wire.compressing, zlib), (zlib, wire.compressing)):
+        monkeypatch.setattr(wire, "compressing", writer)
+        data = wire.encode_array(labels)
+        monkeypatch.setattr(wire, "compressing", reader)
+        np.testing.assert_array_equal(wire.decode_array(data, "uint8", labels.shape), labels)
+    assert zlib.decompress(base64.b64decode(data)) == labels.tobytes()

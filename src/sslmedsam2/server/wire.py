@@ -1,6 +1,7 @@
 """How arrays travel between client and server: C-order bytes, zlib-compressed, base64 text in JSON.
 
-numpy and the standard library only: the client (3D Slicer, a cluster job) imports this without torch.
+numpy and the standard library only (and python-isal where installed): the client (3D Slicer, a cluster job)
+imports this without torch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,18 @@ import numpy as np
 
 from sslmedsam2.errors import UserError
 
+try:  # Intel ISA-L (python-isal): the same zlib streams; a 512 x 512 x 300 label map in 10 ms instead of 150-290
+    from isal import isal_zlib as compressing
+except ImportError:
+    compressing = zlib
+
 # Label maps are small non-negative integers; these dtypes hold them (signed ones as some writers store labels).
 LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 
 
-def encode_array(array: np.ndarray, level: int = 1) -> str:
+def encode_array(array: np.ndarray) -> str:
     """zlib (level 1: label maps are mostly zeros, fast beats small) and base64 of the C-order bytes."""
-    return base64.b64encode(zlib.compress(np.ascontiguousarray(array).tobytes(), level)).decode("ascii")
+    return base64.b64encode(compressing.compress(np.ascontiguousarray(array).tobytes(), 1)).decode("ascii")
 
 
 def decode_array(data: str, dtype: str, shape: tuple[int, ...], what: str = "array") -> np.ndarray:
@@ -30,9 +36,9 @@ def decode_array(data: str, dtype: str, shape: tuple[int, ...], what: str = "arr
     expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
     try:
         packed = base64.b64decode(data, validate=True)
-        inflate = zlib.decompressobj()
+        inflate = compressing.decompressobj()
         raw = inflate.decompress(packed, expected + 1)
-    except (binascii.Error, ValueError, zlib.error) as exc:
+    except (binascii.Error, ValueError, zlib.error, compressing.error) as exc:
         raise UserError(f"{what}: not zlib-compressed base64 data ({exc})") from None
     if len(raw) != expected or inflate.unconsumed_tail:
         size = "more than" if len(raw) > expected or inflate.unconsumed_tail else f"{len(raw)}, not"
