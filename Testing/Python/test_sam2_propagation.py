@@ -113,6 +113,30 @@ def test_overlap_goes_to_the_highest_score_and_absent_slices_stay_empty():
     np.testing.assert_array_equal(result.labels[0], seeds[0])
 
 
+@pytest.mark.parametrize("label", [3, 300], ids=["uint8 map", "uint16 map"])
+def test_one_label_fuses_as_it_does_beside_a_label_that_never_wins(label):
+    """One label skips the contest between labels; its map and figures are those the contest gives."""
+    n, low = 4, 4
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, n, low, low, generator=generator) * 3
+    logits[0, 3, 0, 0] = -10.0  # where the other label's seed voxel goes: the label is absent there anyway
+    seeds = np.zeros((n, 8, 8), np.uint16 if label > 255 else np.uint8)
+    seeds[0, 2:5, 2:5] = label
+    alone = fuse(logits, torch.full((1, n), 0.8), torch.ones(1, n), torch.ones(1, n, 2, dtype=torch.bool),
+                 Seeds(seeds), 8, 8)
+    never = label + 1
+    seeds_two = seeds.copy()
+    seeds_two[3, 0, 0] = never  # a second label, seeded on one voxel, whose logits lose everywhere
+    two = fuse(torch.cat([logits, torch.full_like(logits, -50.0)]), torch.full((2, n), 0.8), torch.ones(2, n),
+               torch.ones(2, n, 2, dtype=torch.bool), Seeds(seeds_two), 8, 8)
+    expected = two.labels.copy()
+    expected[expected == never] = 0
+    assert alone.labels.dtype == two.labels.dtype
+    np.testing.assert_array_equal(alone.labels, expected)
+    assert (alone.labels == label).any() and (alone.labels[1:] == 0).any()
+    assert alone.confidence == [r for r in two.confidence if r.label == label]
+
+
 def test_checkpoint_saved_at_one_size_loads_at_another(tiny_checkpoint):
     predictor = build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", 256)
     assert predictor.image_size == 256
