@@ -92,8 +92,9 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
     def record(rows: list[tuple[int, int, bool]], masks: torch.Tensor, scores: torch.Tensor) -> None:
         """A step's outputs, written with one operation each (rows: (object, slice, reverse))."""
         index = to_device([(int(reverse) * len(spans) + obj) * n + z for obj, z, reverse in rows], device)
-        per_pass.view(-1, low, low).index_copy_(0, index, masks[:, 0].float())
-        presence.view(-1).index_copy_(0, index, torch.sigmoid(scores[:, 0].float()))
+        # a seed's output may sit on the state's storage device
+        per_pass.view(-1, low, low).index_copy_(0, index, masks[:, 0].to(device, torch.float32))
+        presence.view(-1).index_copy_(0, index, torch.sigmoid(scores[:, 0].to(device, torch.float32)))
         for obj, z, reverse in rows:
             covered[obj, z, int(reverse)] = True
 
