@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from sslmedsam2.frames.video import VolumeFrames
-from sslmedsam2.propagation.batched import Track, run_tracks, track_step
+from sslmedsam2.propagation.batched import Track, record_outputs, run_tracks, track_step
 from sslmedsam2.propagation.features import FeatureStore, encode_chunk
-from sslmedsam2.propagation.memory_bank import to_device
 from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.sam2_propagation import autocast_for, tracking_passes
 from sslmedsam2.propagation.seeds import slices_with
@@ -178,9 +177,8 @@ def track_queries_cached(predictor: SlicePredictor, queries: Sequence[QueryVideo
                                   every)
                 for (_, track, _), frame, out in zip(active, frames, step.outputs):
                     track.keep(frame, out, window)
-                index = to_device([starts[v] + track.obj * lengths[v] + row for v, track, row in active], device)
-                logits.index_copy_(0, index, step.masks[:, 0].float())
-                presence.index_copy_(0, index, torch.sigmoid(step.scores[:, 0].float()))
+                record_outputs(logits, presence, [starts[v] + track.obj * lengths[v] + row for v, track, row in active],
+                               step.masks, step.scores)
                 if on_step is not None:
                     on_step(len({v for v, _, _ in active}))
     logits, presence = logits.cpu(), presence.cpu()

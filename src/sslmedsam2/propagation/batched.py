@@ -176,6 +176,16 @@ def track_step(predictor: SlicePredictor, state: dict, steps: list[tuple[Track, 
     return StepOutputs(outputs, low_res, scores)
 
 
+def record_outputs(logits: torch.Tensor, presence: torch.Tensor, rows: list[int], masks: torch.Tensor,
+                   scores: torch.Tensor) -> None:
+    """A batch of outputs (low-resolution logits (k, 1, S/4, S/4), object score logits (k, 1)) written into result
+    tensors on the compute device, `logits` (N, S/4, S/4) and presence probabilities `presence` (N,), at `rows`:
+    one operation each, no wait for the GPU. The outputs may sit elsewhere (a seed's on the state's storage)."""
+    index = memory_bank.to_device(rows, logits.device)
+    logits.index_copy_(0, index, masks[:, 0].to(logits.device, torch.float32))
+    presence.index_copy_(0, index, torch.sigmoid(scores[:, 0].to(logits.device, torch.float32)))
+
+
 # (object, frame, reverse) of each row, low-resolution logits (rows, 1, S/4, S/4), object score logits (rows, 1)
 OnOutputs = Callable[[list[tuple[int, int, bool]], torch.Tensor, torch.Tensor], None]
 

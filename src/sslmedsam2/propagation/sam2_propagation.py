@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation import confidence
 from sslmedsam2.propagation.confidence import SliceConfidence
-from sslmedsam2.propagation.memory_bank import to_device
+from sslmedsam2.propagation.batched import record_outputs
 from sslmedsam2.propagation.predictor import SlicePredictor
 from sslmedsam2.propagation.result import Cancelled, Progress, Propagation
 from sslmedsam2.propagation.seeds import Seeds
@@ -91,10 +91,8 @@ def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, pr
 
     def record(rows: list[tuple[int, int, bool]], masks: torch.Tensor, scores: torch.Tensor) -> None:
         """A step's outputs, written with one operation each (rows: (object, slice, reverse))."""
-        index = to_device([(int(reverse) * len(spans) + obj) * n + z for obj, z, reverse in rows], device)
-        # a seed's output may sit on the state's storage device
-        per_pass.view(-1, low, low).index_copy_(0, index, masks[:, 0].to(device, torch.float32))
-        presence.view(-1).index_copy_(0, index, torch.sigmoid(scores[:, 0].to(device, torch.float32)))
+        record_outputs(per_pass.view(-1, low, low), presence.view(-1),
+                       [(int(reverse) * len(spans) + obj) * n + z for obj, z, reverse in rows], masks, scores)
         for obj, z, reverse in rows:
             covered[obj, z, int(reverse)] = True
 
