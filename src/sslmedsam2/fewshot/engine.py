@@ -18,7 +18,7 @@ from sslmedsam2.propagation.features import (GPU_FEATURE_SHARE, FeatureStore, en
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor, resolve_device
 from sslmedsam2.pipeline import PropagateOptions, find_weights
-from sslmedsam2.propagation.seeds import slices_with
+from sslmedsam2.propagation.seeds import drawn_slices
 
 # Working memory of a tracking step per memory-bank token of one track, besides 4 bytes per query token for the
 # padding mask, should the attention kernel expand it into a bias: the bank and its position encoding in float32
@@ -41,7 +41,8 @@ class FewShotEngine:
         self.supports = {s.name: s for s in supports}
         self.labels = labels
         # the most slices any support has a label drawn on: each is a prompt memory its tracks attend to
-        self.most_prompts = max((len(slices_with(s.labels, label)) for s in supports for label in labels), default=0)
+        drawn = [drawn_slices(s.labels) for s in supports]  # one search of each support, not one per label
+        self.most_prompts = max((len(d.get(label, [])) for d in drawn for label in labels), default=0)
         self.naive = options.naive
         self.log = log
         # one per support and query grid; queries of other grids evict the least recently used
