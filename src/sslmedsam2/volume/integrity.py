@@ -14,11 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from sslmedsam2.errors import UserError
-
-try:  # Intel ISA-L's inflate (python-isal): zlib's streams and checks, 2 to 3 times faster
-    from isal import isal_zlib as inflating
-except ImportError:  # a platform without its wheel
-    inflating = zlib
+from sslmedsam2.zlib_streams import zlib_module as inflating  # ISA-L where installed: 2 to 3 times faster
 
 _HEADER_BYTES = 544  # NIfTI-2's 540-byte header and its 4-byte extension flag
 
