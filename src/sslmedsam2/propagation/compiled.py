@@ -68,9 +68,9 @@ class CompiledStep:
     def __call__(self, feats: list[torch.Tensor], pos: list[torch.Tensor], sizes: list,
                  selections: list[memory_bank.Selection], tracks: Sequence[batched.Track]
                  ) -> tuple[torch.Tensor, ...] | None:
-        """`selections`: this step's memories; `tracks`: every track of the run, which the shape must hold. None when torch
-        could not compile the step here (a compiler stack that does not work on this machine): the predictor then
-        tracks uncompiled from this step on, which the caller does."""
+        """`selections`: this step's memories; `tracks`: every track of the run, which the shape must hold. None
+        when torch could not compile the step here (a compiler stack that does not work on this machine): the
+        predictor then tracks uncompiled from this step on, which the caller does."""
         count = len(selections)
         batch = _power_of_two(max(count, len(tracks)))
         if batch > count:  # pad with copies of the last track (real numbers; their outputs are dropped)
