@@ -10,7 +10,7 @@ from conftest import TINY_SIZE
 
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor
-from sslmedsam2.propagation import batched, memory_bank
+from sslmedsam2.propagation import attention, batched, memory_bank
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +108,19 @@ def test_padded_banks_attend_as_each_bank_alone(predictor):
     generator = torch.Generator().manual_seed(1)
     curr = torch.randn(tokens, len(tracks), predictor.hidden_dim, generator=generator)
     curr_pos = torch.randn(tokens, 1, predictor.hidden_dim, generator=generator)
-    attention = predictor.memory_attention
+    memory_attention = predictor.memory_attention
     with torch.inference_mode():
         alone = []
         for b, track in enumerate(tracks):
             memory, pos, pointers = sams_bank(predictor, *track)
-            alone.append(attention(curr=curr[:, b:b + 1], curr_pos=curr_pos, memory=memory, memory_pos=pos,
+            alone.append(memory_attention(curr=curr[:, b:b + 1], curr_pos=curr_pos, memory=memory, memory_pos=pos,
                                    num_obj_ptr_tokens=pointers))
         memory, pos, pointers, mask = memory_bank.assemble(predictor, selections, torch.device("cpu"))
         args = dict(curr=curr, curr_pos=curr_pos.expand(-1, len(tracks), -1), memory=memory, memory_pos=pos,
                     num_obj_ptr_tokens=pointers)
-        with batched._key_mask(mask):
-            together = attention(**args)
-        unmasked = attention(**args)
+        with attention.key_mask(mask):
+            together = memory_attention(**args)
+        unmasked = memory_attention(**args)
     for b, one in enumerate(alone):
         assert torch.allclose(together[:, b:b + 1], one, atol=1e-5)
     assert (unmasked - together).abs().max() > 1e-3, "the mask made no difference: this test could not fail"

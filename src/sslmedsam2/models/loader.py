@@ -15,6 +15,7 @@ from sslmedsam2.errors import UserError
 from sslmedsam2.models.registry import ModelSpec, check_image_size
 
 PREDICTOR_TARGET = "sslmedsam2.propagation.predictor.SlicePredictor"
+CROSS_ATTENTION_TARGET = "sslmedsam2.propagation.attention.MemoryCrossAttention"
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
 
@@ -39,6 +40,7 @@ def hydra_overrides(spec: ModelSpec, image_size: int | None = None) -> list[str]
     overrides = [f"++model._target_={PREDICTOR_TARGET}", f"++model.image_size={size}"]
     for attention in ("self_attention", "cross_attention"):
         overrides.append(f"++model.memory_attention.layer.{attention}.feat_sizes=[{feat},{feat}]")
+    overrides.append(f"++model.memory_attention.layer.cross_attention._target_={CROSS_ATTENTION_TARGET}")
     return [*overrides, *spec.overrides]
 
 

@@ -10,54 +10,13 @@ step costs about one track's latency.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from sam2.modeling.sam import transformer
 
-from sslmedsam2.propagation import memory_bank
+from sslmedsam2.propagation import attention, memory_bank
 from sslmedsam2.propagation.predictor import SlicePredictor
-
-_KEY_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("sslmedsam2_key_mask", default=None)
-
-
-class _MaskedAttention:
-    """Stands in for torch.nn.functional inside sam2's transformer module: while a key mask is set, attention over
-    keys of the mask's length uses it (the padded memory bank); everything else is torch's own."""
-
-    def __getattr__(self, name: str):
-        return getattr(F, name)
-
-    @staticmethod
-    def scaled_dot_product_attention(q, k, v, attn_mask=None, **kwargs):
-        # a compiled step (compiled.py) cannot trace a ContextVar; it hands its mask over in `COMPILED_MASK`
-        mask = COMPILED_MASK.mask if torch.compiler.is_compiling() else _KEY_MASK.get()
-        if mask is not None and attn_mask is None and k.shape[-2] == mask.shape[-1]:
-            attn_mask = mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
-
-
-class _MaskHolder:
-    mask: torch.Tensor | None = None
-
-
-COMPILED_MASK = _MaskHolder()
-
-if not isinstance(transformer.F, _MaskedAttention):
-    transformer.F = _MaskedAttention()
-
-
-@contextlib.contextmanager
-def _key_mask(mask: torch.Tensor | None) -> Iterator[None]:
-    token = _KEY_MASK.set(mask)
-    try:
-        yield
-    finally:
-        _KEY_MASK.reset(token)
 
 
 @dataclass
@@ -104,7 +63,7 @@ def _attend(predictor: SlicePredictor, feats: torch.Tensor, pos: torch.Tensor,
                                                                   feats.device)
         index = None if len(groups) == 1 else torch.tensor(group, device=feats.device)
         curr, curr_pos = (feats, pos) if index is None else (feats[:, index], pos[:, index])
-        with _key_mask(mask):
+        with attention.key_mask(mask):
             out = predictor.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=memory, memory_pos=memory_pos,
                                              num_obj_ptr_tokens=pointers)
         if index is None:

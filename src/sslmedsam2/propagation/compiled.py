@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sslmedsam2.propagation import batched, memory_bank
+from sslmedsam2.propagation import attention, batched, memory_bank
 from sslmedsam2.propagation.predictor import SlicePredictor
 
 RECOMPILE_LIMIT = 64  # distinct shapes per process before torch falls back to running the step uncompiled
@@ -57,10 +57,10 @@ class CompiledStep:
         predictor = self.predictor
 
         def attend(curr: torch.Tensor, curr_pos: torch.Tensor) -> torch.Tensor:
-            batched.COMPILED_MASK.mask = mask
+            attention.COMPILED_MASK.mask = mask
             out = predictor.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=memory, memory_pos=memory_pos,
                                              num_obj_ptr_tokens=pointers)
-            batched.COMPILED_MASK.mask = None
+            attention.COMPILED_MASK.mask = None
             return out
 
         return batched.model_step(predictor, feats, pos, sizes, attend)
