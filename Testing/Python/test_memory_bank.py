@@ -10,7 +10,7 @@ from conftest import TINY_SIZE
 
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor
-from sslmedsam2.propagation import attention, batched, memory_bank
+from sslmedsam2.propagation import attention, memory_bank
 
 
 @pytest.fixture(scope="module")
