@@ -30,7 +30,7 @@ from sslmedsam2.frames import IntensitySpec, to_uint8  # noqa: E402
 from sslmedsam2.frames.video import VolumeFrames  # noqa: E402
 from sslmedsam2.models import get_model  # noqa: E402
 from sslmedsam2.models.loader import build_predictor  # noqa: E402
-from sslmedsam2.propagation import batched, memory_bank  # noqa: E402
+from sslmedsam2.propagation import attention, batched, memory_bank  # noqa: E402
 from sslmedsam2.propagation.features import FeatureStore  # noqa: E402
 from sslmedsam2.propagation.seeds import Seeds  # noqa: E402
 from sslmedsam2.propagation.session import VolumeSession  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     predictor = build_predictor(get_model("sam2.1-tiny"), None, "cpu", 128)
-    batched.PAD_ALWAYS = True  # the GPU's layout: one padded call for every track
+    attention.AS_ON_GPU = True  # the GPU's layout: one padded call for every track, sam2's attention
     counter = _Counter()
     _count_parts(counter)
 

@@ -68,3 +68,16 @@ def test_the_predictor_is_built_with_it(tiny_checkpoint):
     layers = predictor.memory_attention.layers
     assert all(type(layer.cross_attn_image) is attention.MemoryCrossAttention for layer in layers)
     assert not any(isinstance(layer.self_attn, attention.MemoryCrossAttention) for layer in layers)
+
+
+def test_attending_as_on_a_gpu_keeps_sams_order(monkeypatch):
+    """bench/step_ops.py and the no-wait tests count the GPU's operators on a CPU with this switch."""
+    monkeypatch.setattr(attention, "AS_ON_GPU", True)
+    module = _cross_attention()
+    q, k, v = _inputs(tracks=1, frames=2, pointers=0)
+    rows = []
+    project = module.v_proj.forward
+    module.v_proj.forward = lambda x: rows.append(x.shape[-2]) or project(x)
+    with torch.inference_mode():
+        module(q, k, v)
+    assert rows == [k.shape[1]]

@@ -14,7 +14,7 @@ from sslmedsam2.frames import IntensitySpec, to_uint8
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.models import get_model
 from sslmedsam2.models.loader import build_predictor
-from sslmedsam2.propagation import batched
+from sslmedsam2.propagation import attention, batched
 from sslmedsam2.propagation.features import FeatureStore
 from sslmedsam2.propagation.seeds import Seeds
 from sslmedsam2.propagation.session import VolumeSession
@@ -59,7 +59,7 @@ def _watched(monkeypatch, owner, name) -> _Waits:
 
 
 def test_propagation_steps_never_wait_for_the_gpu(predictor, monkeypatch):
-    monkeypatch.setattr(batched, "PAD_ALWAYS", True)
+    monkeypatch.setattr(attention, "AS_ON_GPU", True)
     image, labels = synthetic_case(shape=(16, 40, 44))
     session = VolumeSession(predictor, to_uint8(image, IntensitySpec()), features_on="cpu")
     seeds = Seeds(seeds_on(labels, {1: [4, 9], 2: [7]}))
@@ -71,7 +71,7 @@ def test_propagation_steps_never_wait_for_the_gpu(predictor, monkeypatch):
 
 
 def test_fewshot_steps_never_wait_for_the_gpu(predictor, monkeypatch):
-    monkeypatch.setattr(batched, "PAD_ALWAYS", True)
+    monkeypatch.setattr(attention, "AS_ON_GPU", True)
     support_image, support_labels = synthetic_case((10, 40, 40), seed=3)
     query_image, _ = synthetic_case((9, 36, 44), seed=4)
     support = VolumeFrames(to_uint8(support_image, IntensitySpec()), TINY_SIZE)

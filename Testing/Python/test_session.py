@@ -59,9 +59,9 @@ def _same(a, b) -> None:
 def test_batched_tracks_give_sams_own_numbers(predictor, volume, monkeypatch, pad):
     """Cached features and every label's two passes batched (memory banks of different lengths padded and masked,
     or attended in groups of equal banks): sam2's per-track numbers."""
-    from sslmedsam2.propagation import batched
+    from sslmedsam2.propagation import attention, batched
 
-    monkeypatch.setattr(batched, "PAD_ALWAYS", pad)
+    monkeypatch.setattr(attention, "AS_ON_GPU", pad)
     slices, labels = volume
     seeds = Seeds(seeds_on(labels, {1: [4, 9], 2: [7]}))
     padded = []

@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from sam2.modeling.position_encoding import apply_rotary_enc
 from sam2.modeling.sam import transformer
 
+# Attend as on a GPU on every device: every track's bank padded into one call (batched.py), sam2's order of the
+# cross-attention. Tests and bench/step_ops.py check the GPU's operators on a CPU with it.
+AS_ON_GPU = False
+
 _KEY_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("sslmedsam2_key_mask", default=None)
 
 
@@ -73,7 +77,7 @@ class MemoryCrossAttention(transformer.RoPEAttention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
         # dropout would break the weights' sum to one; several heads would each need their slice of the projection
-        if q.device.type != "cpu" or self.num_heads != 1 or (self.training and self.dropout_p > 0):
+        if q.device.type != "cpu" or AS_ON_GPU or self.num_heads != 1 or (self.training and self.dropout_p > 0):
             return super().forward(q, k, v, num_k_exclude_rope)
         q = self._separate_heads(self.q_proj(q), 1)
         k = self._separate_heads(self.k_proj(k), 1)

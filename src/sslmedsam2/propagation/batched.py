@@ -41,16 +41,12 @@ class Track:
         stored.pop(frame + (window if self.reverse else -window), None)
 
 
-# Pad on every device, as on a GPU (tests check the GPU's layout on CPU with it).
-PAD_ALWAYS = False
-
-
 def _attend(predictor: SlicePredictor, feats: torch.Tensor, pos: torch.Tensor,
             selections: list[memory_bank.Selection]) -> torch.Tensor:
     """Memory attention of every track (feats: (tokens, tracks, channels)) over its own bank. On a GPU all tracks
     go in one call, banks padded to the longest (a step costs its latency, not its arithmetic); on a CPU tracks
     whose banks have the same layout go together, so no track attends over padding."""
-    if predictor.device.type == "cuda" or PAD_ALWAYS:
+    if predictor.device.type == "cuda" or attention.AS_ON_GPU:
         groups = [list(range(len(selections)))]
     else:
         layouts: dict[tuple[int, int], list[int]] = {}
