@@ -105,6 +105,19 @@ def prepare(args, work: Path):
     return seeds, edited, edit, axis
 
 
+def volume_arguments(parser: argparse.ArgumentParser) -> None:
+    """The volume, its label, the model and the image size (shared with bench/edit_bound.py)."""
+    case = CHAOS / "images" / "chaos_t2_2.nii.gz"
+    parser.add_argument("--image", type=Path, default=case if case.exists() else None)
+    parser.add_argument("--label", type=Path, default=CHAOS / "labels" / "chaos_t2_2.nii.gz" if case.exists() else None)
+    parser.add_argument("--value", type=int, default=1, help="the label to propagate (default 1: the liver)")
+    parser.add_argument("--synthetic-slices", type=int, help="use a synthetic volume of this many slices")
+    parser.add_argument("--synthetic-size", type=int, default=512, help="its in-plane size (default 512)")
+    parser.add_argument("--model", default="sam2.1-tiny")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--image-size", type=int, default=256)
+
+
 def cold(args, seeds: Path, out: Path) -> float:
     cmd = [sys.executable, "-m", "sslmedsam2", "propagate", str(args.image), str(seeds), "-o", str(out),
            "--method", "sam2", "--model", args.model, "--checkpoint", args.checkpoint, "--image-size",
@@ -116,15 +129,7 @@ def cold(args, seeds: Path, out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    case = CHAOS / "images" / "chaos_t2_2.nii.gz"
-    parser.add_argument("--image", type=Path, default=case if case.exists() else None)
-    parser.add_argument("--label", type=Path, default=CHAOS / "labels" / "chaos_t2_2.nii.gz" if case.exists() else None)
-    parser.add_argument("--value", type=int, default=1, help="the label to propagate (default 1: the liver)")
-    parser.add_argument("--synthetic-slices", type=int, help="use a synthetic volume of this many slices")
-    parser.add_argument("--synthetic-size", type=int, default=512, help="its in-plane size (default 512)")
-    parser.add_argument("--model", default="sam2.1-tiny")
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--image-size", type=int, default=256)
+    volume_arguments(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-check", action="store_true", help="skip the cold run that checks the edit's result")
     parser.add_argument("--compile", action="store_true", help="start the server with --compile (compiled on the "
