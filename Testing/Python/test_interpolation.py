@@ -81,3 +81,21 @@ def test_seeds_find_what_a_full_search_finds(dtype):
     expected = {int(v): slices_with(labels_map, int(v)) for v in np.unique(labels_map) if v}
     assert seeds.seed_slices() == expected and seeds.labels == sorted(expected)
     assert seeds.slices_of(3) == [1, 4, 11] and seeds.slices_of(2) == []
+
+
+def test_a_seed_file_is_searched_once(tmp_path, monkeypatch):
+    """Checking a seed map and using it share one search (about 30 ms for 512 x 512 x 300)."""
+    from sslmedsam2.propagation import seeds as seeds_module
+
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[1, 2:4, 2:4], labels[4, 3:6, 3:6] = 1, 2
+    image, seeds_path = tmp_path / "image.nii.gz", tmp_path / "seeds.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(labels.astype(np.float32)), str(image))
+    sitk.WriteImage(sitk.GetImageFromArray(labels), str(seeds_path))
+    calls = []
+    search = seeds_module.drawn_slices
+    spy = lambda m: calls.append(1) or search(m)  # noqa: E731
+    monkeypatch.setattr(seeds_module, "drawn_slices", spy)
+    monkeypatch.setattr("sslmedsam2.pipeline.drawn_slices", spy, raising=False)  # wherever it is imported
+    case = load_case(image, seeds_path)
+    assert case.seeds.seed_slices() == {1: [1], 2: [4]} and len(calls) == 1

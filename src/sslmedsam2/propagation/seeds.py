@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -40,6 +40,7 @@ class Seeds:
     """
 
     labels_map: np.ndarray
+    allow_empty: bool = field(default=False, repr=False, compare=False)  # for a caller that reports it itself
 
     @classmethod
     def every_nth_slice(cls, reference: np.ndarray, step: int) -> "Seeds":
@@ -52,7 +53,7 @@ class Seeds:
         return cls(seeds)
 
     def __post_init__(self) -> None:
-        if not self.labels:
+        if not self.allow_empty and not self.labels:
             raise ValueError("seeds without any labelled voxel")
 
     @cached_property

@@ -51,5 +51,4 @@ def seed_map(prompts: dict[int, np.ndarray], shape: tuple[int, int, int]) -> See
     labels = np.zeros(shape, np.uint8 if top <= 255 else np.uint16)
     for index, plane in prompts.items():
         labels[index] = plane
-    check_seed_map(labels, "seeds")
-    return Seeds(labels)
+    return check_seed_map(labels, "seeds")
