@@ -72,3 +72,15 @@ def test_killed_and_restarted_server(tiny_checkpoint, tmp_path):
                 process.kill()
                 process.wait(30)
         client.close()
+
+
+def test_another_web_server_on_the_port_is_named_as_such(server):
+    """`--server` pointed at some other web server: one clear line, not a JSON decoder's complaint."""
+    from sslmedsam2.server.client import ServerError
+
+    httpd, handler = server
+    handler.body = b"<html>a web page</html>"
+    client = Client(f"http://127.0.0.1:{httpd.server_address[1]}")
+    with pytest.raises(ServerError, match="something other than JSON; is it an SSLMedSAM2 server"):
+        client.health()
+    client.close()

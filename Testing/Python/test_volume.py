@@ -123,3 +123,26 @@ def test_float_label_values_must_be_whole(tmp_path):
         read_label_map(tmp_path / "bad.nii.gz")
     sitk.WriteImage(to_image(np.full((3, 4, 5), 2.0, np.float32)), str(tmp_path / "ok.nii.gz"))
     assert read_label_map(tmp_path / "ok.nii.gz").GetPixelID() == sitk.sitkUInt8
+
+
+def test_a_gzip_bomb_is_refused_after_little_more_than_its_header_declares(tmp_path, monkeypatch):
+    """A small .nii.gz that inflates to far more than its header declares (a server upload, a damaged file) is
+    refused before it fills the memory; a file as declared is read as before."""
+    import gzip
+
+    from sslmedsam2.volume import integrity
+
+    source = tmp_path / "small.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)), str(source))
+    declared = source.read_bytes()
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(gzip.compress(declared + bytes(64 << 20), compresslevel=1))
+    inflated = []
+    pieces = integrity._gzip_pieces
+    monkeypatch.setattr(integrity, "_gzip_pieces", lambda raw: (inflated.append(len(p)) or p for p in pieces(raw)))
+    with pytest.raises(UserError, match="decompresses to more than its header declares"):
+        read_image(bomb)
+    assert sum(inflated) <= len(declared) + 2 * integrity._PIECE  # stopped early, not after 64 MB
+    whole = tmp_path / "whole.nii.gz"
+    whole.write_bytes(gzip.compress(declared))
+    assert sitk.GetArrayFromImage(read_image(whole)).sum() == np.arange(120).sum()

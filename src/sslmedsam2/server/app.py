@@ -21,9 +21,8 @@ from sslmedsam2.errors import UserError
 from sslmedsam2.server.errors import ServiceError
 from sslmedsam2.server.service import Service
 from sslmedsam2.server.tokens import TokenCheck
-from sslmedsam2.server.wire import array_message
+from sslmedsam2.server.wire import INSTANCE_HEADER, array_message
 
-INSTANCE_HEADER = "X-SSLMedSAM2-Instance"
 RESULT_HEADER = "X-SSLMedSAM2-Result"
 log = logging.getLogger("sslmedsam2.server")
 
@@ -175,8 +174,9 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
+        # answered by Starlette's outermost middleware, outside the Gate that tags every other answer
         return JSONResponse({"error": f"internal error: {type(exc).__name__} (the server keeps running; see its log)",
-                             "code": "internal"}, status_code=500)
+                             "code": "internal"}, status_code=500, headers={INSTANCE_HEADER: service.instance})
 
     @app.get("/health", summary="Liveness: the server answers")
     def health() -> dict:

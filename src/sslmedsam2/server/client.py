@@ -27,9 +27,8 @@ import numpy as np
 import requests
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.server.wire import read_array_message, slice_entry
+from sslmedsam2.server.wire import INSTANCE_HEADER, read_array_message, slice_entry
 
-INSTANCE_HEADER = "X-SSLMedSAM2-Instance"
 _ALREADY_COMPRESSED = (".gz", ".zip", ".bz2", ".xz")
 
 
@@ -116,8 +115,18 @@ class Client:
         kind = SessionGone if code == "session_gone" else ServerError
         return kind(message, answer.status_code, code, instance)
 
+    def request_json(self, method: str, path: str, **kwargs) -> dict:
+        """A request whose answer is JSON; anything else (another web server on that port) is a clear error."""
+        answer = self.request(method, path, **kwargs)
+        try:
+            return answer.json()
+        except ValueError:
+            raise ServerError(f"{self.url} answered HTTP {answer.status_code} with something other than JSON; is it "
+                              "an SSLMedSAM2 server?", answer.status_code, None,
+                              answer.headers.get(INSTANCE_HEADER)) from None
+
     def get_json(self, path: str, **kwargs) -> dict:
-        return self.request("GET", path, **kwargs).json()
+        return self.request_json("GET", path, **kwargs)
 
     # --- the API --------------------------------------------------------------------------------------------------
     def health(self) -> dict:
@@ -139,8 +148,8 @@ class Client:
             params["image_size"] = image_size
         if not Path(name).name.lower().endswith(_ALREADY_COMPRESSED):
             data, params["encoding"] = gzip.compress(data, compresslevel=1), "gzip"
-        return self.request("POST", "/sessions", params=params, data=data,
-                            headers={"Content-Type": "application/octet-stream"}, timeout=max(self.timeout, 600)).json()
+        return self.request_json("POST", "/sessions", params=params, data=data,
+                                 headers={"Content-Type": "application/octet-stream"}, timeout=max(self.timeout, 600))
 
     def open_volume(self, data: bytes, name: str, **options) -> "RemoteVolume":
         return RemoteVolume(self, data, name, options)
@@ -153,14 +162,14 @@ class Client:
 
     def propagate(self, session_id: str, slices: dict[int, np.ndarray], replace: bool = True) -> dict:
         entries = [slice_entry(z, plane) for z, plane in sorted(slices.items())]
-        return self.request("POST", f"/sessions/{session_id}/propagate",
-                            json={"slices": entries, "replace": replace}).json()
+        return self.request_json("POST", f"/sessions/{session_id}/propagate",
+                                 json={"slices": entries, "replace": replace})
 
     def job(self, job_id: str, wait: float = 0.0) -> dict:
         return self.get_json(f"/jobs/{job_id}", params={"wait": wait} if wait else None, timeout=wait + 60)
 
     def cancel(self, job_id: str) -> dict:
-        return self.request("POST", f"/jobs/{job_id}/cancel", timeout=30).json()
+        return self.request_json("POST", f"/jobs/{job_id}/cancel", timeout=30)
 
     def wait(self, job_id: str, progress=None, poll: float = 0.5,
              should_stop: Callable[[], bool] | None = None) -> dict:

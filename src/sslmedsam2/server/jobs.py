@@ -71,6 +71,7 @@ class Job:
     def _finish(self, state: str, error: str | None = None, result: object = None) -> None:
         with self._changed:
             self.state, self.error, self.result = state, error, result
+            self.work = None  # what it held (a session's volume, a seed map) is not kept as long as the job
             self.finished = time.time()
             self._changed.notify_all()
 

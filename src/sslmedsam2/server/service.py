@@ -141,20 +141,23 @@ class Service:
         return predictor
 
     # --- sessions -----------------------------------------------------------------------------------------------
+    def _gone(self, session_id: str) -> str:
+        return (f"no open session {session_id!r}: it was closed, expired after {self.settings.idle_timeout_s:.0f} s "
+                "unused, or the server restarted; open the volume again")
+
     def _session(self, owner: str, session_id: str) -> Session:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or session.owner != owner:
-                raise SessionGone(f"no open session {session_id!r}: it was closed, expired after "
-                                  f"{self.settings.idle_timeout_s:.0f} s unused, or the server restarted; "
-                                  "open the volume again")
+                raise SessionGone(self._gone(session_id))
             session.last_used = time.monotonic()
             return session
 
     def open_session(self, owner: str, data: bytes, name: str, axis: str = "axial", modality: str = "mri",
                      window: str = "soft-tissue", value_range: tuple[float, float] | None = None,
                      model: str | None = None, image_size: int | None = None, gzipped: bool = False) -> dict:
-        name = Path(name or "image").name[:200] or "image"
+        # a name goes into one-line messages: no control characters
+        name = "".join(c if c.isprintable() else "?" for c in Path(name or "image").name[:200]) or "image"
         model = model or self.model
         get_model(model)
         size = self._image_size(model, image_size)
@@ -168,7 +171,7 @@ class Service:
             folder = self.root / session_id
             folder.mkdir(mode=0o700)
         try:
-            stored = store_upload(folder, data, name, gzipped, self.settings.max_voxels * 8 + (1 << 20))
+            stored = store_upload(folder, data, name, gzipped, self.settings.max_voxels)
             volume = read_volume_slices(stored, name, axis, intensity, self.settings.max_voxels)
             from sslmedsam2.propagation.features import frame_feature_bytes
 
@@ -234,10 +237,13 @@ class Service:
             raise SessionGone("the session was closed before its propagation started")
         predictor = self._predictor(session.model, session.image_size)
         engine = session.engine
+        need = frame_feature_bytes(session.image_size) * session.shape[0]
         if engine is None or engine.predictor is not predictor or engine.feature_bytes() == 0:
-            self._make_room(session, frame_feature_bytes(session.image_size) * session.shape[0])
+            self._make_room(session, need)
             engine = VolumeSession(predictor, session.volume.slices)  # the GPU while its features fit, else CPU
             session.engine = engine
+        elif engine.feature_bytes() < need:  # a cancelled run left part of them: room for the rest too
+            self._make_room(session, need)
         try:
             result = self._propagate_engine(session, engine, seeds, job)
         finally:
@@ -325,16 +331,9 @@ class Service:
         if fmt not in LABEL_FORMATS:
             raise UserError(f"unknown label map format {fmt!r}; choose one of {', '.join(LABEL_FORMATS)} or raw")
         session, result, result_id = self._result(owner, session_id)
-        with session.lock:
-            key = (fmt, result_id)
-            if key not in session.outputs:
-                path = session.folder / f"labels{LABEL_FORMATS[fmt]}"
-                write_image(session.volume.to_image(result.labels), path)
-                try:
-                    session.outputs[key] = path.read_bytes()
-                finally:
-                    path.unlink(missing_ok=True)
-            return session.outputs[key], result_id
+        return self._rendered(session, (fmt, result_id), f"labels{LABEL_FORMATS[fmt]}",
+                              lambda path: write_image(session.volume.to_image(result.labels), path),
+                              Path.read_bytes), result_id
 
     def labels_array(self, owner: str, session_id: str) -> tuple[np.ndarray, int]:
         """The label map in slice-first order along the session's axis (n, h, w); (array, result)."""
@@ -344,16 +343,31 @@ class Service:
     def confidence_csv(self, owner: str, session_id: str) -> tuple[str, int]:
         """The confidence table, as `propagate` writes it beside its output."""
         session, result, result_id = self._result(owner, session_id)
+        return self._rendered(session, ("csv", result_id), "labels.confidence.csv",
+                              lambda path: write_confidence(result.confidence, path),
+                              lambda path: path.read_text(encoding="utf-8")), result_id
+
+    def _rendered(self, session: Session, key: tuple, filename: str, write: Callable[[Path], None],
+                  read: Callable[[Path], object]):
+        """An output written by the engine's own writer into the session's folder and read back, once per result.
+        A session closed meanwhile (its folder deleted under the writer) answers as closed."""
         with session.lock:
-            key = ("csv", result_id)
-            if key not in session.outputs:
-                path = session.folder / "labels.confidence.csv"
-                write_confidence(result.confidence, path)
+            if session.closed:
+                raise SessionGone(self._gone(session.id))
+            cached = session.outputs.get(key)
+            if cached is None:
+                path = session.folder / filename
                 try:
-                    session.outputs[key] = path.read_text(encoding="utf-8")
+                    write(path)
+                    cached = read(path)
+                except (UserError, OSError):
+                    if session.closed:
+                        raise SessionGone(self._gone(session.id)) from None
+                    raise
                 finally:
                     path.unlink(missing_ok=True)
-            return session.outputs[key], result_id
+                session.outputs[key] = cached
+            return cached
 
     # --- health ---------------------------------------------------------------------------------------------------
     def info(self, owner: str) -> dict:

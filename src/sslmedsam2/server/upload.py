@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -21,6 +23,8 @@ from sslmedsam2.volume import SliceAxis, read_image, slice_axis
 # files), so that a name never chooses a reader that follows references to other files.
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _READ = 1 << 16
+# An upload is written this far before the image header there bounds the rest; a longer header is refused.
+_HEAD = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,74 +47,100 @@ class Volume:
         return out
 
 
-def _private_write(path: Path, chunks) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        for chunk in chunks:
-            handle.write(chunk)
+def _private_file(path: Path) -> BinaryIO:
+    """A new file only its owner can read (mode 0600); an existing one is never reused."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
 
 
-def _gunzip(data: bytes, limit: int, name: str):
-    """Inflate a gzip body in pieces, never past `limit` bytes (a small upload cannot become a huge file)."""
+def _gunzip(data: bytes, name: str) -> Iterator[bytes]:
+    """Inflate a gzip body a piece (at most _READ bytes) at a time; the caller stops when it has had enough."""
     inflate = zlib.decompressobj(wbits=31)
-    total = 0
     try:
         for start in range(0, len(data), _READ):
-            piece = inflate.decompress(data[start:start + _READ], limit + 1 - total)
+            tail = data[start:start + _READ]
             while True:
-                total += len(piece)
-                if total > limit:
-                    raise TooLarge(f"{name}: decompresses to more than the {limit >> 20} MB an image may take here")
-                yield piece
-                if not inflate.unconsumed_tail:
+                piece = inflate.decompress(tail, _READ)
+                tail = inflate.unconsumed_tail
+                if not piece and not tail:
                     break
-                piece = inflate.decompress(inflate.unconsumed_tail, limit + 1 - total)
+                yield piece
         yield inflate.flush()
     except zlib.error as exc:
         raise UserError(f"{name}: the upload says gzip but is not gzip data ({exc})") from None
 
 
-def _detached_data(path: Path, suffix: str) -> str | None:
-    """The external data file a NRRD or MetaImage header names, if any (it could be any file of the server)."""
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    text = head.split(b"\n\n", 1)[0] if suffix == ".nrrd" else head
-    for raw in text.splitlines():
-        line = raw.decode("latin-1").strip()
-        key, sep, value = line.partition("=" if suffix == ".mha" else ":")
-        key = key.strip().lower().replace(" ", "")
-        if suffix == ".nrrd" and sep and key in ("datafile", "data_file"):
-            return value.strip()
-        if suffix == ".mha" and sep and key == "elementdatafile":
-            return None if value.strip().upper() == "LOCAL" else value.strip()
-    return None
-
-
-def store_upload(folder: Path, data: bytes, name: str, gzipped: bool, max_bytes: int) -> Path:
-    """Write the uploaded file into `folder` (mode 0600) under a name whose suffix picks the reader."""
-    suffix = full_suffix(Path(name)).lower()
-    target = folder / f"image{suffix if suffix in _SUFFIXES else '.bin'}"
-    _private_write(target, _gunzip(data, max_bytes, name) if gzipped else [data])
-    if suffix in (".nrrd", ".mha"):
-        detached = _detached_data(target, suffix)
-        if detached:
-            raise UserError(f"{name}: its header names a separate data file ({detached[:80]}); send an image whose "
-                            "voxels are in the file itself (.nii.gz, or .nrrd / .mha with attached data)")
-    return target
-
-
-def _check_size(path: Path, name: str, max_voxels: int) -> None:
-    """Refuse an image too large for this server from its header alone, before its voxels are decompressed."""
+def _declared_voxels(path: Path, name: str, max_voxels: int) -> int | None:
+    """Voxels (times components) an image's header declares, refused above `max_voxels`; None when SimpleITK
+    cannot read the header (the engine's reader then says why, in the command line's words)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return  # unreadable: the engine's reader says why, in the command line's words
+        return None
     voxels = int(np.prod(reader.GetSize(), dtype=np.int64)) * reader.GetNumberOfComponents()
     if voxels > max_voxels:
         raise TooLarge(f"{name}: {voxels} voxels ({' x '.join(map(str, reader.GetSize()))}), more than the "
                        f"{max_voxels} this server accepts")
+    return voxels
+
+
+def _write_inflated(path: Path, pieces: Iterable[bytes], name: str, max_voxels: int) -> None:
+    """Write an inflated upload privately (0600): its first MB, then no more than the image header there declares
+    (8 bytes a voxel at most), so that a small gzip body cannot become gigabytes on disk."""
+    limit, total = _HEAD, 0
+    with _private_file(path) as handle:
+        for piece in pieces:
+            total += len(piece)
+            if limit == _HEAD and total > limit:
+                handle.flush()
+                voxels = _declared_voxels(path, name, max_voxels)
+                if voxels is None:
+                    raise UserError(f"{name}: not a readable image (no image header in its first "
+                                    f"{_HEAD >> 20} MB)")
+                limit = _HEAD + 8 * voxels
+            if total > limit:
+                raise TooLarge(f"{name}: decompresses to more than its image header declares")
+            handle.write(piece)
+
+
+def _detached_data(path: Path, suffix: str, name: str) -> str | None:
+    """The external data file a NRRD or MetaImage header names, if any (it could be any file of the server). The
+    whole header is read: to its blank line (NRRD) or its ElementDataFile line, the last (MetaImage)."""
+    read = 0
+    with open(path, "rb") as handle:
+        while read < _HEAD:
+            raw = handle.readline(_HEAD - read)
+            if not raw:
+                return None  # no more header: the reader refuses what it cannot read
+            read += len(raw)
+            line = raw.decode("latin-1").strip()
+            if suffix == ".nrrd" and not line:
+                return None  # the header ends; the data follows in this file
+            key, sep, value = line.partition("=" if suffix == ".mha" else ":")
+            key = key.strip().lower().replace(" ", "")
+            if suffix == ".nrrd" and sep and key in ("datafile", "data_file"):
+                return value.strip()
+            if suffix == ".mha" and sep and key == "elementdatafile":
+                return None if value.strip().upper() == "LOCAL" else value.strip()
+    raise UserError(f"{name}: its header is longer than {_HEAD >> 20} MB; send it as .nii.gz")
+
+
+def store_upload(folder: Path, data: bytes, name: str, gzipped: bool, max_voxels: int) -> Path:
+    """Write the uploaded file into `folder` (mode 0600) under a name whose suffix picks the reader."""
+    suffix = full_suffix(Path(name)).lower()
+    target = folder / f"image{suffix if suffix in _SUFFIXES else '.bin'}"
+    if gzipped:
+        _write_inflated(target, _gunzip(data, name), name, max_voxels)
+    else:  # no larger than the request limit
+        with _private_file(target) as handle:
+            handle.write(data)
+    if suffix in (".nrrd", ".mha"):
+        detached = _detached_data(target, suffix, name)
+        if detached:
+            raise UserError(f"{name}: its header names a separate data file ({detached[:80]}); send an image whose "
+                            "voxels are in the file itself (.nii.gz, or .nrrd / .mha with attached data)")
+    return target
 
 
 def _renamed(exc: UserError, path: Path, name: str) -> UserError:
@@ -125,7 +155,7 @@ def read_volume_slices(path: Path, name: str, axis: str, intensity: IntensitySpe
             axis = SliceAxis(axis).value
         except ValueError:
             raise UserError(f"unknown axis {axis!r}; choose one of {', '.join(a.value for a in SliceAxis)}") from None
-        _check_size(path, name, max_voxels)
+        _declared_voxels(path, name, max_voxels)  # too large: refused from the header, before decompressing
         try:
             image = read_image(path)
         except UserError as exc:

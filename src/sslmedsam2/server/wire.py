@@ -15,6 +15,8 @@ import numpy as np
 from sslmedsam2.errors import UserError
 from sslmedsam2.zlib_streams import zlib_module as compressing  # a 512x512x300 label map: 10 ms, not 150-290
 
+# Every answer names the server process that gave it: a client tells a restarted server by a new value.
+INSTANCE_HEADER = "X-SSLMedSAM2-Instance"
 # Label maps are small non-negative integers; these dtypes hold them (signed ones as some writers store labels).
 LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +34,50 @@ def _header(head: bytes, path: Path):
     raise UserError(f"{path}: not a readable image (no NIfTI header)")
 
 
+# Inflated at a time: a gzip member is read in pieces, so that what a header declares bounds the whole read.
+_PIECE = 1 << 20
+
+
+def _gzip_pieces(raw: bytes) -> Iterator[bytes]:
+    """The inflated bytes of gzip members, a piece of at most _PIECE bytes at a time; EOFError for a stream that
+    ends early (zlib checks the CRC and length of each member)."""
+    while raw:
+        inflater = inflating.decompressobj(16 + zlib.MAX_WBITS)
+        data = raw
+        while True:
+            piece = inflater.decompress(data, _PIECE)
+            data = inflater.unconsumed_tail
+            if piece:
+                yield piece
+            elif not data:
+                break
+        if not inflater.eof:
+            raise EOFError("the compressed stream ends early")
+        raw = inflater.unused_data.lstrip(b"\0")
+
+
+def _declared_bytes(head: bytes, path: Path) -> int:
+    header = _header(head, path)
+    return int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
+        * header.get_data_dtype().itemsize
+
+
 def _file_bytes(path: Path) -> bytes:
-    """The uncompressed bytes of a NIfTI file; a gzip stream must be complete and its checksum right (zlib checks
-    the CRC and length of each member)."""
+    """The uncompressed bytes of a NIfTI file; a gzip stream must be complete and its checksum right. It is never
+    inflated much past what its header declares: a small file cannot fill the memory (a gzip bomb)."""
     raw = path.read_bytes()
     if not path.name.lower().endswith(".gz"):
         return raw
-    pieces = []
+    pieces, total, limit = [], 0, None
     try:
-        while raw:
-            inflater = inflating.decompressobj(16 + zlib.MAX_WBITS)
-            pieces.append(inflater.decompress(raw))
-            if not inflater.eof:
-                raise EOFError("the compressed stream ends early")
-            raw = inflater.unused_data.lstrip(b"\0")
+        for piece in _gzip_pieces(raw):
+            pieces.append(piece)
+            total += len(piece)
+            if limit is None and total >= _HEADER_BYTES:
+                limit = _declared_bytes(b"".join(pieces)[:_HEADER_BYTES], path) + _PIECE
+            if limit is not None and total > limit:
+                raise UserError(f"{path}: not a readable image: it decompresses to more than its header declares "
+                                f"({limit - _PIECE} bytes)")
     except (EOFError, zlib.error, inflating.error) as exc:
         raise UserError(f"{path}: not a readable image: damaged or incomplete compressed file ({exc}); "
                         "copy it again") from None
@@ -58,9 +89,7 @@ def check_complete_nifti(path: Path) -> None:
     voxel is there)."""
     path = Path(path)
     data = _file_bytes(path)
-    header = _header(data[:_HEADER_BYTES], path)
-    expected = int(header.get_data_offset()) + int(np.prod(header.get_data_shape(), dtype=np.int64)) \
-        * header.get_data_dtype().itemsize
+    expected = _declared_bytes(data[:_HEADER_BYTES], path)
     if len(data) < expected:
         raise UserError(f"{path}: incomplete file ({len(data)} of {expected} bytes)")
 
