@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 import torch
@@ -100,9 +101,12 @@ def test_ct_window_and_explicit_range():
     assert to_uint8(volume, IntensitySpec(value_range=(-1000, 3000))).tolist() == [[[0, 54, 66, 79, 255]]]
 
 
-@pytest.mark.parametrize("spec", [dict(modality="pet"), dict(modality="ct", window="nope"), dict(value_range=(5, 5))])
-def test_bad_intensity_options_are_user_errors(spec):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("spec, fragment", [
+    (dict(modality="pet"), "unknown modality"), (dict(modality="pet", value_range=(0, 1)), "unknown modality"),
+    (dict(modality="ct", window="nope"), "unknown CT window"), (dict(value_range=(5, 5)), "must be above"),
+    (dict(value_range=(-math.inf, math.inf)), "finite"), (dict(value_range=(math.nan, 5)), "finite")])
+def test_bad_intensity_options_are_user_errors(spec, fragment):
+    with pytest.raises(UserError, match=fragment):
         IntensitySpec(**spec)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,15 +33,16 @@ class IntensitySpec:
     value_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.modality not in ("mri", "ct"):
+            raise UserError(f"unknown modality {self.modality!r}; choose mri or ct")
         if self.value_range is not None:
             low, high = self.value_range
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise UserError(f"intensity range {low}..{high}: both ends must be finite numbers")
             if not high > low:
                 raise UserError(f"intensity range {low}..{high}: the maximum must be above the minimum")
-        elif self.modality == "ct":
-            if self.window not in CT_WINDOWS:
-                raise UserError(f"unknown CT window {self.window!r}; choose one of {', '.join(CT_WINDOWS)}")
-        elif self.modality != "mri":
-            raise UserError(f"unknown modality {self.modality!r}; choose mri or ct")
+        elif self.modality == "ct" and self.window not in CT_WINDOWS:
+            raise UserError(f"unknown CT window {self.window!r}; choose one of {', '.join(CT_WINDOWS)}")
 
     def bounds(self, volume: np.ndarray) -> tuple[float, float]:
         if self.value_range is not None:
