@@ -118,13 +118,13 @@ class EngineWorker:
                 result, error = payload
                 task.on_done(result, error)
 
-    def close(self, wait: bool = True) -> None:
-        """Stop the thread after the tasks already submitted (it is a daemon: Slicer's exit never waits for it)."""
-        self.cancel()
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread once the tasks already submitted have run (a last one, such as closing the session, is
+        not cancelled: cancel() first what should not run), waiting up to `timeout` seconds. It is a daemon:
+        Slicer's exit never waits longer for it."""
         if self._thread is not None and self._thread.is_alive():
             self._tasks.put(None)
-            if wait:
-                self._thread.join(10)
+            self._thread.join(timeout)
 
     def _loop(self) -> None:
         while True:
@@ -217,7 +217,8 @@ class InteractiveEngine:
         if connection.engine == "local":
             started, died = self.local.starts, self.local.starts and not self.local.alive()
             why = self.local.failure() if died else None  # its log is deleted when the new one starts
-            url = self.local.ensure(request.settings, reporter.message, reporter.should_stop, _health)
+            url = self.local.ensure(request.settings, reporter.message, reporter.should_stop, _health,
+                                    reporter.progress)
             if died and self.local.starts > started:
                 notes.append("the local engine had stopped" + (f" ({why})" if why else "")
                              + "; it was started again and the volume sent again")
@@ -226,8 +227,7 @@ class InteractiveEngine:
             key, token_file = ("remote", connection.url, connection.token_file), connection.token_file or None
         if self._client is None or self._client_key != key:
             self._drop_session()
-            if self._client is not None:
-                self._client.close()
+            self._forget_client()
             self._client, self._client_key = Client(key[1], token_file=token_file), key
         return self._client
 
@@ -258,7 +258,7 @@ class InteractiveEngine:
 
     def propagate(self, request: PropagationRequest, reporter: Reporter) -> PropagationResult:
         """Blocks: call it on the worker thread."""
-        from sslmedsam2.server.client import ServerUnreachable, SessionGone
+        from sslmedsam2.server.client import ServerError, ServerUnreachable, SessionGone
 
         notes: list[str] = []
         if request.connection.engine == "remote" and request.settings.checkpoint:
@@ -284,6 +284,10 @@ class InteractiveEngine:
                     raise
                 reporter.message("the local engine stopped; starting it again")
                 self._volume, self._volume_key = None, None
+            except ServerError as exc:
+                if exc.status == 401:  # the token file is read again next time (the person may correct it)
+                    self._forget_client()
+                raise
         axis = int(volume.info["array_axis"])
         expected = np.moveaxis(request.seeds, axis, 0).shape
         if result.labels.shape != expected:
@@ -293,13 +297,16 @@ class InteractiveEngine:
                  else f"the engine at {request.connection.url}")
         return PropagationResult(np.moveaxis(result.labels, 0, axis), result.confidence_csv, axis, where, notes)
 
+    def _forget_client(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client, self._client_key = None, None
+
     def close(self) -> None:
         """Close the session and the client (the shared local server keeps running until Slicer exits)."""
         self._drop_session()
         self._data = self._data_key = None
-        if self._client is not None:
-            self._client.close()
-            self._client, self._client_key = None, None
+        self._forget_client()
 
 
 def user_message(error: BaseException, connection: Connection) -> str:

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import qt
 import slicer
 
@@ -34,7 +35,14 @@ from SSLMedSAM2Lib.signal import Signal
 from SSLMedSAM2Lib.study_seeds import label_map, slices_with_labels
 
 PUMP_MS = 25  # how often the main thread takes the worker's news (and yields it the GIL) while it works
+CLOSE_WAIT_S = 5.0  # at exit, how long the engine session's close may take (a remote server that does not answer)
+EDITED_DURING_RUN = ("the segmentation was edited while the engine worked: its result was not applied, so the edit "
+                     "is kept; propagate again to include it")
 _EXIT_HOOKED = False
+
+
+class _EditedMeanwhile(Exception):
+    pass
 
 
 def _stop_server_at_exit() -> None:
@@ -146,21 +154,26 @@ class SSLMedSAM2Logic:
         self.process.cancel()
         self.worker.cancel()
 
+    def _close_session(self) -> None:
+        """Cancel what runs, then close the engine session (its data is deleted on the server): queued after the
+        cancelled run, so it runs once that run has stopped."""
+        self.cancel()
+        self.worker.submit(lambda reporter: self.engine.close(), lambda result, error: None)
+
     def scene_closed(self) -> None:
         """Results of runs started before a scene close have nowhere to go; the open session is closed too."""
-        self.cancel()
         self._generation += 1
         self.review = None
         self.study_model.drop()
-        if not self.worker.busy:
-            self.worker.submit(lambda reporter: self.engine.close(), lambda result, error: None)
-            self._pump.start()
+        self._close_session()
+        self._pump.start()
 
     def cleanup(self) -> None:
-        self.cancel()
+        """Slicer exits or the module is torn down: the session on a remote engine must not outlive it (the local
+        engine stops with Slicer anyway). Waits a few seconds at most for the close."""
         self.study_model.drop()
-        self.worker.submit(lambda reporter: self.engine.close(), lambda result, error: None)
-        self.worker.close(wait=False)
+        self._close_session()
+        self.worker.close(timeout=CLOSE_WAIT_S)
 
     # --- propagation and review ------------------------------------------------------------------------------
     def propagate(self, volume, segmentation, settings: EngineSettings, prompt_slices: list[int] | None = None,
@@ -187,9 +200,10 @@ class SSLMedSAM2Logic:
         request = PropagationRequest(connection, settings, source, seeds, prompts)
         self._before, self.notes = before, []
         generation = self._generation
+        fresh = prompt_slices is None  # a new review on success; a failed or cancelled run keeps the old one
 
         def done(result, error) -> None:
-            self._on_propagated(generation, connection, (volume, segmentation, ids, axis, then), result, error)
+            self._on_propagated(generation, connection, (volume, segmentation, ids, axis, then, fresh), result, error)
 
         self.worker.submit(lambda reporter: self.engine.propagate(request, reporter), done, self.progress.emit,
                            self.message.emit)
@@ -207,33 +221,38 @@ class SSLMedSAM2Logic:
         if generation != self._generation:
             self.runFinished.emit("cancelled")  # the scene it was for is closed
             return
-        volume, segmentation, ids, axis, then = target
+        volume, segmentation, ids, axis, then, fresh = target
         message = user_message(error, connection) if error is not None else ""
         if error is None:
             try:
                 if result.array_axis != axis:
                     raise RuntimeError(f"the engine sliced along array axis {result.array_axis}, the panel along {axis}")
+                # a person painted meanwhile (in another module: this one locks its editor while it runs)
+                if _edited(self._before, scene_io.snapshot(segmentation, volume)):
+                    raise _EditedMeanwhile(EDITED_DURING_RUN)
                 scene_io.import_array(result.labels, segmentation, ids, volume)
-                self._load_review(_rows_from_text(result.confidence_csv))
+                self._load_review(_rows_from_text(result.confidence_csv), fresh)
                 self.notes = [f"computed by {result.where}", *result.notes]
                 if then is not None:
                     then(result)
+            except _EditedMeanwhile as exc:
+                message = str(exc)
             except Exception as exc:  # reported in the panel, never a hang
                 message = f"could not load the result: {exc}"
         self.runFinished.emit(message)
 
-    def _load_review(self, rows) -> None:
+    def _load_review(self, rows, fresh: bool) -> None:
         import_engine()
         from sslmedsam2.study.review_session import ReviewSession
 
         n = 1 + max(r.slice for r in rows)
-        fresh = ReviewSession.from_confidence(rows, n)
-        if self.review is not None and len(self.review.states) == n:
+        loaded = ReviewSession.from_confidence(rows, n)
+        if not fresh and self.review is not None and len(self.review.states) == n:
             # a re-propagation: vouched-for slices were its prompts and stay as they are; rejected ones are new
-            self.review.confidence = fresh.confidence
+            self.review.confidence = loaded.confidence
             self.review.repropagated(payload=self._before)
         else:
-            self.review = fresh
+            self.review = loaded
             self.review.checkpoint(self._before)  # the first propagation can be undone too
         self.reviewChanged.emit()
 
@@ -340,3 +359,8 @@ def _rows_from_text(text: str):
     from sslmedsam2.propagation.confidence import parse_confidence
 
     return parse_confidence(text)
+
+
+def _edited(before: dict, now: dict) -> bool:
+    """Whether a segmentation's segments (id -> array, as scene_io.snapshot gives) differ from an earlier snapshot."""
+    return before.keys() != now.keys() or any(not np.array_equal(before[sid], now[sid]) for sid in before)

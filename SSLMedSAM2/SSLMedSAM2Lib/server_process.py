@@ -9,6 +9,7 @@ session's data). `stop()` does the same and waits.
 
 from __future__ import annotations
 
+import codecs
 import os
 import secrets
 import shutil
@@ -128,9 +129,11 @@ class LocalServer:
         return "local engine: not running (it starts with the first propagation)"
 
     def ensure(self, settings: EngineSettings, say: Callable[[str], None], should_stop: Callable[[], bool],
-               health: Callable[[str, Path], None]) -> str:
+               health: Callable[[str, Path], None], progress: Callable[[int, int], None] = lambda done, total: None
+               ) -> str:
         """The running server's URL, starting one (or a new one for other settings) and waiting until it answers.
-        `health(url, token_file)` raises while it does not. Blocks: call it on the worker thread."""
+        `health(url, token_file)` raises while it does not. While it starts, its own lines go to `say` and its
+        bars (a weights download) to `progress`. Blocks: call it on the worker thread."""
         wanted = key_of(settings)
         with self._lock:
             if self.alive() and not needs_restart(self.key, wanted):
@@ -138,19 +141,22 @@ class LocalServer:
             if self.alive():
                 say("the device, checkpoint or download setting changed: starting the local engine again")
         try:
-            return self._start_and_wait(settings, wanted, say, should_stop, health)
+            return self._start_and_wait(settings, wanted, say, should_stop, health, progress)
         except PortTaken:  # another program took the free port meanwhile: once more, with another
-            return self._start_and_wait(settings, wanted, say, should_stop, health)
+            return self._start_and_wait(settings, wanted, say, should_stop, health, progress)
 
     def _start_and_wait(self, settings: EngineSettings, wanted: ServerKey, say: Callable[[str], None],
-                        should_stop: Callable[[], bool], health: Callable[[str, Path], None]) -> str:
+                        should_stop: Callable[[], bool], health: Callable[[str, Path], None],
+                        progress: Callable[[int, int], None]) -> str:
         with self._lock:
             self.stop()
             self._start(settings, wanted)
-            process, url, token = self.process, self.url, self.token_file
+            process, url, token, log = self.process, self.url, self.token_file, self.log_path
         say("starting the local engine (sslmedsam2 serve): building the model...")
+        relay = LogRelay(log, say, progress)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
+            relay.poll()
             if process.poll() is not None:
                 error = self.failure() or f"the local engine stopped with exit code {process.returncode}"
                 self.stop()
@@ -218,6 +224,30 @@ class LocalServer:
                     process.wait(STOP_GRACE_S)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class LogRelay:
+    """The new lines of a starting server's log, as they come: its messages to `say`, its bars to `progress`."""
+
+    def __init__(self, path: Path, say: Callable[[str], None], progress: Callable[[int, int], None]) -> None:
+        self.path, self.say, self.progress = path, say, progress
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._output = EngineOutput()
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                chunk = handle.read()
+        except OSError:  # not created yet, or already deleted
+            return
+        self._offset += len(chunk)
+        update = self._output.feed(self._decoder.decode(chunk))
+        for line in update.messages:
+            self.say(line)
+        if update.progress is not None:
+            self.progress(*update.progress)
 
 
 _SHARED: LocalServer | None = None

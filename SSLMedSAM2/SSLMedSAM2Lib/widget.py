@@ -39,7 +39,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self._gui_tag = None
         self._entered = False
         self._shortcuts: list = []
-        self._importing = False
+        self._importing = False  # our own Undo writes the segmentation: not a person's edit
+        self._running = False  # a run is under way, from its start until its result is in (or it failed)
         self._afterSuccess = None  # what the panel does once the current run succeeded
         self.logic.progress.connect(self.onProgress)
         self.logic.message.connect(self.showStatus)
@@ -179,7 +180,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
 
     def onSegmentEdited(self, caller, event) -> None:
         """A person painted: the slice in view becomes an edited slice (a new prompt)."""
-        if self._importing or self.logic.review is None or self.logic.busy:
+        if self._importing or self._busy() or self.logic.review is None:
             return
         z = scene_io.current_slice(self.parameters.axis, self.parameters.inputVolume)
         if z is not None and z < len(self.logic.review.states) and self.logic.review.edited(z):
@@ -201,15 +202,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             settings = self.settings()  # imports the engine: inside the guard, after the dependency check
             if settings is None:
                 return
-            review = self.logic.review
-            if prompt_slices is None:
-                self.logic.review = None  # a fresh propagation: a new review
-            try:
-                self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings,
-                                     prompt_slices)
-            except Exception:
-                self.logic.review = review  # nothing started: the review stays
-                raise
+            # a fresh propagation (no prompt slices) gets a new review when it succeeds; until then the old stays
+            self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings, prompt_slices)
             self.startedRun("propagating...")
 
         run_guarded("SSLMedSAM2 could not start the propagation.", start, _show_error)
@@ -235,11 +229,11 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
     def startedRun(self, text: str, after_success=None) -> None:
         """A run started: buttons off, Cancel on; our own import of its result is not a person's edit."""
         self._afterSuccess = after_success
-        self._importing = True
+        self._running = True
         self._setBusy(True, text)
 
     def onRunFinished(self, error: str) -> None:
-        self._importing = False
+        self._running = False
         after, self._afterSuccess = self._afterSuccess, None
         notes = "; ".join(self.logic.notes)
         done = "done: review the slices below" + (f" ({notes})" if notes else "")
@@ -254,13 +248,24 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self.updateSeedSlices()
 
     def _setBusy(self, busy: bool, text: str) -> None:
-        for button in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.runFewShotButton,
-                       self.ui.predictButton, self.ui.refineFromKeySlicesButton):
-            button.enabled = not busy
+        """While a run works on the segmentation, nothing else may change it (its result would replace the
+        change): the inputs and their editor, and the review's Accept, Reject and Undo, are locked."""
+        if busy:
+            self.ui.segmentEditorWidget.setActiveEffect(None)  # a paint stroke in progress ends here
+        for widget in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.runFewShotButton,
+                       self.ui.predictButton, self.ui.refineFromKeySlicesButton, self.ui.inputsCollapsibleButton,
+                       self.ui.acceptButton, self.ui.rejectButton):
+            widget.enabled = not busy
+        review = self.logic.review
+        self.ui.undoButton.enabled = not busy and review is not None and review.can_undo
         self.ui.cancelButton.enabled = self.ui.cancelStudyRunButton.enabled = busy
         self.showStatus(text)
         if busy:
             self.ui.progressBar.setValue(0)
+
+    def _busy(self) -> bool:
+        """A run is under way (its import included: the cancel button stays on until it is over)."""
+        return self._running or self.logic.busy
 
     # --- review ----------------------------------------------------------------------------------------------
     def updateReview(self) -> None:
@@ -277,7 +282,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         for z, (state, confidence) in enumerate(zip(review.states, review.confidence)):
             for column, text in enumerate((str(z), state.value, "" if confidence != confidence else f"{confidence:.3f}")):
                 table.setItem(z, column, qt.QTableWidgetItem(text))
-        self.ui.undoButton.enabled = review.can_undo
+        self.ui.undoButton.enabled = review.can_undo and not self._busy()
         self.showMarker()
 
     def showMarker(self, z: int | None = None) -> None:
@@ -308,13 +313,13 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         return scene_io.current_slice(self.parameters.axis, self.parameters.inputVolume)
 
     def onAccept(self) -> None:
-        if self.logic.review is not None and self._here() is not None:
+        if not self._busy() and self.logic.review is not None and self._here() is not None:
             self.logic.review.accept(self._here())
             self.updateReview()
             self.jumpTo(self.logic.review.next_unreviewed(self._here()))
 
     def onReject(self) -> None:
-        if self.logic.review is not None and self._here() is not None:
+        if not self._busy() and self.logic.review is not None and self._here() is not None:
             self.logic.review.reject(self._here())
             self.updateReview()
             self.jumpTo(self.logic.review.next_unreviewed(self._here()))
@@ -333,7 +338,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             self.jumpTo(order[0] if order else None)
 
     def onUndo(self) -> None:
-        if self.logic.review is not None and self.logic.review.can_undo:
+        if not self._busy() and self.logic.review is not None and self.logic.review.can_undo:
             self._importing = True
             try:
                 self.logic.undo(self.parameters.inputVolume, self.parameters.segmentation)

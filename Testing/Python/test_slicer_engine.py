@@ -25,7 +25,7 @@ sys.path.insert(0, str(MODULE_DIR))
 from SSLMedSAM2Lib.interactive import (EngineWorker, InteractiveEngine, PropagationRequest, Reporter,  # noqa: E402
                                        VolumeSource, _health, prompt_planes, user_message)
 from SSLMedSAM2Lib.parameters import Connection, EngineSettings  # noqa: E402
-from SSLMedSAM2Lib.server_process import LocalServer, ServerStartError, free_port  # noqa: E402
+from SSLMedSAM2Lib.server_process import LocalServer, LogRelay, ServerStartError, free_port  # noqa: E402
 
 from sslmedsam2.server.client import Client, ServerError, ServerUnreachable  # noqa: E402
 from sslmedsam2.server.limits import ServerSettings  # noqa: E402
@@ -301,7 +301,7 @@ def test_a_server_that_cannot_start_says_why(tmp_path):
 
 def test_remote_engine_with_a_token_restarted_and_unreachable(case, tiny_checkpoint, tmp_path):
     token = tmp_path / "token"
-    token.write_text("a-remote-token-of-enough-length\n")
+    token.write_text("a-mistyped-token-of-some-length\n")
     token.chmod(0o600)
     port = free_port()
     remote = Connection("remote", f"http://127.0.0.1:{port}", str(token))
@@ -310,6 +310,10 @@ def test_remote_engine_with_a_token_restarted_and_unreachable(case, tiny_checkpo
     engine = InteractiveEngine(LocalServer())
     with serve_in_thread(settings):
         request = _request(case, tiny_checkpoint, remote)
+        with pytest.raises(ServerError) as refused:
+            engine.propagate(request, Collect().reporter())
+        assert refused.value.status == 401
+        token.write_text("a-remote-token-of-enough-length\n")  # corrected in the same file: read again
         result = engine.propagate(request, Collect().reporter())
         _check_result(result, case)
         assert result.where == f"the engine at http://127.0.0.1:{port}"
@@ -328,3 +332,37 @@ def test_remote_engine_with_a_token_restarted_and_unreachable(case, tiny_checkpo
         assert any(note.startswith("no open session") and "expired" in note for note in result.notes)
     engine.close()
     assert not engine.holds(("volume", 1), remote)
+
+
+def test_closing_the_worker_runs_the_last_task_after_a_cancelled_one():
+    """At exit: the run is cancelled, then the session's close is queued; close() must not cancel that too."""
+    worker, ran = EngineWorker(), []
+
+    def long_run(reporter: Reporter):
+        while not reporter.should_stop():
+            time.sleep(0.01)
+        ran.append("run stopped")
+
+    worker.submit(long_run, lambda result, error: None)
+    time.sleep(0.05)
+    worker.cancel()
+    worker.submit(lambda reporter: ran.append("session closed"), lambda result, error: None)
+    worker.close(timeout=10)
+    assert ran == ["run stopped", "session closed"] and not worker.thread.is_alive()
+
+
+def test_a_starting_servers_lines_and_download_bar_reach_the_panel(tmp_path):
+    log, said, bars = tmp_path / "serve.log", [], []
+    relay = LogRelay(log, said.append, lambda done, total: bars.append((done, total)))
+    relay.poll()  # not written yet: nothing, no error
+    text = ("sslmedsam2: downloading sam2.1-tiny weights (156 MB) to /cache/é.pt\n"
+            "  2%|#  | 3.15M/156M [00:01<00:50]\r 50%|#####  | 78.0M/156M [00:20<00:20]\r").encode()
+    cut = text.index("é".encode()) + 1  # a character split between two reads
+    log.write_bytes(text[:cut])
+    relay.poll()
+    with open(log, "ab") as handle:
+        handle.write(text[cut:] + b"sslmedsam2: model sam2.1-tiny at image size 1024 ready on cpu\n")
+    relay.poll()
+    assert said == ["downloading sam2.1-tiny weights (156 MB) to /cache/é.pt",
+                    "model sam2.1-tiny at image size 1024 ready on cpu"]
+    assert bars[-1] == (78_000_000, 156_000_000)

@@ -198,7 +198,30 @@ def test_propagate_repropagate_undo_and_cancel_through_the_session(logic_module,
     assert _wait(logic, app) == "cancelled"
     for sid, mask in before.items():  # a cancelled run changes nothing
         np.testing.assert_array_equal(segmentation.segments[sid][1], mask)
+    assert logic.review is review and review.can_undo, "a cancelled Propagate keeps the review and its Undo"
+
+    # a person paints while the engine works (in Segment Editor's own module): the result does not replace it
+    logic.propagate(volume, segmentation, _settings(tiny_checkpoint))
+    liver = next(sid for sid, (name, _) in segmentation.segments.items() if name == "liver")
+    painted = segmentation.segments[liver][1].copy()
+    painted[0, :4, :4] = ~painted[0, :4, :4]
+    segmentation.segments[liver][1] = painted
+    assert _wait(logic, app) == module.EDITED_DURING_RUN
+    np.testing.assert_array_equal(segmentation.segments[liver][1], painted)
+    assert logic.review is review
+
+    segmentation.segments[liver][1] = before[liver]
+    logic.propagate(volume, segmentation, _settings(tiny_checkpoint))  # a fresh Propagate that succeeds
+    assert _wait(logic, app) == ""
+    assert logic.review is not review, "a fresh Propagate that succeeds starts a new review"
+
+    from sslmedsam2.server.client import Client
+
+    engine = Client(logic.engine.local.url, token_file=logic.engine.local.token_file)
+    assert engine.info()["sessions"] == 1
     logic.cleanup()
+    assert engine.info()["sessions"] == 0, "leaving closes the session: the volume does not stay on the engine"
+    engine.close()
 
 
 def test_the_studys_model_and_its_key_slices(logic_module, scene, tiny_checkpoint, tmp_path):

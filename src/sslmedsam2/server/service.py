@@ -131,7 +131,7 @@ class Service:
             weights = self.settings.checkpoint
         else:
             weights = find_weights(PropagateOptions(method="sam2", model=model, download=self.settings.download),
-                                   self.say)
+                                   self.say, progress=True)  # a download's bar (the Slicer module relays it)
         predictor = build_predictor(get_model(model), weights, self.device, image_size, self.settings.compile, self.say)
         with self._lock:
             self._predictors[key] = predictor
