@@ -34,26 +34,33 @@ def _header(head: bytes, path: Path):
     raise UserError(f"{path}: not a readable image (no NIfTI header)")
 
 
-# Inflated at a time: a gzip member is read in pieces, so that what a header declares bounds the whole read.
+# Inflated at a time: a gzip member is read in pieces, so that what a header declares bounds the whole read. The
+# compressed input goes in a slice at a time (zlib copies an unconsumed tail on every call: keep it short).
 _PIECE = 1 << 20
+_INPUT = 1 << 18
 
 
 def _gzip_pieces(raw: bytes) -> Iterator[bytes]:
     """The inflated bytes of gzip members, a piece of at most _PIECE bytes at a time; EOFError for a stream that
     ends early (zlib checks the CRC and length of each member)."""
-    while raw:
+    view, start = memoryview(raw), 0
+    while start < len(raw):
         inflater = inflating.decompressobj(16 + zlib.MAX_WBITS)
-        data = raw
-        while True:
-            piece = inflater.decompress(data, _PIECE)
-            data = inflater.unconsumed_tail
-            if piece:
-                yield piece
-            elif not data:
-                break
+        while not inflater.eof and start < len(raw):
+            data = view[start:start + _INPUT]
+            start += len(data)
+            while True:
+                piece = inflater.decompress(data, _PIECE)
+                data = inflater.unconsumed_tail
+                if piece:
+                    yield piece
+                elif not data:
+                    break
         if not inflater.eof:
             raise EOFError("the compressed stream ends early")
-        raw = inflater.unused_data.lstrip(b"\0")
+        start -= len(inflater.unused_data)  # the next member starts there, after NUL padding
+        while start < len(raw) and raw[start] == 0:
+            start += 1
 
 
 def _declared_bytes(head: bytes, path: Path) -> int:
