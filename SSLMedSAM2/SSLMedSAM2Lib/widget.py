@@ -264,7 +264,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             self.ui.progressBar.setValue(0)
 
     def _busy(self) -> bool:
-        """A run is under way (its import included: the cancel button stays on until it is over)."""
+        """A run is under way, the import of its result included."""
         return self._running or self.logic.busy
 
     # --- review ----------------------------------------------------------------------------------------------
