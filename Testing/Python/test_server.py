@@ -426,6 +426,8 @@ def test_propagate_server_checks_its_inputs_as_the_local_command(kind, engine_se
 @pytest.mark.parametrize("extra, fragment", [
     (["--server", "http://127.0.0.1:9"], "cannot reach the SSLMedSAM2 server at http://127.0.0.1:9"),
     (["--server", "127.0.0.1:8765"], "http://HOST:PORT"),
+    (["--server", "http://[::1"], "http://HOST:PORT"),
+    (["--server", "http://127.0.0.1:99999"], "http://HOST:PORT"),
     (["--method", "interpolate", "--server", "http://127.0.0.1:9"], "leave out --server"),
     (["--checkpoint", "x.pt", "--server", "http://127.0.0.1:9"], "leave out --checkpoint"),
     (["--token-file", "t"], "goes with --server"),

@@ -46,6 +46,32 @@ def test_serve_on_a_network_address_without_a_token_is_refused_at_once(capsys):
     assert len(err) == 1 and "needs --token-file" in err[0] and "SSH tunnel" in err[0]
 
 
+@pytest.mark.parametrize("option, value", [("--idle-timeout", "nan"), ("--idle-timeout", "inf"),
+                                           ("--max-request-mb", "inf"), ("--memory-budget", "inf"),
+                                           ("--memory-budget", "nan")])
+def test_serve_refuses_numbers_that_are_not_finite(option, value, capsys):
+    """nan would keep every session forever (no idle expiry); inf overflowed into a traceback."""
+    assert main(["serve", "--port", "0", option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sslmedsam2: error: {option}"), err
+
+
+def test_the_port_is_held_from_the_start_not_only_once_serving():
+    """While the model is built, no other program may take the port (Linux lets a second SO_REUSEADDR socket bind
+    a port whose first socket does not listen yet)."""
+    import socket
+
+    from sslmedsam2.server.main import bind
+
+    held = bind("127.0.0.1", 0)
+    rival = socket.socket()
+    rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with pytest.raises(OSError):
+        rival.bind(held.getsockname())
+    rival.close()
+    held.close()
+
+
 def test_token_files(tmp_path):
     good = _token_file(tmp_path / "tokens", ALICE, BOB)
     assert read_server_tokens(good) == [ALICE, BOB]
@@ -60,6 +86,12 @@ def test_token_files(tmp_path):
         read_server_tokens(_token_file(tmp_path / "twice", ALICE, ALICE))
     with pytest.raises(UserError, match="no such file"):
         read_client_token(tmp_path / "missing")
+    bom = tmp_path / "bom"  # saved by a Windows editor: a byte-order mark, CRLF line ends
+    bom.write_bytes(b"\xef\xbb\xbf# alice\r\n" + ALICE.encode() + b"\r\n")
+    bom.chmod(0o600)
+    assert read_server_tokens(bom) == [ALICE] and read_client_token(bom) == ALICE
+    with pytest.raises(UserError, match="ASCII"):  # it could not travel in an HTTP header
+        read_client_token(_token_file(tmp_path / "accents", "jeton-très-secret-à-moi"))
     check = TokenCheck([ALICE, BOB])
     assert check.owner(ALICE) and check.owner(BOB) and check.owner(ALICE) != check.owner(BOB)
     assert check.owner(None) is None and check.owner(ALICE[:-1]) is None and check.owner(ALICE + "x") is None

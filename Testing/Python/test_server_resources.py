@@ -113,3 +113,28 @@ def test_an_internal_error_is_a_tagged_one_line_answer(tiny_checkpoint, tmp_path
             "error": "internal error: ZeroDivisionError (the server keeps running; see its log)", "code": "internal"}
         assert answer.headers[INSTANCE_HEADER] == service.instance
         assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
+
+
+def test_a_session_whose_client_left_during_the_upload_is_closed(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                 volume_bytes):
+    """Ctrl-C or a timeout after the image was sent: the session the client never heard of does not stay open."""
+    import time
+
+    import requests
+
+    data, _ = volume_bytes
+    with serve_in_thread(_settings(tiny_checkpoint, tmp_path)) as (url, service):
+        opening = service.open_session
+
+        def slow(*args, **kwargs):
+            opened = opening(*args, **kwargs)
+            time.sleep(1.5)
+            return opened
+
+        monkeypatch.setattr(service, "open_session", slow)
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(url + "/sessions", params={"name": "a.nii.gz", **OPEN}, data=data, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while service.info("local")["sessions"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert service.info("local")["sessions"] == 0 and list(service.root.iterdir()) == []

@@ -125,6 +125,26 @@ def test_float_label_values_must_be_whole(tmp_path):
     assert read_label_map(tmp_path / "ok.nii.gz").GetPixelID() == sitk.sitkUInt8
 
 
+def test_a_label_beyond_uint16_is_refused_not_wrapped_into_another(tmp_path):
+    labels = np.zeros((3, 4, 5), np.int32)
+    labels[0, 0, 0], labels[1, 1, 1] = 1, 65537  # as uint16, 65537 would become label 1
+    sitk.WriteImage(to_image(labels), str(tmp_path / "big.nii.gz"))
+    with pytest.raises(UserError, match="label 65537, above 65535"):
+        read_label_map(tmp_path / "big.nii.gz")
+    labels[1, 1, 1] = 65535
+    sitk.WriteImage(to_image(labels), str(tmp_path / "top.nii.gz"))
+    assert sitk.GetArrayFromImage(read_label_map(tmp_path / "top.nii.gz")).max() == 65535
+
+
+@pytest.mark.parametrize("name", ["OUT.NII.GZ", "out.Nii.Gz", "OUT.NII"])
+def test_an_upper_case_nifti_output_is_refused_before_the_work(tmp_path, name):
+    from sslmedsam2.volume.io import check_output
+
+    with pytest.raises(UserError, match="lower-case suffix"):
+        check_output(tmp_path / name)
+    check_output(tmp_path / "OUT.NRRD")  # ITK writes these whatever their case
+
+
 def test_a_gzip_bomb_is_refused_after_little_more_than_its_header_declares(tmp_path, monkeypatch):
     """A small .nii.gz that inflates to far more than its header declares (a server upload, a damaged file) is
     refused before it fills the memory; a file as declared is read as before."""

@@ -74,8 +74,8 @@ def check_seed_map(seeds: np.ndarray, what: str) -> Seeds:
     checked = Seeds(seeds, allow_empty=True)
     distinct = len(checked.labels)
     if distinct > MAX_SEED_LABELS:
-        raise UserError(f"{what}: holds {distinct} distinct labels; a seed map holds a few drawn "
-                        "structures (0 = background). Are IMAGE and SEEDS swapped?")
+        raise UserError(f"{what}: holds {distinct} distinct labels, more than the {MAX_SEED_LABELS} structures "
+                        "propagated at once (0 = background). Are IMAGE and SEEDS swapped?")
     if not distinct:
         raise UserError(f"{what}: the seed label map has no labelled voxel; draw the structure on at least one slice")
     return checked

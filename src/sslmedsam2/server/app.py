@@ -213,8 +213,11 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
         if not data:
             raise UserError("no image: send the image file's bytes as the request body")
         value_range = None if range_min is None else (range_min, range_max)
-        return await run_in_threadpool(service.open_session, owner(request), data, name, axis, modality, window,
-                                       value_range, model, image_size, encoding == "gzip")
+        opened = await run_in_threadpool(service.open_session, owner(request), data, name, axis, modality, window,
+                                         value_range, model, image_size, encoding == "gzip")
+        if await request.is_disconnected():  # the client gave up waiting (Ctrl-C, a timeout): nobody will close it
+            await run_in_threadpool(service.close_session, owner(request), opened["session"])
+        return opened
 
     @app.get("/sessions/{session_id}", summary="A session: grid, prompts, last result, current job, features")
     def session_info(session_id: str, request: Request) -> dict:

@@ -67,8 +67,12 @@ class RemoteResult:
 class Client:
     def __init__(self, url: str, token: str | None = None, token_file: Path | str | None = None,
                  timeout: float = 120.0) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (checks the port: "http://host:x" fails here)
+        except ValueError:  # e.g. "http://[::1" or a port out of range
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise UserError(f"--server {url!r}: give the server's address as http://HOST:PORT")
         if token is None and token_file is not None:
             from sslmedsam2.server.tokens import read_client_token

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ class ServerSettings:
     def check(self) -> None:
         if self.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
-        if self.idle_timeout_s <= 0:
+        if not (self.idle_timeout_s > 0 and math.isfinite(self.idle_timeout_s)):
             raise UserError("--idle-timeout must be positive")
         if self.max_request_bytes < MB:
             raise UserError("--max-request-mb must be at least 1")
@@ -65,8 +66,8 @@ def parse_gb(text: str) -> int:
         value = float(text)
     except ValueError:
         raise UserError(f"--memory-budget {text!r}: a number of gigabytes, e.g. 8 or 0.5") from None
-    if not value > 0:
-        raise UserError(f"--memory-budget {text!r}: must be positive")
+    if not (value > 0 and math.isfinite(value)):
+        raise UserError(f"--memory-budget {text!r}: must be a positive number")
     return int(value * GB)
 
 

@@ -7,6 +7,8 @@ import argparse
 import contextlib
 import ipaddress
 import faulthandler
+import math
+import os
 import signal
 import socket
 import sys
@@ -38,11 +40,17 @@ def check_bind(settings: ServerSettings) -> None:
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, listening at once: the port is ours while the model is built (a bound socket that does
+    not listen yet can be bound again by another program with SO_REUSEADDR on Linux); requests wait in its queue."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if os.name == "nt":  # Windows' SO_REUSEADDR would let another socket take a port in use
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:  # a restart finds its port free although the last run's connections linger (TIME_WAIT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(128)
     except OSError as exc:
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
@@ -52,6 +60,9 @@ def bind(host: str, port: int) -> socket.socket:
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     from sslmedsam2.server.tokens import read_server_tokens
 
+    for option, value in (("--idle-timeout", args.idle_timeout), ("--max-request-mb", args.max_request_mb)):
+        if not math.isfinite(value):
+            raise UserError(f"{option} {value}: a finite number is needed")
     return ServerSettings(
         host=args.host, port=args.port, device=args.device, model=args.model, checkpoint=args.checkpoint,
         image_size=args.image_size, download=not args.no_download,
@@ -89,11 +100,14 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
         threading.Thread(target=shutdown.request, args=(signal.Signals(signum).name,), daemon=True).start()
 
     saved = {}
+    failed: list[BaseException] = []  # what ended the HTTP thread, if not a stop
     if exit_with_stdin:
         stop_when_closed(sys.stdin.buffer, shutdown)
     try:
         service.start()  # Ctrl-C here (a download, say) interrupts it at once
-        saved = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP: the SSH session that started it ended (the README's GPU workflow); the data is deleted as well
+        stops = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+        saved = {sig: signal.signal(sig, on_signal) for sig in stops}
         if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr (what is it doing?)
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False,
@@ -102,11 +116,18 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
         def http() -> None:
             try:
                 server.run(sockets=[sock])
+            except BaseException as exc:  # reported on the main thread, in one line
+                failed.append(exc)
             finally:
                 service.runner.stop()  # no HTTP, no work
 
         thread = threading.Thread(target=http, name="sslmedsam2-http", daemon=True)
         thread.start()
+        while not server.started and thread.is_alive():  # "serving" is said once it serves
+            time.sleep(0.02)
+        if failed or not server.started:
+            raise UserError(f"cannot serve on {settings.host}:{settings.port}: "
+                            f"{failed[0] if failed else 'the HTTP server stopped at its start'}")
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         access = "token required" if settings.tokens else "no token: this machine only"
@@ -125,6 +146,8 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
         shutdown.done()
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+    if failed:
+        raise UserError(f"the HTTP server stopped: {failed[0]}; every session's data is deleted")
     say("stopped; every session's data is deleted")
     return 0
 

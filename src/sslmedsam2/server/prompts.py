@@ -9,8 +9,7 @@ from sslmedsam2.errors import UserError
 from sslmedsam2.pipeline import check_seed_map
 from sslmedsam2.propagation.seeds import Seeds
 from sslmedsam2.server.wire import decode_array
-
-MAX_LABEL = 65535  # label maps are stored as uint8 or uint16, as the command line reads them
+from sslmedsam2.volume.io import MAX_LABEL  # as the command line reads label maps
 
 
 def decode_slices(entries: list[dict], shape: tuple[int, int, int]) -> dict[int, np.ndarray]:

@@ -17,7 +17,7 @@ MAKE_TOKEN = "python -c \"import secrets; print(secrets.token_urlsafe(32))\" > F
 
 def _lines(path: Path) -> list[str]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not the token
     except FileNotFoundError:
         raise UserError(f"token file {path}: no such file; make one with: {MAKE_TOKEN}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -41,9 +41,10 @@ def _check_private(path: Path) -> None:
 
 
 def _check_token(token: str, path: Path) -> str:
-    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
-        raise UserError(f"token file {path}: a token is one line of at least {MIN_TOKEN_LENGTH} characters without "
-                        f"spaces; make one with: {MAKE_TOKEN}")
+    # an HTTP header carries printable ASCII only
+    if len(token) < MIN_TOKEN_LENGTH or not (token.isascii() and token.isprintable()) or " " in token:
+        raise UserError(f"token file {path}: a token is one line of at least {MIN_TOKEN_LENGTH} ASCII characters "
+                        f"without spaces; make one with: {MAKE_TOKEN}")
     return token
 
 

@@ -26,6 +26,7 @@ _DICOM_MAKER = "sslmedsam2"
 _DICOM_SLICE = re.compile(r"^slice_\d{4}\.dcm$")
 # Label maps up to this many labels are written as uint8, beyond as uint16.
 _UINT8_MAX_LABEL = 255
+MAX_LABEL = 65535  # label maps are uint8 or uint16: a larger value would wrap around into another label
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -86,6 +87,8 @@ def read_label_map(path: Path | str) -> sitk.Image:
     if array.size and array.min() < 0:
         raise UserError(f"{path}: label map holds negative values")
     top = int(array.max()) if array.size else 0
+    if top > MAX_LABEL:
+        raise UserError(f"{path}: label map holds label {top}, above {MAX_LABEL}; renumber its labels")
     pixel = sitk.sitkUInt8 if top <= _UINT8_MAX_LABEL else sitk.sitkUInt16
     return sitk.Cast(image, pixel)
 
@@ -131,6 +134,8 @@ def output_kind(path: Path | str) -> str:
     """'file' or 'dicom' (a folder of slices); an unknown suffix is refused before any work is done."""
     path = Path(path)
     suffix = full_suffix(path).lower()
+    if suffix in (".nii", ".nii.gz") and full_suffix(path) != suffix:  # ITK's NIfTI writer refuses them
+        raise UserError(f"{path}: write NIfTI with a lower-case suffix ({suffix})")
     if suffix in OUTPUT_SUFFIXES:
         return "file"
     if suffix in DICOM_SUFFIXES:
