@@ -149,3 +149,21 @@ def test_exit_with_stdin_stops_serve_when_its_parent_goes(tiny_checkpoint, tmp_p
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_an_http_server_that_cannot_start_is_one_line_and_exit_1(tiny_checkpoint, tmp_path, monkeypatch, capfd):
+    import uvicorn
+
+    from sslmedsam2.cli import main
+
+    def broken(self, sockets=None):
+        raise RuntimeError("no event loop here")
+
+    monkeypatch.setattr(uvicorn.Server, "run", broken)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert main(["serve", "--port", "0", "--device", "cpu", "--model", "sam2.1-tiny", "--checkpoint",
+                 str(tiny_checkpoint), "--image-size", str(TINY_SIZE)]) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1] == "sslmedsam2: error: cannot serve on 127.0.0.1:0: RuntimeError: no event loop here", err
+    assert not any("serving" in line for line in err)
+    assert not list(tmp_path.glob(".sslmedsam2-server.*")), "its private folder is deleted"

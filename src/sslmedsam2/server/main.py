@@ -100,7 +100,7 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
         threading.Thread(target=shutdown.request, args=(signal.Signals(signum).name,), daemon=True).start()
 
     saved = {}
-    failed: list[BaseException] = []  # what ended the HTTP thread, if not a stop
+    failed: list[str] = []  # what ended the HTTP thread, if not a stop
     if exit_with_stdin:
         stop_when_closed(sys.stdin.buffer, shutdown)
     try:
@@ -117,7 +117,8 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
             try:
                 server.run(sockets=[sock])
             except BaseException as exc:  # reported on the main thread, in one line
-                failed.append(exc)
+                # uvicorn ends with SystemExit after logging its own line (above ours on stderr)
+                failed.append("see the lines above" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}")
             finally:
                 service.runner.stop()  # no HTTP, no work
 
@@ -125,7 +126,7 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
         thread.start()
         while not server.started and thread.is_alive():  # "serving" is said once it serves
             time.sleep(0.02)
-        if failed or not server.started:
+        if (failed or not server.started) and not shutdown.requested.is_set():  # not a stop asked for meanwhile
             raise UserError(f"cannot serve on {settings.host}:{settings.port}: "
                             f"{failed[0] if failed else 'the HTTP server stopped at its start'}")
         host, port = sock.getsockname()[:2]
