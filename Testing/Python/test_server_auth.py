@@ -91,7 +91,10 @@ def test_token_files(tmp_path):
     bom.chmod(0o600)
     assert read_server_tokens(bom) == [ALICE] and read_client_token(bom) == ALICE
     with pytest.raises(UserError, match="ASCII"):  # it could not travel in an HTTP header
-        read_client_token(_token_file(tmp_path / "accents", "jeton-très-secret-à-moi"))
+        accents = tmp_path / "accents"
+        accents.write_bytes("jeton-très-secret-à-moi\n".encode())  # UTF-8 whatever the machine's locale
+        accents.chmod(0o600)
+        read_client_token(accents)
     check = TokenCheck([ALICE, BOB])
     assert check.owner(ALICE) and check.owner(BOB) and check.owner(ALICE) != check.owner(BOB)
     assert check.owner(None) is None and check.owner(ALICE[:-1]) is None and check.owner(ALICE + "x") is None
