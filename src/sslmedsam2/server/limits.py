@@ -38,7 +38,7 @@ class ServerSettings:
         if self.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
         if not (self.idle_timeout_s > 0 and math.isfinite(self.idle_timeout_s)):
-            raise UserError("--idle-timeout must be positive")
+            raise UserError("--idle-timeout must be a positive number")
         if self.max_request_bytes < MB:
             raise UserError("--max-request-mb must be at least 1")
         if self.memory_budget is not None and self.memory_budget <= 0:

@@ -60,9 +60,8 @@ def bind(host: str, port: int) -> socket.socket:
 def settings_from(args: argparse.Namespace) -> ServerSettings:
     from sslmedsam2.server.tokens import read_server_tokens
 
-    for option, value in (("--idle-timeout", args.idle_timeout), ("--max-request-mb", args.max_request_mb)):
-        if not math.isfinite(value):
-            raise UserError(f"{option} {value}: a finite number is needed")
+    if not math.isfinite(args.max_request_mb):  # before it becomes an int; the rest is ServerSettings.check()'s
+        raise UserError(f"--max-request-mb {args.max_request_mb}: a finite number is needed")
     return ServerSettings(
         host=args.host, port=args.port, device=args.device, model=args.model, checkpoint=args.checkpoint,
         image_size=args.image_size, download=not args.no_download,

@@ -238,12 +238,12 @@ class Service:
         predictor = self._predictor(session.model, session.image_size)
         engine = session.engine
         need = frame_feature_bytes(session.image_size) * session.shape[0]
-        if engine is None or engine.predictor is not predictor or engine.feature_bytes() == 0:
+        fresh = engine is None or engine.predictor is not predictor or engine.feature_bytes() == 0
+        if fresh or engine.feature_bytes() < need:  # a cancelled run may have left part of them
             self._make_room(session, need)
+        if fresh:
             engine = VolumeSession(predictor, session.volume.slices)  # the GPU while its features fit, else CPU
             session.engine = engine
-        elif engine.feature_bytes() < need:  # a cancelled run left part of them: room for the rest too
-            self._make_room(session, need)
         try:
             result = self._propagate_engine(session, engine, seeds, job)
         finally:
