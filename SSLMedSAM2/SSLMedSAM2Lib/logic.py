@@ -292,7 +292,7 @@ class SSLMedSAM2Logic:
     def load_pseudo_label(self, image: Path, labels: Path, confidence: Path | None = None, states=None):
         """A few-shot or refined result as a volume + segmentation under review (confidence table or states)."""
         import_engine()
-        from sslmedsam2.propagation.confidence import read_confidence
+        from sslmedsam2.propagation.confidence import check_pair, read_confidence
         from sslmedsam2.study.review_session import ReviewSession
 
         volume = self.fewshot_query_nodes.get(Path(image).name) or slicer.util.loadVolume(str(image))
@@ -300,6 +300,7 @@ class SSLMedSAM2Logic:
         put_in_frame_of(segmentation, volume)  # the file is in the volume's local frame (a scene query's, say)
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
         if confidence is not None and confidence.is_file():
+            check_pair(labels, confidence)  # a table of another run would rank the wrong slices
             rows = read_confidence(confidence)
             self.review = ReviewSession.from_confidence(rows, 1 + max(r.slice for r in rows))
         elif states:

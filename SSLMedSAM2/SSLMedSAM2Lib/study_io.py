@@ -54,11 +54,10 @@ def export_queries(volumes, nodes: dict[str, object]) -> str:
 
 def least_trustworthy(output: Path) -> str | None:
     """The query file a few-shot run ranks first for review."""
-    ranking = Path(output) / "ranking.csv"
-    if not ranking.is_file():
-        return None
-    lines = ranking.read_text().splitlines()
-    return lines[1].split(",")[1] if len(lines) > 1 else None
+    import_engine()
+    from sslmedsam2.fewshot.job import least_trustworthy_case
+
+    return least_trustworthy_case(Path(output))
 
 
 def add_to_study(workspace: Path, volume, segmentation, axis: str, states) -> str:

@@ -104,6 +104,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def table_lines(source) -> list[str]:
+    """A table this tool wrote (a path or its text), without its first line, the mark that says so."""
+    text = source if isinstance(source, str) else Path(source).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert lines and lines[0].startswith("# sslmedsam2 "), lines[:1]
+    return lines[1:]
+
+
 def free_port() -> int:
     import socket
 

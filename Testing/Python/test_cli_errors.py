@@ -172,7 +172,7 @@ def test_seed_slices_keeps_only_the_listed_slices(tmp_path, capsys):
     assert main(["propagate", str(img), str(sds), "-o", str(out), "--method", "interpolate", "--seed-slices", "4,6"]) == 0
     import csv
 
-    rows = list(csv.DictReader(open(tmp_path / "o.confidence.csv")))
+    rows = list(csv.DictReader(table_lines(tmp_path / "o.confidence.csv")))
     assert {int(r["slice"]) for r in rows if r["source"] == "seed"} == {4, 6}
     _expect_error(capsys, ["propagate", str(img), str(sds), "-o", str(tmp_path / "x.nii.gz"), "--method", "interpolate",
                            "--seed-slices", "4,60"], tmp_path / "x.nii.gz", "outside")

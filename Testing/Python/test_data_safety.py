@@ -184,13 +184,13 @@ def inflating(request, monkeypatch):
     """NIfTI files are inflated by ISA-L where python-isal is installed, else by zlib: both must refuse damage."""
     import zlib
 
-    from sslmedsam2.volume import integrity
+    from sslmedsam2.volume import inflate
 
     if request.param == "isal":
         isal_zlib = pytest.importorskip("isal.isal_zlib")
-        monkeypatch.setattr(integrity, "inflating", isal_zlib)
+        monkeypatch.setattr(inflate, "inflating", isal_zlib)
     else:
-        monkeypatch.setattr(integrity, "inflating", zlib)
+        monkeypatch.setattr(inflate, "inflating", zlib)
     return request.param
 
 
@@ -437,6 +437,6 @@ def test_evaluate_gives_every_label_a_row_in_every_case(tmp_path, capsys):
         _write(folder / "a.nii.gz", one)
         _write(folder / "b.nii.gz", two)
     assert main(["evaluate", str(pred), str(truth), "--csv", str(tmp_path / "s.csv")]) == 0
-    rows = (tmp_path / "s.csv").read_text().strip().splitlines()[1:]
+    rows = table_lines(tmp_path / "s.csv")[1:]
     assert sorted(rows) == sorted(["a.nii.gz,1,1.0000,0.0000,0.0000", "a.nii.gz,2,1.0000,0.0000,0.0000",
                                    "b.nii.gz,1,1.0000,0.0000,0.0000", "b.nii.gz,2,1.0000,0.0000,0.0000"])

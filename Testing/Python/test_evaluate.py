@@ -53,7 +53,7 @@ def test_evaluate_folders_by_name_with_csv(tmp_path, capsys):
     assert main(["evaluate", str(pred), str(gt), "--csv", str(table)]) == 0
     captured = capsys.readouterr()
     assert "only_gt.nii.gz" in captured.err and "dice" in captured.out
-    rows = list(csv.DictReader(table.open()))
+    rows = list(csv.DictReader(table_lines(table)))
     assert {"label", "dice", "hd95", "assd"} <= set(rows[0])
     assert [(r["case"], r["label"]) for r in rows] == [("a.nii.gz", "1"), ("a.nii.gz", "2"), ("b.nii.gz", "1"), ("b.nii.gz", "2")]
     assert float(rows[0]["dice"]) == 1.0 and float(rows[3]["dice"]) == 0.0 and rows[3]["hd95"] == "nan"

@@ -70,7 +70,7 @@ def test_cached_equals_naive_and_is_multilabel(tmp_path, tiny_checkpoint):
         result = sitk.ReadImage(str(folders["out"] / f"{query}.nii.gz"))
         assert result.GetSize() == image.GetSize() and result.GetSpacing() == image.GetSpacing()
         assert set(np.unique(_read(folders["out"] / f"{query}.nii.gz"))) <= {0, 1, 2}
-    ranking = (folders["out"] / "ranking.csv").read_text().splitlines()
+    ranking = table_lines(folders["out"] / "ranking.csv")
     assert ranking[0] == "case_rank,case,case_confidence,slice,label,slice_confidence"
 
 
@@ -363,7 +363,7 @@ def test_shards_cover_every_query_exactly_once(tmp_path, tiny_checkpoint):
         assert main(_argv(folders, tiny_checkpoint, "--shard", shard, "--insertions", "1")) == 0
     assert sorted(p.name for p in folders["out"].glob("query*.nii.gz") if ".prob" not in p.name
                   and ".uncertainty" not in p.name) == ["query0.nii.gz", "query1.nii.gz", "query2.nii.gz"]
-    assert len({line.split(",")[1] for line in (folders["out"] / "ranking.csv").read_text().splitlines()[1:]}) == 3
+    assert len({line.split(",")[1] for line in table_lines(folders["out"] / "ranking.csv")[1:]}) == 3
 
 
 def test_insertion_positions_are_distinct_reproducible_and_in_range():

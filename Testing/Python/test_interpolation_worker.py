@@ -150,3 +150,36 @@ def test_bad_settings_are_one_line_errors(env):
         env.setenv(shared_worker.IDLE_ENV, bad)
         with pytest.raises(UserError, match="idle timeout in seconds"):
             shared_worker.idle_timeout()
+
+
+def test_a_full_listen_queue_is_waited_out(tmp_path):
+    """Many commands at once while the worker still loads ITK fill its listen queue: a connection waits for room
+    (it failed with 'Resource temporarily unavailable')."""
+    import socket
+    import threading
+
+    path = tmp_path / "busy.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    queued = []
+    for _ in range(8):  # fill the queue: the kernel refuses more without a wait
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            client.connect(str(path))
+            queued.append(client)
+        except BlockingIOError:
+            client.close()
+            break
+    else:
+        pytest.skip("this kernel's queue did not fill")
+    timer = threading.Timer(0.5, lambda: [listener.accept()[0].close() for _ in range(len(queued))])
+    timer.start()
+    try:
+        shared_worker.connect(path, timeout=10).close()
+    finally:
+        timer.join()
+        for client in queued:
+            client.close()
+        listener.close()

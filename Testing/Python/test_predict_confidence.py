@@ -80,7 +80,7 @@ def test_predict_writes_the_confidence_table_along_the_workspace_axis(trained, t
     assert "new case.confidence.csv" in capsys.readouterr().err
     table = confidence_path(out)
     assert table == tmp_path / "new case.confidence.csv"
-    assert table.read_text().splitlines()[0].split(",") == COLUMNS
+    assert table_lines(table)[0].split(",") == COLUMNS
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     rows = read_confidence(table)
     coronal = labels.shape[1]  # identity direction: numpy axis 1 runs across coronal slices

@@ -58,7 +58,7 @@ def _planes(seeds: np.ndarray) -> dict[int, np.ndarray]:
 
 
 def _rows(text: str) -> dict:
-    return {(r["slice"], r["label"]): r for r in csv.DictReader(io.StringIO(text))}
+    return {(r["slice"], r["label"]): r for r in csv.DictReader(table_lines(text))}
 
 
 def assert_same_table(a: str, b: str) -> None:

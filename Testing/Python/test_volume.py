@@ -150,7 +150,7 @@ def test_a_gzip_bomb_is_refused_after_little_more_than_its_header_declares(tmp_p
     refused before it fills the memory; a file as declared is read as before."""
     import gzip
 
-    from sslmedsam2.volume import integrity
+    from sslmedsam2.volume import inflate
 
     source = tmp_path / "small.nii"
     sitk.WriteImage(sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)), str(source))
@@ -158,11 +158,11 @@ def test_a_gzip_bomb_is_refused_after_little_more_than_its_header_declares(tmp_p
     bomb = tmp_path / "bomb.nii.gz"
     bomb.write_bytes(gzip.compress(declared + bytes(64 << 20), compresslevel=1))
     inflated = []
-    pieces = integrity._gzip_pieces
-    monkeypatch.setattr(integrity, "_gzip_pieces", lambda raw: (inflated.append(len(p)) or p for p in pieces(raw)))
+    pieces = inflate._gzip_pieces
+    monkeypatch.setattr(inflate, "_gzip_pieces", lambda raw: (inflated.append(len(p)) or p for p in pieces(raw)))
     with pytest.raises(UserError, match="decompresses to more than its header declares"):
         read_image(bomb)
-    assert sum(inflated) <= len(declared) + 2 * integrity._PIECE  # stopped early, not after 64 MB
+    assert sum(inflated) <= len(declared) + 2 * inflate._PIECE  # stopped early, not after 64 MB
     whole = tmp_path / "whole.nii.gz"
     whole.write_bytes(gzip.compress(declared))
     assert sitk.GetArrayFromImage(read_image(whole)).sum() == np.arange(120).sum()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from sslmedsam2 import __version__
@@ -13,6 +16,7 @@ from sslmedsam2.frames import CT_WINDOWS, IntensitySpec
 from sslmedsam2.models.registry import DEFAULT_MODEL, MODELS
 from sslmedsam2.pipeline import METHODS, PropagateOptions
 from sslmedsam2.volume import SliceAxis
+from sslmedsam2.volume.geometry import GeometryWarning
 
 
 def _say(message: str) -> None:
@@ -59,6 +63,17 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         "cached on disk; for a GPU and long volumes or a long-lived server, not for a CPU")
 
 
+def _add_overwrite_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files that sslmedsam2 did "
+                        "not write (without it they are refused; its own earlier outputs are always replaced)")
+
+
+def add_uneven_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-uneven-slices", action="store_true", help="read a DICOM series whose slices are "
+                        "unevenly spaced or have gaps (missing slices) with an even spacing, saying so; without it "
+                        "such a series is refused with the slice positions that are wrong")
+
+
 def _add_frame_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", default="axial", choices=[a.value for a in SliceAxis],
                         help="slicing plane, found from the image's direction cosines (default axial)")
@@ -78,7 +93,7 @@ def _options(args: argparse.Namespace) -> PropagateOptions:
     return PropagateOptions(method=args.method, model=args.model or DEFAULT_MODEL, checkpoint=args.checkpoint,
                             device=args.device, image_size=args.image_size, axis=args.axis, intensity=_intensity(args),
                             download=not args.no_download, seed_slices=_slice_list(getattr(args, "seed_slices", None)),
-                            compile=args.compile)
+                            compile=args.compile, allow_uneven=getattr(args, "allow_uneven_slices", False))
 
 
 def _slice_list(text: str | None) -> list[int] | None:
@@ -106,7 +121,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
     else:
         with _ProgressBar("propagate") as bar:
             report = run_propagate(args.image, args.seeds, args.output, _options(args), log=_say, progress=bar,
-                                   download_progress=True)
+                                   download_progress=True, overwrite=args.overwrite)
     how = f"SAM2 {report.model} on {report.device}" if report.method == "sam2" else "contour interpolation"
     _say(f"{report.slices} slices, labels {report.labels}, {how}, {report.seconds:.1f} s -> {report.output} "
          f"(confidence: {report.confidence.name})")
@@ -125,7 +140,7 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
         model=args.model, checkpoint=args.checkpoint, device=args.device, image_size=args.image_size,
         insertions=args.insertions, seed=args.seed, supports=args.supports, shard=parse_shard(args.shard),
         axis=args.axis, intensity=_intensity(args), download=not args.no_download, naive=args.naive,
-        redo=args.redo, compile=args.compile)
+        redo=args.redo, compile=args.compile, allow_uneven=args.allow_uneven_slices, overwrite=args.overwrite)
     with _ProgressBar("pseudolabel", unit="slice") as bar:
         written = run_pseudolabel(options, log=_say, progress=bar, download_progress=True)
     _say(f"{len(written)} pseudo-labels written; review order in {args.output / 'ranking.csv'}")
@@ -136,10 +151,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from sslmedsam2.metrics.evaluate import evaluate_paths, scores_table, write_scores_csv
 
     if args.csv is not None:
-        from sslmedsam2.atomic import check_not_input, check_writable
+        from sslmedsam2.volume.io import check_table_output
 
-        check_writable(args.csv)
-        check_not_input([args.csv], [args.pred, args.gt])
+        check_table_output(args.csv, (args.pred, args.gt), args.overwrite)
     results, unmatched = evaluate_paths(args.pred, args.gt)
     for name in unmatched:
         _say(f"{name}: present in one folder only, not scored")
@@ -192,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", metavar="URL", help="run on an `sslmedsam2 serve` server (e.g. a GPU machine through "
                    "an SSH tunnel: http://127.0.0.1:8765); --model and --image-size then default to the server's")
     p.add_argument("--token-file", type=Path, help="with --server: a file holding the server's access token")
+    _add_overwrite_option(p)
+    add_uneven_option(p)
     _add_model_options(p)
     _add_frame_options(p)
     p.set_defaults(func=cmd_propagate, model=None)
@@ -215,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder is refused")
     f.add_argument("--naive", action="store_true", help="compute every video in full, as the reference code does "
                    "(same result, several times slower; for comparison)")
+    _add_overwrite_option(f)
+    add_uneven_option(f)
     _add_model_options(f)
     _add_frame_options(f)
     f.set_defaults(func=cmd_pseudolabel)
@@ -226,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--csv", type=Path, help="also write one row per case and label (case,label,dice,hd95,assd); a "
                    "label absent from both maps of a case scores dice 1, hd95 0, assd 0; absent from one only: dice 0, "
                    "hd95 and assd nan (no surface to measure to)")
+    _add_overwrite_option(e)
     e.set_defaults(func=cmd_evaluate)
 
     from sslmedsam2.cli_study import add_study_commands
@@ -250,16 +269,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwound like Ctrl-C, so that every temporary file is removed on the way out."""
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP clean up as SIGINT does (a signal the parent ignores, nohup's SIGHUP, stays ignored);
+    commands with a stop of their own (refine, serve) install theirs over these."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+            signal.signal(number, _stop)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, GeometryWarning):
+        _say(f"warning: {message}")
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _stop_on_signals()
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", GeometryWarning)
     try:
         return args.func(args)
     except (UserError, WorkerError) as exc:
         _say(f"error: {exc}")
         return 1
-    except KeyboardInterrupt:
-        _say("interrupted; no output was written")
+    except KeyboardInterrupt as exc:
+        how = f"stopped by {exc.args[0]}" if isinstance(exc, Stopped) and exc.args else "interrupted"
+        _say(f"{how}; no output was written")
         return 130
     except OSError as exc:  # a read-only folder, a full disk: the environment, not a bug
         where = f"{exc.filename}: " if exc.filename else ""

@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import check_not_input
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec, to_uint8
 from sslmedsam2.models import get_model
 from sslmedsam2.models.cache import cached_path, ensure_weights, is_cached, manual_install_hint
 from sslmedsam2.models.registry import DEFAULT_MODEL, check_image_size
-from sslmedsam2.propagation.confidence import confidence_path, write_confidence
+from sslmedsam2.propagation.confidence import confidence_path, write_result
 from sslmedsam2.propagation.result import Progress, Propagation
 from sslmedsam2.propagation.seeds import Seeds
 from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis
-from sslmedsam2.volume.io import check_geometry_fits, check_output, staged_image
+from sslmedsam2.volume.io import check_geometry_fits, check_output, check_table_output
 
 METHODS = ("auto", "sam2", "interpolate")
 # More distinct values than this in a seed map means it is not a drawing (IMAGE and SEEDS swapped?).
@@ -39,6 +38,7 @@ class PropagateOptions:
     download: bool = True
     seed_slices: list[int] | None = None  # use only these slices of SEEDS as prompts (re-propagation from a review)
     compile: bool = False  # SAM2's tracking step compiled (propagation/compiled.py)
+    allow_uneven: bool = False  # accept a DICOM series with missing slices or uneven spacing
 
 
 @dataclass
@@ -82,8 +82,8 @@ def check_seed_map(seeds: np.ndarray, what: str) -> Seeds:
 
 
 def load_case(image_path: Path, seeds_path: Path, axis: str = "axial", seed_slices: list[int] | None = None,
-              log: Callable[[str], None] = print) -> Case:
-    image = read_image(image_path)
+              log: Callable[[str], None] = print, allow_uneven: bool = False) -> Case:
+    image = read_image(image_path, allow_uneven)
     seeds_image = read_label_map(seeds_path)
     check_same_grid(image, seeds_image, what=f"seed label map {Path(seeds_path).name}")
     array_axis = slice_axis(image, axis)
@@ -148,8 +148,9 @@ def propagate_case(case: Case, options: PropagateOptions, weights: Path | None,
 
 def run_propagate(image_path: Path, seeds_path: Path, output: Path, options: PropagateOptions,
                   log: Callable[[str], None] = print, progress: Progress | None = None,
-                  download_progress=False) -> PropagateReport:
-    """Check everything that can be checked before the long work; write nothing unless all of it succeeds."""
+                  download_progress=False, overwrite: bool = False) -> PropagateReport:
+    """Check everything that can be checked before the long work; write nothing unless all of it succeeds.
+    Existing outputs not written by this tool are replaced only with `overwrite`."""
     if options.method not in METHODS:
         raise UserError(f"unknown method {options.method!r}; choose one of {', '.join(METHODS)}")
     get_model(options.model)
@@ -160,15 +161,14 @@ def run_propagate(image_path: Path, seeds_path: Path, output: Path, options: Pro
 
         WORKER.start()  # ITK loads (seconds) while the inputs are read and checked
     output, inputs = Path(output), (Path(image_path), Path(seeds_path))
-    check_output(output, inputs)
+    check_output(output, inputs, overwrite)
     confidence = confidence_path(output)
-    check_not_input([confidence], inputs)
+    check_table_output(confidence, inputs, overwrite)
     started = time.perf_counter()
-    case = load_case(*inputs, options.axis, options.seed_slices, log)
+    case = load_case(*inputs, options.axis, options.seed_slices, log, options.allow_uneven)
     check_geometry_fits(case.image, output, what=str(image_path))
     weights = None if options.method == "interpolate" else find_weights(options, log, download_progress)
     result, method, device = propagate_case(case, options, weights, progress, log)
-    with staged_image(case.to_image(result.labels), output):  # the label map appears last
-        write_confidence(result.confidence, confidence)
+    write_result(case.to_image(result.labels), output, result.confidence)
     return PropagateReport(method, output, confidence, case.seeds.labels, case.volume.shape[0],
                            time.perf_counter() - started, options.model if method == "sam2" else None, device)

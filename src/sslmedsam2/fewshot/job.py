@@ -14,19 +14,22 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import check_writable, remove_stale_temporaries, same_path, stem, write_text
+from sslmedsam2.atomic import remove_stale_temporaries, same_path, stem, write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import PseudoLabel
 from sslmedsam2.fewshot.insertions import insertion_positions
 from sslmedsam2.fewshot.similarity import most_similar
 from sslmedsam2.fewshot.volumes import FewShotVolume, check_label_sets, list_images, load_volume, pair_supports
 from sslmedsam2.frames import IntensitySpec
-from sslmedsam2.propagation.confidence import read_confidence, write_confidence
 from sslmedsam2.models.registry import get_model
-from sslmedsam2.volume import write_image, write_images
-from sslmedsam2.volume.io import is_orthogonal
+from sslmedsam2.propagation.confidence import pair_state, read_confidence, write_result
+from sslmedsam2.provenance import table_header, table_mark
+from sslmedsam2.volume import write_images
+from sslmedsam2.volume.io import (check_geometry_fits, check_replaceable, check_table_output, image_mark,
+                                  is_orthogonal)
 
 RANKING = "ranking.csv"
+RANKING_KIND = "review ranking"
 
 
 @dataclass
@@ -49,6 +52,8 @@ class PseudoLabelOptions:
     naive: bool = False  # the reference's per-video computation (for comparison)
     redo: bool = False  # recompute finished cases made with other settings (else such a folder is refused)
     compile: bool = False  # SAM2's tracking step compiled (propagation/compiled.py); the same numbers
+    allow_uneven: bool = False  # accept DICOM series with missing slices or uneven spacing
+    overwrite: bool = False  # replace files of the queries' output names that this tool did not write
 
     def settings(self, support_files: list[str]) -> dict:
         """What a finished case's result depends on: a resumed run must not mix results of other settings.
@@ -83,9 +88,18 @@ def output_files(outdir: Path, query: Path) -> dict[str, Path]:
 
 
 def is_done(outdir: Path, query: Path) -> bool:
-    """The label map is written last, atomically and verified: its presence means every other file is complete."""
+    """The label map is written last, atomically and verified, with its confidence table as one result: a
+    complete pair means every other file of the case is complete."""
     files = output_files(outdir, query)
-    return files["labels"].exists() and files["case"].exists()
+    return files["case"].exists() and pair_state(files["labels"]) == "complete"
+
+
+def check_outputs_replaceable(outdir: Path, query: Path, overwrite: bool) -> None:
+    """Files of a query's output names that this tool did not write are replaced only with --overwrite."""
+    files = output_files(outdir, query)
+    check_replaceable(files["labels"], image_mark(files["labels"]).ours, overwrite)
+    check_replaceable(files["uncertainty"], image_mark(files["uncertainty"]).ours, overwrite)
+    check_replaceable(files["confidence"], table_mark(files["confidence"]).ours, overwrite)
 
 
 def mismatched_cases(outdir: Path, settings: dict) -> dict[str, list[str]]:
@@ -125,9 +139,8 @@ def write_case(outdir: Path, query: FewShotVolume, result: PseudoLabel, info: di
     maps = [(query.to_image(result.probabilities[i].astype(np.float32)), outdir / f"{stem(query.path)}.prob_{label}.nii.gz")
             for i, label in enumerate(info["labels"])]
     write_images([*maps, (query.to_image(result.uncertainty.astype(np.float32)), files["uncertainty"])])
-    write_confidence(result.confidence, files["confidence"])
     write_text(files["case"], json.dumps({**info, "case_confidence": result.case_confidence}, indent=2))
-    write_image(query.to_image(result.labels), files["labels"])
+    write_result(query.to_image(result.labels), files["labels"], result.confidence)  # the table, then the map
 
 
 def write_ranking(outdir: Path) -> Path:
@@ -139,6 +152,7 @@ def write_ranking(outdir: Path) -> Path:
             cases.append(info)
     cases.sort(key=lambda c: (c["case_confidence"], c["query_file"]))
     buffer = io.StringIO()
+    buffer.write(table_header(RANKING_KIND))
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["case_rank", "case", "case_confidence", "slice", "label", "slice_confidence"])
     for rank, info in enumerate(cases, start=1):
@@ -150,6 +164,16 @@ def write_ranking(outdir: Path) -> Path:
     path = outdir / RANKING
     write_text(path, buffer.getvalue())
     return path
+
+
+def least_trustworthy_case(outdir: Path) -> str | None:
+    """The query file that ranking.csv puts first for review; None before any case is finished."""
+    path = Path(outdir) / RANKING
+    if not path.is_file():
+        return None
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    rows = list(csv.DictReader(lines))
+    return rows[0]["case"] if rows else None
 
 
 def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = print, progress=None,
@@ -168,7 +192,7 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
     _validate_queries(queries)
     settings = options.settings([image.name for image, _ in pairs])
     outdir.mkdir(parents=True, exist_ok=True)
-    check_writable(outdir / RANKING)
+    check_table_output(outdir / RANKING, overwrite=options.overwrite)
     mismatched = mismatched_cases(outdir, settings)
     if mismatched and not options.redo:
         first, differ = next(iter(mismatched.items()))
@@ -176,9 +200,12 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
                         f"{', '.join(differ)}); use another output folder, the same settings, or --redo to recompute them")
     if remove_stale_temporaries(outdir):
         log("removed temporary files left by an interrupted run")
-    supports = [load_volume(image, options.axis, options.intensity, label) for image, label in pairs]
+    supports = [load_volume(image, options.axis, options.intensity, label, options.allow_uneven)
+                for image, label in pairs]
     labels = check_label_sets(supports)
     todo = [q for q in queries if not is_done(outdir, q) or q.name in mismatched]
+    for query in todo:
+        check_outputs_replaceable(outdir, query, options.overwrite)
     if len(todo) < len(queries):
         log(f"resuming: {len(queries) - len(todo)} of {len(queries)} queries of this shard are already done")
     written = []
@@ -218,7 +245,8 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
         # leaving the block waits for the writes under way, also when tracking failed or was interrupted
         with ThreadPoolExecutor(1, thread_name_prefix="sslmedsam2-write") as writer:
             for path in todo:
-                query = load_volume(path, options.axis, options.intensity)
+                query = load_volume(path, options.axis, options.intensity, allow_uneven=options.allow_uneven)
+                check_geometry_fits(query.image, output_files(outdir, path)["labels"], what=str(path))
                 chosen = most_similar(query.slices, {s.name: s.slices for s in supports}, options.supports)
                 positions = {name: insertion_positions(query.name, name, len(query.slices), options.insertions,
                                                        options.seed) for name in chosen}

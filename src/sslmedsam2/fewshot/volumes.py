@@ -44,8 +44,9 @@ def _slice_first(image: sitk.Image, axis: str) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(sitk.GetArrayFromImage(sitk.DICOMOrient(image, _ORIENTATION)), _AXIS_TO_ARRAY[axis], 0))
 
 
-def load_volume(path: Path, axis: str, intensity: IntensitySpec, label_path: Path | None = None) -> FewShotVolume:
-    image = read_image(path)
+def load_volume(path: Path, axis: str, intensity: IntensitySpec, label_path: Path | None = None,
+                allow_uneven: bool = False) -> FewShotVolume:
+    image = read_image(path, allow_uneven)
     labels = None
     if label_path is not None:
         label_image = read_label_map(label_path)

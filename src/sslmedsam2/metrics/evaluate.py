@@ -10,6 +10,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from sslmedsam2.provenance import table_header
 from sslmedsam2.atomic import full_suffix, write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.metrics.surface import LabelScores, score_labels
@@ -84,6 +85,7 @@ def scores_table(results: list[CaseScores]) -> str:
 
 def write_scores_csv(results: list[CaseScores], path: Path) -> None:
     buffer = io.StringIO()
+    buffer.write(table_header("evaluation scores"))
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["case", "label", "dice", "hd95", "assd"])
     for case in results:

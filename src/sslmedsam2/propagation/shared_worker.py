@@ -127,13 +127,26 @@ class WorkerPaths:
         return paths
 
 
-def connect(path: Path) -> socket.socket:
+def connect(path: Path, timeout: float = 10.0) -> socket.socket:
     """A connection to the worker's socket, which must belong to this user (FileNotFoundError or
-    ConnectionRefusedError where no worker listens)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ConnectionRefusedError where no worker listens). A full listen queue (many commands while the worker still
+    loads ITK) is waited out, up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+            break
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        except BaseException:
+            sock.close()
+            raise
     try:
-        sock.settimeout(10)
-        sock.connect(str(path))
         peer = peer_credentials(sock)
         if peer is not None and peer[1] != os.getuid():
             raise WorkerDirError(f"refusing the ITK worker at {path}: it runs as uid {peer[1]}")

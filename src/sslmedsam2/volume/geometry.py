@@ -10,6 +10,10 @@ import SimpleITK as sitk
 from sslmedsam2.errors import UserError
 
 
+class GeometryWarning(UserWarning):
+    """A file's geometry is ambiguous or irregular; the reader says which reading it chose."""
+
+
 class SliceAxis(str, Enum):
     """Anatomical slicing planes; the value is the physical (LPS) axis the slices are stacked along."""
 

@@ -5,69 +5,130 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import atomic_dir, atomic_path, check_writable, full_suffix
+from sslmedsam2.atomic import atomic_dir, atomic_path, check_writable, full_suffix, remove_stale_temporaries
 from sslmedsam2.errors import UserError
-from sslmedsam2.volume.integrity import check_complete_nifti, is_nifti, read_nifti
+from sslmedsam2.provenance import NOT_OURS, NOTES_KEY, Mark, image_notes, notes_mark, table_mark
+from sslmedsam2.volume.dicom import (dicom_folder_mark, is_our_dicom_folder, read_dicom, read_own_series,
+                                     write_dicom_series)
+from sslmedsam2.volume.nifti import check_complete_nifti, is_nifti, nifti_notes, read_nifti
+from sslmedsam2.volume.nrrd_meta import layout_of, read_voxels
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 DICOM_SUFFIXES = ("", ".dcm", ".dicom")  # an output path with these is a DICOM series folder
 # Formats whose geometry is a rotation only: a sheared grid would be silently replaced by its nearest rotation.
 _ROTATION_ONLY = (".nii", ".nii.gz", *DICOM_SUFFIXES)
-# Marks the DICOM series this tool writes, so that replacing one never deletes anyone else's files.
-_DICOM_MAKER = "sslmedsam2"
-_DICOM_SLICE = re.compile(r"^slice_\d{4}\.dcm$")
 # Label maps up to this many labels are written as uint8, beyond as uint16.
 _UINT8_MAX_LABEL = 255
 MAX_LABEL = 65535  # label maps are uint8 or uint16: a larger value would wrap around into another label
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise UserError(f"{folder}: folder holds no DICOM series")
-    if len(series) > 1:
-        raise UserError(f"{folder}: folder holds {len(series)} DICOM series ({', '.join(series)}); give one series per folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    return reader.Execute()
+_SITK_SOURCE = re.compile(r"^(Exception thrown in SimpleITK \S+: )?\S+\.(cxx|cpp|h|hxx|txx):\d+:?\s*$")
+_SITK_PREFIX = re.compile(r"^(sitk::ERROR|ITK ERROR|itk::ERROR|ERROR)\s*:\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?")
 
 
-def read_volume(path: Path | str) -> sitk.Image:
-    """Read a 3D image file or DICOM series folder; anything else is a UserError naming the file."""
+def sitk_reason(exc: BaseException) -> str:
+    """SimpleITK's and ITK's error text reduced to its meaning, on one line: no C++ source location, no object
+    address; from a chain of NRRD messages, the innermost."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [_SITK_PREFIX.sub("", line) for line in lines if not _SITK_SOURCE.match(line)]
+    nrrd = [line for line in lines if line.startswith("[nrrd]")]
+    if nrrd:
+        lines = [re.sub(r"^\[nrrd\]\s*\w+:\s*", "", nrrd[-1])]
+    text = " ".join(line for line in lines if line)
+    return (text or "unreadable")[:200]
+
+
+def _sniff(path: Path) -> str:
+    """The format a file's name or first bytes say: nifti, nrrd-meta, dicom, or unknown."""
+    if is_nifti(path):
+        return "nifti"
+    if full_suffix(path).lower() in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return "nrrd-meta"
+    with open(path, "rb") as handle:
+        head = handle.read(132)
+    if head[128:132] == b"DICM" or full_suffix(path).lower() in (".dcm", ".dicom", ".ima"):
+        return "dicom"
+    return "unknown"
+
+
+def _read_by_layout(path: Path) -> sitk.Image:
+    """An NRRD or MetaImage file: geometry from SimpleITK (header only), voxels checked (nrrd_meta)."""
+    layout = layout_of(path)
+    voxels = read_voxels(layout, str(path))  # first: what the header declares is checked against the bytes
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    size = tuple(int(v) for v in reader.GetSize())
+    components = reader.GetNumberOfComponents()
+    if components != 1:
+        raise UserError(f"{path}: has {components} components per voxel; a scalar 3D image is needed")
+    dims = len(size)
+    while dims > 3 and size[dims - 1] == 1:
+        dims -= 1
+    if dims != 3:
+        raise UserError(f"{path}: is {dims}D; a 3D volume is needed")
+    if voxels is None:  # a text encoding, bounded by the file's size: SimpleITK reads it
+        image = reader.Execute()
+        if len(size) > 3:
+            image = image[(slice(None),) * 3 + (0,) * (len(size) - 3)]
+        return image
+    if voxels.size != int(np.prod(size, dtype=np.int64)):
+        raise UserError(f"{path}: not a readable image: its header's sizes do not match")
+    image = sitk.GetImageFromArray(voxels.reshape(size[:3][::-1]))
+    full = len(size)
+    image.SetSpacing(reader.GetSpacing()[:3])
+    image.SetOrigin(reader.GetOrigin()[:3])
+    direction = np.asarray(reader.GetDirection()).reshape(full, full)[:3, :3]
+    image.SetDirection(tuple(direction.ravel()))
+    if reader.HasMetaDataKey(NOTES_KEY):
+        image.SetMetaData(NOTES_KEY, reader.GetMetaData(NOTES_KEY))
+    return image
+
+
+def read_volume(path: Path | str, allow_uneven: bool = False) -> sitk.Image:
+    """Read a 3D image file or DICOM series folder; anything else is a UserError naming the file.
+
+    allow_uneven: accept a DICOM series with missing slices or uneven spacing (said as a warning), which is
+    otherwise refused with the slice positions that are wrong."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     try:
-        if path.is_dir():
-            image = _read_dicom_series(path)
-        elif is_nifti(path):
+        kind = "dicom" if path.is_dir() else _sniff(path)
+        if kind == "dicom":
+            image = read_dicom(path, allow_uneven)
+        elif kind == "nifti":
             image = read_nifti(path)
+        elif kind == "nrrd-meta":
+            image = _read_by_layout(path)
         else:
-            image = sitk.ReadImage(str(path))
+            raise UserError(f"{path}: not a readable image (unknown format{' ' + repr(full_suffix(path)) if full_suffix(path) else ''}; "
+                            "give .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM file or a DICOM series folder)")
     except RuntimeError as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), "unreadable")
-        raise UserError(f"{path}: not a readable image ({first.strip()[:160]})") from None
+        raise UserError(f"{path}: not a readable image ({sitk_reason(exc)})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar 3D image is needed")
     if image.GetDimension() != 3:
         raise UserError(f"{path}: is {image.GetDimension()}D; a 3D volume is needed")
     if min(image.GetSize()) < 1:
         raise UserError(f"{path}: empty image of size {image.GetSize()}")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise UserError(f"{path}: holds complex-valued voxels; give a real-valued image (the magnitude)")
     return image
 
 
-def read_image(path: Path | str) -> sitk.Image:
-    """Read an intensity volume as float32, refusing NaN or infinite voxels."""
-    image = read_volume(path)
+def read_image(path: Path | str, allow_uneven: bool = False) -> sitk.Image:
+    """Read an intensity volume as float32, refusing NaN or infinite voxels (allow_uneven: see read_volume)."""
+    image = read_volume(path, allow_uneven)
     if image.GetPixelID() != sitk.sitkFloat32:  # Cast copies even to the same type (300 MB for 512 x 512 x 300)
         image = sitk.Cast(image, sitk.sitkFloat32)
     array = sitk.GetArrayViewFromImage(image)
@@ -93,43 +154,6 @@ def read_label_map(path: Path | str) -> sitk.Image:
     return sitk.Cast(image, pixel)
 
 
-def _write_dicom_series(image: sitk.Image, folder: Path) -> None:
-    """One file per slice, with the per-slice position and orientation tags that carry the geometry."""
-    if image.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkInt16):
-        image = sitk.Cast(sitk.Round(image) if image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64) else image, sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    direction = image.GetDirection()
-    uid_root = "1.2.826.0.1.3680043.2.1125"
-    stamp = time.strftime("%Y%m%d"), time.strftime("%H%M%S")
-    series_uid = f"{uid_root}.2.{int(time.time() * 1e6)}"
-    study_uid = f"{uid_root}.1.{int(time.time() * 1e6)}"
-    orientation = "\\".join(f"{v:.10g}" for v in (direction[0], direction[3], direction[6], direction[1], direction[4], direction[7]))
-    for k in range(image.GetDepth()):
-        piece = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": "OT",
-            "0008|0070": _DICOM_MAKER,
-            "0008|103e": "label map written by sslmedsam2",
-            "0008|0020": stamp[0],
-            "0008|0030": stamp[1],
-            "0020|000d": study_uid,
-            "0020|000e": series_uid,
-            "0020|0011": "1",
-            "0020|0013": str(k + 1),
-            "0020|0037": orientation,
-            "0020|0032": "\\".join(f"{v:.10g}" for v in position),
-            "0018|0050": f"{image.GetSpacing()[2]:.10g}",
-            "0028|0030": f"{image.GetSpacing()[1]:.10g}\\{image.GetSpacing()[0]:.10g}",
-            "0008|0018": f"{series_uid}.{k + 1}",
-        }
-        for tag, value in tags.items():
-            piece.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))
-        writer.Execute(piece)
-
-
 def output_kind(path: Path | str) -> str:
     """'file' or 'dicom' (a folder of slices); an unknown suffix is refused before any work is done."""
     path = Path(path)
@@ -144,23 +168,32 @@ def output_kind(path: Path | str) -> str:
                     "(no suffix) for a DICOM series")
 
 
-def is_our_dicom_folder(folder: Path) -> bool:
-    """A folder holding only the slice files of a DICOM series that this tool wrote."""
-    entries = list(Path(folder).iterdir())
-    if not entries or not all(e.is_file() and _DICOM_SLICE.match(e.name) for e in entries):
-        return False
+def image_mark(path: Path | str) -> Mark:
+    """The mark an existing image file or DICOM folder carries (provenance.Mark); NOT_OURS when unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        return dicom_folder_mark(path)
+    if is_nifti(path):
+        return notes_mark(nifti_notes(path))
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(sorted(entries)[0]))
+    reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return False
-    return reader.HasMetaDataKey("0008|0070") and reader.GetMetaData("0008|0070").strip() == _DICOM_MAKER
+        return NOT_OURS
+    return notes_mark(reader.GetMetaData(NOTES_KEY) if reader.HasMetaDataKey(NOTES_KEY) else None)
 
 
-def check_output(path: Path | str, inputs: tuple = ()) -> None:
-    """Everything about an output that can be checked before the work: format, folder, not an input, and that an
-    existing folder is one this tool wrote (it is replaced as a whole)."""
+def check_replaceable(path: Path, ours: bool, overwrite: bool) -> None:
+    """An existing output file is replaced only when this tool wrote it, or when the user says --overwrite."""
+    if path.is_file() and not ours and not overwrite:
+        raise UserError(f"{path} exists and was not written by sslmedsam2; pass --overwrite to replace it, or name "
+                        "another output")
+
+
+def check_output(path: Path | str, inputs: tuple = (), overwrite: bool = False) -> None:
+    """Everything about an output that can be checked before the work: format, folder, not an input, that an
+    existing file or folder is one this tool wrote (or --overwrite), and the folder's litter of killed runs gone."""
     from sslmedsam2.atomic import check_not_input
 
     path = Path(path)
@@ -172,6 +205,19 @@ def check_output(path: Path | str, inputs: tuple = ()) -> None:
     if kind == "dicom" and path.is_dir() and any(path.iterdir()) and not is_our_dicom_folder(path):
         raise UserError(f"{path} is a folder with other files in it; a DICOM series output replaces its folder "
                         "as a whole: name a new or empty folder")
+    if kind == "file":
+        check_replaceable(path, path.is_file() and image_mark(path).ours, overwrite)
+    remove_stale_temporaries(path.parent if str(path.parent) else Path("."))
+
+
+def check_table_output(path: Path | str, inputs: tuple = (), overwrite: bool = False) -> None:
+    """The checks of check_output for a table (.csv) this tool writes."""
+    from sslmedsam2.atomic import check_not_input
+
+    path = Path(path)
+    check_writable(path)
+    check_not_input([path], inputs)
+    check_replaceable(path, table_mark(path).ours, overwrite)
 
 
 def is_orthogonal(direction: tuple[float, ...], tolerance: float = 1e-4) -> bool:
@@ -207,7 +253,7 @@ def _verify(written: Path, image: sitk.Image, dicom: bool = False) -> None:
             back.ReadImageInformation()
             good = _same_geometry(back, image)
         else:
-            back = _read_dicom_series(written) if dicom else sitk.ReadImage(str(written))
+            back = read_own_series(written) if dicom else sitk.ReadImage(str(written))
             good = _same_geometry(back, image) and np.array_equal(sitk.GetArrayViewFromImage(back),
                                                                   sitk.GetArrayViewFromImage(image))
     except (UserError, RuntimeError):
@@ -217,9 +263,11 @@ def _verify(written: Path, image: sitk.Image, dicom: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def staged_image(image: sitk.Image, path: Path | str, compress: bool = True) -> Iterator[None]:
+def staged_image(image: sitk.Image, path: Path | str, compress: bool = True, result: str | None = None
+                 ) -> Iterator[None]:
     """Write and verify `image` into a temporary beside `path`; it replaces `path` when the block ends without an
-    error, so whatever the block writes (a confidence table) is complete before the image appears.
+    error, so whatever the block writes (a confidence table) is complete before the image appears. The file
+    carries this tool's mark, with `result` (provenance) when it is one of a pair.
 
     A path without an image suffix is a DICOM series folder. A failed write (full disk, permissions) is a
     UserError naming the file, and leaves nothing behind.
@@ -229,6 +277,7 @@ def staged_image(image: sitk.Image, path: Path | str, compress: bool = True) -> 
     check_geometry_fits(image, path)
     if kind == "dicom" and path.is_dir() and any(path.iterdir()) and not is_our_dicom_folder(path):
         raise UserError(f"{path} is a folder with other files in it; not replacing it with a DICOM series")
+    image.SetMetaData(NOTES_KEY, image_notes(result))
     try:
         with (atomic_path(path) if kind == "file" else atomic_dir(path)) as tmp:
             try:
@@ -236,7 +285,7 @@ def staged_image(image: sitk.Image, path: Path | str, compress: bool = True) -> 
                     # level 1: a third faster than zlib's default, hardly larger for label maps
                     sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
                 else:
-                    _write_dicom_series(image, tmp)
+                    write_dicom_series(image, tmp, result)
             except RuntimeError as exc:
                 raise OSError(str(exc).strip().splitlines()[-1][:160]) from None
             _verify(tmp, image, dicom=kind == "dicom")
@@ -245,9 +294,9 @@ def staged_image(image: sitk.Image, path: Path | str, compress: bool = True) -> 
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def write_image(image: sitk.Image, path: Path | str, compress: bool = True) -> None:
+def write_image(image: sitk.Image, path: Path | str, compress: bool = True, result: str | None = None) -> None:
     """Write atomically and verified (see staged_image)."""
-    with staged_image(image, path, compress):
+    with staged_image(image, path, compress, result):
         pass
 
 
