@@ -110,6 +110,58 @@ def test_evaluate_csv_onto_an_input_or_a_folder_is_refused(case, capsys, tmp_pat
     _one_line_error(capsys, ["evaluate", str(seeds), str(label), "--csv", str(tmp_path)], "folder")
 
 
+@pytest.mark.parametrize("name", ["manual_gt.nii.gz", "manual_gt.nrrd", "manual_gt.mha", "manual_gt.nii"])
+def test_a_file_the_tool_did_not_write_is_replaced_only_with_overwrite(case, capsys, tmp_path, name):
+    """A colleague's manual label map at the output's name is kept; --overwrite replaces it; then it is ours and a
+    later run replaces it without asking."""
+    image, seeds, label = case
+    manual = _write(tmp_path / name, sitk.GetArrayFromImage(sitk.ReadImage(str(label))))
+    before = manual.read_bytes()
+    _one_line_error(capsys, _propagate(image, seeds, manual), "was not written by sslmedsam2")
+    assert manual.read_bytes() == before
+    assert main(_propagate(image, seeds, manual, "--overwrite")) == 0
+    assert manual.read_bytes() != before
+    assert main(_propagate(image, seeds, manual, "--seed-slices", "3,4")) == 0
+
+
+def test_a_table_the_tool_did_not_write_is_replaced_only_with_overwrite(case, capsys, tmp_path):
+    image, seeds, label = case
+    table = tmp_path / "out.confidence.csv"
+    table.write_text("slice,label,my notes\n1,1,keep this\n")
+    _one_line_error(capsys, _propagate(image, seeds, tmp_path / "out.nii.gz"), "was not written by sslmedsam2")
+    assert table.read_text() == "slice,label,my notes\n1,1,keep this\n" and not (tmp_path / "out.nii.gz").exists()
+    scores = tmp_path / "scores.csv"
+    scores.write_text("my own scores\n")
+    _one_line_error(capsys, ["evaluate", str(seeds), str(label), "--csv", str(scores)], "--overwrite")
+    assert scores.read_text() == "my own scores\n"
+    assert main(["evaluate", str(seeds), str(label), "--csv", str(scores), "--overwrite"]) == 0
+    assert main(["evaluate", str(seeds), str(label), "--csv", str(scores)]) == 0  # now ours: replaced
+
+
+@pytest.mark.parametrize("output", ["img.nii", "img.hdr", "img.img"])
+def test_a_nifti_name_beside_an_input_of_the_same_name_is_refused(case, capsys, output):
+    """-o img.nii beside the input img.nii.gz: NIfTI readers (SimpleITK's) take one for the other."""
+    image, seeds, _ = case
+    _one_line_error(capsys, _propagate(image, seeds, image.parent / output), "same NIfTI name")
+    assert not (image.parent / output).exists()
+
+
+def test_pseudolabel_keeps_files_it_did_not_write_under_a_querys_name(tmp_path, capsys):
+    folders = {name: tmp_path / name for name in ("images", "labels", "queries", "out")}
+    image, labels = synthetic_case(shape=(6, 16, 16))
+    for folder in folders.values():
+        folder.mkdir()
+    _write(folders["images"] / "s.nii.gz", image)
+    _write(folders["labels"] / "s.nii.gz", labels)
+    _write(folders["queries"] / "q.nii.gz", image)
+    mine = _write(folders["out"] / "q.nii.gz", labels)  # someone's file under the query's name
+    before = mine.read_bytes()
+    _one_line_error(capsys, ["pseudolabel", "--support-images", str(folders["images"]), "--support-labels",
+                             str(folders["labels"]), "--query", str(folders["queries"]), "-o", str(folders["out"]),
+                             "--no-download"], "was not written by sslmedsam2")
+    assert mine.read_bytes() == before
+
+
 # --- 3: a failed write leaves nothing behind and says so ------------------------------------------------------
 @pytest.fixture
 def file_size_limit():

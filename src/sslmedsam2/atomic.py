@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -98,8 +99,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
                 fsync_file(entry)
                 _publish_mode(entry)
         _publish_mode(tmp, folder=True)
+        if target.exists() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+            return
         old = None
-        if target.exists():
+        if target.exists():  # no atomic exchange here: a kill between these renames is undone by the next run
             old = target.with_name(f"{temp_prefix(target.name)}old.tmp")
             os.replace(target, old)
         os.replace(tmp, target)
@@ -107,6 +111,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_text(target: Path, text: str) -> None:
@@ -146,9 +165,19 @@ def same_path(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
+_NIFTI_NAME = re.compile(r"^(?P<base>.*)\.(nii|hdr|img)(\.gz)?$", re.IGNORECASE)
+
+
+def _nifti_base(path: Path) -> str | None:
+    """'scan' for scan.nii, scan.nii.gz, scan.hdr, scan.img(.gz): NIfTI tools take any of these for the others."""
+    match = _NIFTI_NAME.match(path.name)
+    return match["base"] if match else None
+
+
 def check_not_input(outputs: Iterable[Path], inputs: Iterable[Path | None]) -> None:
-    """Refuse an output that is one of the inputs, lies inside an input folder, or is a folder holding an input:
-    writing it would destroy what the run reads."""
+    """Refuse an output that is one of the inputs, lies inside an input folder, is a folder holding an input, or
+    is a NIfTI name beside an input of the same name (`img.nii` beside `img.nii.gz`: NIfTI readers, SimpleITK's
+    among them, read one for the other): writing it would destroy or shadow what the run reads."""
     inputs = [Path(p) for p in inputs if p is not None]
     for output in (Path(o) for o in outputs):
         out = output.resolve()
@@ -156,6 +185,10 @@ def check_not_input(outputs: Iterable[Path], inputs: Iterable[Path | None]) -> N
             src = source.resolve()
             if same_path(output, source) or out == src:
                 raise UserError(f"output {output} is the input {source}; choose another output name")
+            base = _nifti_base(output)
+            if base is not None and base == _nifti_base(source) and out.parent == src.parent:
+                raise UserError(f"output {output} would lie beside the input {source} under the same NIfTI name, "
+                                "and NIfTI readers take one for the other; choose another output name")
             if source.is_dir() and src in out.parents:
                 raise UserError(f"output {output} is inside the input folder {source}; write it elsewhere")
             if src.is_relative_to(out) and out != src:
@@ -166,7 +199,8 @@ def check_not_input(outputs: Iterable[Path], inputs: Iterable[Path | None]) -> N
 
 
 def remove_stale_temporaries(folder: Path) -> int:
-    """Delete temporary files and folders that a killed process of this host left in `folder`.
+    """Delete temporary files and folders that a killed process of this host left in `folder`; a replaced
+    folder set aside by atomic_dir whose replacement never arrived is put back (the old result, not none).
 
     Only names of our pattern whose process is gone; a job still running (another shard) keeps its files.
     """
@@ -174,6 +208,10 @@ def remove_stale_temporaries(folder: Path) -> int:
     for path in Path(folder).glob(".*.tmp*"):
         match = _TEMP.match(path.name)
         if match is None or match["host"] != _HOST or _pid_alive(int(match["pid"])):
+            continue
+        old = f".{match['host']}-{match['pid']}-old.tmp"
+        if path.is_dir() and path.name.endswith(old) and not (path.parent / path.name[1:-len(old)]).exists():
+            os.replace(path, path.parent / path.name[1:-len(old)])  # killed between atomic_dir's two renames
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
