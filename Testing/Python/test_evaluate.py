@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import to_image
+from conftest import table_lines, to_image
 
 from sslmedsam2.cli import main
 from sslmedsam2.metrics import score_labels

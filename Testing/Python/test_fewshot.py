@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from conftest import TINY_SIZE, synthetic_case, to_image
+from conftest import TINY_SIZE, synthetic_case, table_lines, to_image
 
 from sslmedsam2.cli import main
 from sslmedsam2.fewshot.insertions import insertion_positions

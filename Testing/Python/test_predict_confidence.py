@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import synthetic_case, to_image
+from conftest import synthetic_case, table_lines, to_image
 from scipy import ndimage
 
 from sslmedsam2.cli import main

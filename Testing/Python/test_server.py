@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
+from conftest import TINY_SIZE, seeds_on, synthetic_case, table_lines, to_image
 
 from sslmedsam2.cli import main
 from sslmedsam2.errors import UserError

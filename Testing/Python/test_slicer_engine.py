@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
+from conftest import TINY_SIZE, seeds_on, synthetic_case, table_lines, to_image
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "SSLMedSAM2"
 sys.path.insert(0, str(MODULE_DIR))
@@ -72,8 +72,8 @@ def _check_result(result, case) -> None:
     for label, slices in SEEDS.items():  # each label comes back exactly as drawn on its prompt slices
         for z in slices:
             np.testing.assert_array_equal(result.labels[z] == label, seeds[z] == label)
-    assert result.confidence_csv.startswith("slice,label,source")
-    assert len(result.confidence_csv.splitlines()) == 1 + 2 * seeds.shape[0]
+    assert table_lines(result.confidence_csv)[0].startswith("slice,label,source")
+    assert len(table_lines(result.confidence_csv)) == 1 + 2 * seeds.shape[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sslmedsam2.cli import _say
 from sslmedsam2.errors import UserError
+
+if TYPE_CHECKING:
+    from sslmedsam2.study.workspace import Workspace
 
 
 class _JobBar:
@@ -61,30 +65,39 @@ def cmd_workspace(args: argparse.Namespace) -> int:
         _say(f"added case {case.id} (ground truth: {case.has_label}, pseudo-label: {case.has_pseudo}, "
              f"held-out label: {case.has_eval})")
     elif args.action == "status":
-        print_status(Workspace.open(args.workspace), args.json)
+        print_status(Workspace.open(args.workspace, allow_missing=True), args.json)
     elif args.action == "review":
-        from sslmedsam2.study.review import SliceState
-
-        ws = Workspace.open(args.workspace)
-        if args.case not in ws.cases or not ws.cases[args.case].has_pseudo:
-            raise UserError(f"case {args.case}: not in the workspace or without a pseudo-label")
-        try:
-            chosen = [int(v) for v in args.slices.split(",")]
-        except ValueError:
-            raise UserError("--slices: a comma-separated list of slice numbers") from None
-        with ws.locked():
-            states = ws.review(args.case)
-            bad = [z for z in chosen if not 0 <= z < len(states)]
-            if bad:
-                raise UserError(f"slices {bad} are outside 0..{len(states) - 1}")
-            for z in chosen:
-                states[z] = SliceState(args.state)
-            ws.set_review(args.case, states)
-        _say(f"case {args.case}: slices {chosen} are {args.state}")
+        review_slices(Workspace.open(args.workspace, allow_missing=True), args.case, args.slices, args.state)
     return 0
 
 
-def print_status(ws, as_json: bool) -> None:
+def review_slices(ws: Workspace, case_id: str, slices: str, state: str) -> None:
+    """`workspace review`: set the state of the given slices ("3,4,5") of a case's pseudo-label."""
+    from sslmedsam2.study.index import count_slices
+    from sslmedsam2.study.review import SliceState
+
+    if case_id not in ws.cases or not ws.cases[case_id].has_pseudo:
+        raise UserError(f"case {case_id!r}: not in the workspace or without a pseudo-label")
+    ws.check_complete([case_id])
+    try:
+        chosen = [int(v) for v in slices.split(",")]
+    except ValueError:
+        raise UserError("--slices: a comma-separated list of slice numbers") from None
+    with ws.locked() as current:
+        states = current.review(case_id)
+        if not states:  # a pseudo-label without a review file: nobody reviewed it yet
+            states = [SliceState.UNREVIEWED] * count_slices(ws.file(case_id, "image"), ws.axis)
+        bad = [z for z in chosen if not 0 <= z < len(states)]
+        if bad:
+            raise UserError(f"slices {bad} are outside 0..{len(states) - 1}")
+        for z in chosen:
+            states[z] = SliceState(state)
+        current.set_review(case_id, states)
+    _say(f"case {case_id}: slices {chosen} are {state}")
+
+
+def print_status(ws: Workspace, as_json: bool) -> None:
+    """`workspace status`: cases (review counts, missing files) and the refine job, as text or JSON."""
     from collections import Counter
 
     from sslmedsam2.refine.rounds import refine_status
@@ -93,7 +106,8 @@ def print_status(ws, as_json: bool) -> None:
     for case in sorted(ws.cases.values(), key=lambda c: c.id):
         counts = Counter(s.value for s in ws.review(case.id))
         cases.append({"id": case.id, "ground_truth": case.has_label, "pseudo": case.has_pseudo,
-                      "heldout": case.has_eval, "review": dict(sorted(counts.items()))})
+                      "heldout": case.has_eval, "review": dict(sorted(counts.items())),
+                      "files_missing": list(case.missing)})
     job = refine_status(ws)
     summary = {"workspace": str(ws.root), "axis": ws.axis, "labels": ws.labels, "cases": cases,
                "refine": {"state": job.get("state", "not started"), "round": job.get("round"), "stage": job.get("stage"),
@@ -103,9 +117,11 @@ def print_status(ws, as_json: bool) -> None:
         return
     print(f"workspace {ws.root}: {len(cases)} cases, labels {ws.labels}, axis {ws.axis}")
     for c in cases:
-        review = ", ".join(f"{k} {v}" for k, v in c["review"].items()) or "-"
+        review = "review: " + (", ".join(f"{k} {v}" for k, v in c["review"].items()) or "-")
+        if c["files_missing"]:
+            review = f"files missing: {', '.join(c['files_missing'])}"
         print(f"  {c['id']:<24} {'GT' if c['ground_truth'] else '  '} {'pseudo' if c['pseudo'] else '      '} "
-              f"{'held-out' if c['heldout'] else ''}  review: {review}")
+              f"{'held-out' if c['heldout'] else '        '}  {review}")
     r = summary["refine"]
     print(f"refine: {r['state']}" + (f", round {r['round']}" if r["round"] is not None else "")
           + (f" ({r['message']})" if r["message"] else ""))
@@ -216,7 +232,8 @@ def add_study_commands(sub) -> None:
     i.add_argument("--label", action="append", metavar="NAME=VALUE", help="a structure and its label value (repeat); "
                    "default: taken from the first case added")
     i.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice axis of review states")
-    i.add_argument("--channel", default="MRI", help="image modality name for nnU-Net (MRI, CT: CT changes nnU-Net's normalisation)")
+    i.add_argument("--channel", default="MRI", type=str.upper, choices=("MRI", "CT"),
+                   help="image modality for nnU-Net (MRI or CT: CT changes nnU-Net's normalisation)")
     a = wsub.add_parser("add", help="add a case (copied into the workspace)")
     a.add_argument("workspace", type=Path)
     a.add_argument("--image", type=Path, required=True)

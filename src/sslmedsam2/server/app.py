@@ -1,11 +1,12 @@
-"""The HTTP+JSON API (FastAPI on uvicorn): routes over the Service, the token and size gate in front of every
-request, and error handlers that answer every refusal with a JSON body {"error": one line, "code": ...}.
+"""The HTTP+JSON API (FastAPI on uvicorn): routes over the Service, the gate in front of every request (gate.py:
+token, size, uploads), and error handlers that answer every refusal with a JSON body {"error": one line, "code": ...}.
 
 OpenAPI: /docs (interactive page) and /openapi.json describe every route.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -18,100 +19,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sslmedsam2 import __version__
 from sslmedsam2.errors import UserError
+from sslmedsam2.server.connections import UNREAD_ANSWER
 from sslmedsam2.server.errors import ServiceError
+from sslmedsam2.server.gate import Gate
 from sslmedsam2.server.service import Service
 from sslmedsam2.server.tokens import TokenCheck
 from sslmedsam2.server.wire import INSTANCE_HEADER, array_message
 
 RESULT_HEADER = "X-SSLMedSAM2-Result"
 log = logging.getLogger("sslmedsam2.server")
-
-
-def _error_body(message: str, code: str) -> bytes:
-    return json.dumps({"error": message, "code": code}).encode()
-
-
-class Gate:
-    """In front of every request (the OpenAPI page too): the token, then the body size. The body is read here,
-    whole, up to the limit, so that no route ever sees more; an oversized body is read to its end and dropped
-    (up to four times the limit) so that the client receives the 413 rather than a broken connection."""
-
-    def __init__(self, app, tokens: TokenCheck, max_bytes: int, instance: str) -> None:
-        self.app, self.tokens, self.max_bytes = app, tokens, max_bytes
-        self.instance = instance.encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_tagged(message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (INSTANCE_HEADER.lower().encode(), self.instance)]
-            await send(message)
-
-        headers = dict(scope["headers"])
-        scheme, _, presented = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        owner = self.tokens.owner(presented.strip() if scheme.lower() == "bearer" else None)
-        if owner is None:
-            await self._drain(receive, 1 << 20)
-            await self._answer(send_tagged, 401, "missing or wrong token: send the header 'Authorization: Bearer "
-                               "<token>' with a token from the server's token file", "unauthorized")
-            return
-        declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._drain(receive, 4 * self.max_bytes)
-            await self._too_large(send_tagged)
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._drain(receive, 4 * self.max_bytes - size, message.get("more_body", False))
-                await self._too_large(send_tagged)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        chunks.clear()
-        delivered = False
-
-        async def replay():
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        scope.setdefault("state", {})["owner"] = owner
-        await self.app(scope, replay, send_tagged)
-
-    @staticmethod
-    async def _drain(receive, budget: int, more: bool = True) -> None:
-        while more and budget > 0:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            budget -= len(message.get("body", b""))
-            more = message.get("more_body", False)
-
-    async def _too_large(self, send) -> None:
-        await self._answer(send, 413, f"request larger than this server's limit of {self.max_bytes >> 20} MB "
-                           "(serve --max-request-mb)", "too_large")
-
-    @staticmethod
-    async def _answer(send, status: int, message: str, code: str) -> None:
-        body = _error_body(message, code)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if status == 401:
-            headers.append((b"www-authenticate", b"Bearer"))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 class SeedSlice(BaseModel):
@@ -215,8 +131,12 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
         value_range = None if range_min is None else (range_min, range_max)
         opened = await run_in_threadpool(service.open_session, owner(request), data, name, axis, modality, window,
                                          value_range, model, image_size, encoding == "gzip")
-        if await request.is_disconnected():  # the client gave up waiting (Ctrl-C, a timeout): nobody will close it
-            await run_in_threadpool(service.close_session, owner(request), opened["session"])
+        # a client that left meanwhile (Ctrl-C, a timeout), or leaves without reading this answer, will not close it
+        abandon = functools.partial(service.abandon_session, owner(request), opened["session"])
+        if await request.is_disconnected():
+            await run_in_threadpool(abandon)
+        else:
+            request.scope["state"][UNREAD_ANSWER] = abandon
         return opened
 
     @app.get("/sessions/{session_id}", summary="A session: grid, prompts, last result, current job, features")
@@ -262,5 +182,5 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
     def cancel(job_id: str, request: Request) -> dict:
         return service.cancel(owner(request), job_id)
 
-    app.add_middleware(Gate, tokens=tokens, max_bytes=service.settings.max_request_bytes, instance=service.instance)
+    app.add_middleware(Gate, service=service, tokens=tokens)
     return app

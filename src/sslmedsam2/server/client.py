@@ -73,12 +73,13 @@ class Client:
         except ValueError:  # e.g. "http://[::1" or a port out of range
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise UserError(f"--server {url!r}: give the server's address as http://HOST:PORT")
+            raise UserError(f"--server {redact_url(url)!r}: give the server's address as http://HOST:PORT")
         if token is None and token_file is not None:
             from sslmedsam2.server.tokens import read_client_token
 
             token = read_client_token(Path(token_file).expanduser())
-        self.url = url.rstrip("/")
+        self._base = url.rstrip("/")  # what is requested
+        self.url = redact_url(self._base)  # what messages show: no user-info (a password or token) of the URL
         self.timeout = timeout
         self._http = requests.Session()
         # A proxy from the environment must not see patient images or the token (nor intercept an SSH tunnel's
@@ -94,7 +95,7 @@ class Client:
     # --- plumbing -------------------------------------------------------------------------------------------------
     def request(self, method: str, path: str, timeout: float | None = None, **kwargs) -> requests.Response:
         try:
-            answer = self._http.request(method, self.url + path, timeout=timeout or self.timeout, **kwargs)
+            answer = self._http.request(method, self._base + path, timeout=timeout or self.timeout, **kwargs)
         except requests.exceptions.Timeout:
             raise ServerUnreachable(f"the SSLMedSAM2 server at {self.url} did not answer within "
                                     f"{timeout or self.timeout:.0f} s") from None
@@ -269,6 +270,17 @@ class RemoteVolume:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def redact_url(url: str) -> str:
+    """`url` with the user-info of its address (`user:password@`, `token@`) shown as `***@`, for messages."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0] or [len(rest)])
+    if "@" in rest[:end]:
+        rest = "***@" + rest[:end].rpartition("@")[2] + rest[end:]
+    return scheme + sep + rest
 
 
 def _reason(exc: requests.exceptions.RequestException) -> str:

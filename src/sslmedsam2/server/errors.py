@@ -17,6 +17,16 @@ class TooLarge(ServiceError):
     code = "too_large"
 
 
+class OutOfMemory(ServiceError):
+    status = 507
+    code = "out_of_memory"
+
+
+class Timeout(ServiceError):
+    status = 408
+    code = "timeout"
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.server.errors import TooLarge
+from sslmedsam2.server.errors import OutOfMemory, TooLarge
 
 GB = 1 << 30
 MB = 1 << 20
+SMALL_BODY = MB  # request bodies up to this size are read without waiting for an upload's turn
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ServerSettings:
     download: bool = True
     memory_budget: int | None = None  # bytes of cached features, all sessions; None: default_budget()
     max_sessions: int = 8
+    max_sessions_per_token: int | None = None  # None: the default of per_token_sessions
     idle_timeout_s: float = 1800.0  # a session unused this long is closed and its data deleted
     max_request_bytes: int = 1024 * MB  # the largest request body (an image upload), compressed
     max_voxels: int = 1 << 29  # the largest image: 512 x 512 x 2048 voxels, 2 GiB as float32 while read
@@ -33,10 +35,30 @@ class ServerSettings:
     tokens: list[str] = field(default_factory=list)  # empty: no token (then only a loopback address is allowed)
     workdir: Path | None = None  # where the server's private temporary folder goes (default: the system's)
     compile: bool = False  # SAM2's tracking step compiled (propagation/compiled.py)
+    max_uploads: int = 2  # request bodies over SMALL_BODY read (and decoded) at once; more wait for a turn
+    upload_wait_s: float = 120.0  # how long an upload waits for its turn before it is refused (409)
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (from connecting or the last answer)
+    body_timeout_s: float = 60.0  # a request body that sends nothing for this long is dropped (408)
+
+    @property
+    def per_token_sessions(self) -> int:
+        """Open sessions one token may hold: --max-sessions-per-token, else half of --max-sessions (at least 1) when
+        the token file holds several tokens, else all of them (nobody to share them with)."""
+        if self.max_sessions_per_token is not None:
+            return self.max_sessions_per_token
+        return max(1, self.max_sessions // 2) if len(self.tokens) > 1 else self.max_sessions
 
     def check(self) -> None:
         if self.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
+        if self.max_sessions_per_token is not None and not 1 <= self.max_sessions_per_token <= self.max_sessions:
+            raise UserError(f"--max-sessions-per-token must be between 1 and --max-sessions ({self.max_sessions})")
+        if self.max_uploads < 1:
+            raise UserError("max_uploads must be at least 1")
+        for name in ("upload_wait_s", "header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UserError(f"{name} must be a positive number")
         if not (self.idle_timeout_s > 0 and math.isfinite(self.idle_timeout_s)):
             raise UserError("--idle-timeout must be a positive number")
         if self.max_request_bytes < MB:
@@ -76,11 +98,24 @@ def human(size: int) -> str:
 
 
 class FeatureBudget:
-    """Cached features of all sessions stay under `limit` bytes: before a volume is encoded, the least recently
-    used volumes that are not busy lose theirs (they are encoded again when next propagated)."""
+    """Cached features of all sessions, plus the uploads being read, stay under `limit` bytes: before a volume is
+    encoded or an upload read, the least recently used volumes that are not busy lose their features (they are
+    encoded again when next propagated). Uploads cannot give anything up: those in flight must fit by themselves."""
 
     def __init__(self, limit: int) -> None:
         self.limit = int(limit)
+        self.uploads = 0  # bytes of request bodies being read or decoded now
+
+    def check_upload(self, size: int, others: int) -> None:
+        """Refuse an upload of `size` bytes that the budget cannot hold: never (413), or not beside the `others`
+        bytes of uploads in flight (507)."""
+        if size > self.limit:
+            raise TooLarge(f"the upload ({human(size)}) is larger than the server's memory budget "
+                           f"({human(self.limit)}); send a smaller image, or start the server with a larger "
+                           "--memory-budget")
+        if others + size > self.limit:
+            raise OutOfMemory(f"the server's memory budget ({human(self.limit)}) is taken by other uploads being "
+                              "read; send this one again in a moment")
 
     def check_fits(self, need: int, what: str) -> None:
         if need > self.limit:
@@ -91,7 +126,7 @@ class FeatureBudget:
     def victims(self, need: int, holders: list[tuple[Hashable, int, float, bool]]) -> list[Hashable]:
         """Which holders (key, bytes held, last used, busy) give up their features so that `need` more fits,
         least recently used first. Busy holders keep theirs (the budget may then be exceeded for a while)."""
-        used = sum(size for _, size, _, _ in holders)
+        used = self.uploads + sum(size for _, size, _, _ in holders)
         out = []
         for key, size, _, busy in sorted(holders, key=lambda h: h[2]):
             if used + need <= self.limit:

@@ -66,7 +66,8 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, device=args.device, model=args.model, checkpoint=args.checkpoint,
         image_size=args.image_size, download=not args.no_download,
         memory_budget=None if args.memory_budget is None else parse_gb(args.memory_budget),
-        max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout * 60.0,
+        max_sessions=args.max_sessions, max_sessions_per_token=args.max_sessions_per_token,
+        idle_timeout_s=args.idle_timeout * 60.0,
         max_request_bytes=int(args.max_request_mb * MB), compile=args.compile,
         tokens=read_server_tokens(args.token_file) if args.token_file else [])
 
@@ -78,6 +79,7 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
     import uvicorn
 
     from sslmedsam2.server.app import create_app
+    from sslmedsam2.server.connections import uvicorn_config
     from sslmedsam2.server.limits import human
     from sslmedsam2.server.service import Service
     from sslmedsam2.server.shutdown import Shutdown, stop_when_closed
@@ -109,8 +111,7 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
         saved = {sig: signal.signal(sig, on_signal) for sig in stops}
         if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>`: every thread's stack on stderr (what is it doing?)
             faulthandler.register(signal.SIGUSR1, all_threads=True)
-        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False,
-                                               timeout_graceful_shutdown=5))
+        server = uvicorn.Server(uvicorn_config(create_app(service), settings, timeout_graceful_shutdown=5))
 
         def http() -> None:
             try:
@@ -132,7 +133,8 @@ def serve(settings: ServerSettings, say: Callable[[str], None], exit_with_stdin:
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         access = "token required" if settings.tokens else "no token: this machine only"
         say(f"serving {service.model} on {service.device} at {url} ({access}; "
-            f"memory budget {human(service.budget.limit)}, at most {settings.max_sessions} sessions, idle sessions "
+            f"memory budget {human(service.budget.limit)}, at most {settings.max_sessions} sessions "
+            f"({settings.per_token_sessions} per token), idle sessions "
             f"closed after {settings.idle_timeout_s / 60:.0f} min); API: {url}/docs")
         if not shutdown.requested.is_set():  # a stop asked for while the model was built
             service.runner.run()
@@ -166,6 +168,9 @@ def add_serve_command(sub, add_model_options: Callable[[argparse.ArgumentParser]
                    "take (default: half the free main memory plus 40%% of the GPU's free memory); the least recently "
                    "used volumes give theirs up first")
     s.add_argument("--max-sessions", type=int, default=8, help="open sessions at most (default 8)")
+    s.add_argument("--max-sessions-per-token", type=int, metavar="N", help="open sessions one token may hold "
+                   "(default: half of --max-sessions, at least 1, when the token file holds several tokens; else "
+                   "--max-sessions)")
     s.add_argument("--idle-timeout", type=float, default=30.0, metavar="MINUTES",
                    help="close a session (and delete its data) after this long unused (default 30)")
     s.add_argument("--max-request-mb", type=float, default=1024.0, help="largest request (an image upload) in MB "
@@ -190,6 +195,7 @@ def serve_in_thread(settings: ServerSettings, say: Callable[[str], None] = lambd
     import uvicorn
 
     from sslmedsam2.server.app import create_app
+    from sslmedsam2.server.connections import uvicorn_config
     from sslmedsam2.server.service import Service
 
     settings.check()
@@ -198,7 +204,7 @@ def serve_in_thread(settings: ServerSettings, say: Callable[[str], None] = lambd
     service = Service(settings, say)
     try:
         service.start()
-        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False))
+        server = uvicorn.Server(uvicorn_config(create_app(service), settings))
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="sslmedsam2-http", daemon=True)
         thread.start()
         while not server.started:

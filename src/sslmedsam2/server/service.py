@@ -4,6 +4,7 @@ owner (the token) it acts for; a session is visible to its owner only."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
@@ -11,7 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Service:
         self.budget: FeatureBudget | None = None
         self.root: Path | None = None
         self._sessions: dict[str, Session] = {}
+        self._opening: Counter[str] = Counter()  # sessions being opened (their uploads read), by owner
         self._predictors: OrderedDict[tuple[str, int], object] = OrderedDict()
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -164,13 +166,12 @@ class Service:
         intensity = IntensitySpec(modality=modality, window=window,
                                   value_range=tuple(value_range) if value_range is not None else None)
         with self._lock:
-            if len(self._sessions) >= self.settings.max_sessions:
-                raise Conflict(f"the server holds {len(self._sessions)} open sessions, its limit; close one "
-                               "(or wait until one expires) and open again")
+            self._check_room(owner)
+            self._opening[owner] += 1  # a place held while the upload is read: concurrent opens cannot overshoot
             session_id = secrets.token_urlsafe(16)
             folder = self.root / session_id
-            folder.mkdir(mode=0o700)
         try:
+            folder.mkdir(mode=0o700)
             stored = store_upload(folder, data, name, gzipped, self.settings.max_voxels)
             volume = read_volume_slices(stored, name, axis, intensity, self.settings.max_voxels)
             from sslmedsam2.propagation.features import frame_feature_bytes
@@ -178,15 +179,49 @@ class Service:
             self.budget.check_fits(frame_feature_bytes(size) * volume.slices.shape[0], name)
             session = Session(session_id, owner, name, folder, axis, model, size, intensity, volume)
             with self._lock:
-                if len(self._sessions) >= self.settings.max_sessions:
-                    raise Conflict("the server reached its limit of open sessions meanwhile; close one and open again")
                 self._sessions[session_id] = session
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        finally:
+            with self._lock:
+                self._opening[owner] -= 1
+                if not self._opening[owner]:
+                    del self._opening[owner]
         self.say(f"session {session_id[:8]} opened: {volume.slices.shape[0]} slices of "
                  f"{volume.slices.shape[1]} x {volume.slices.shape[2]} ({axis}), {model} at {size}")
         return session.describe()
+
+    def _check_room(self, owner: str) -> None:
+        """Refuse (409) a session over the server's limit or over this owner's (token's) limit; under the lock."""
+        held = len(self._sessions) + sum(self._opening.values())
+        if held >= self.settings.max_sessions:
+            raise Conflict(f"the server holds {held} open sessions, its limit; close one (or wait until one "
+                           "expires) and open again")
+        mine = sum(s.owner == owner for s in self._sessions.values()) + self._opening[owner]
+        if mine >= self.settings.per_token_sessions:
+            raise Conflict(f"your token holds {mine} open sessions, its limit (serve --max-sessions-per-token); "
+                           "close one (or wait until one expires) and open again")
+
+    def reserve_upload(self, held: int, size: int) -> None:
+        """An upload being read counts `size` bytes, not `held`, against the memory budget; refused (413 or 507) when
+        they cannot fit beside the other uploads in flight. Then make_room() gives the features they need."""
+        with self._lock:
+            self.budget.check_upload(size, self.budget.uploads - held)
+            self.budget.uploads += size - held
+
+    def make_room(self) -> None:
+        """The least recently used sessions that are not busy give up their features until the budget holds."""
+        self._make_room(None, 0)
+
+    def release_upload(self, size: int) -> None:
+        """An upload's bytes are read and decoded (or dropped): they no longer count against the budget. After the
+        last upload in flight, the C allocator gives its free memory back to the system."""
+        with self._lock:
+            self.budget.uploads -= size
+            last = self.budget.uploads == 0
+        if last:  # on a thread of its own: trimming takes a while, and the caller is the event loop
+            threading.Thread(target=_trim_heap, name="sslmedsam2-trim", daemon=True).start()
 
     def session_info(self, owner: str, session_id: str) -> dict:
         return self._session(owner, session_id).describe()
@@ -200,6 +235,15 @@ class Service:
         with self._lock:
             self._drop(session)
         self.say(f"session {session_id[:8]} closed; its data is deleted")
+
+    def abandon_session(self, owner: str, session_id: str) -> None:
+        """Close a session whose client left without its id (before or without reading the answer), if still open."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != owner:
+                return
+            self._drop(session)
+        self.say(f"session {session_id[:8]} closed: its client left without the answer; its data is deleted")
 
     def _drop(self, session: Session) -> None:
         """Forget a session and delete its folder; a running job of it is cancelled and its result discarded."""
@@ -274,7 +318,7 @@ class Service:
         torch.cuda.empty_cache()
         return engine.propagate(seeds, progress=job, should_stop=job.should_stop)
 
-    def _make_room(self, session: Session, need: int) -> None:
+    def _make_room(self, session: Session | None, need: int) -> None:
         with self._lock:
             holders = [(s.id, s.feature_bytes, s.last_used, s.busy) for s in self._sessions.values()
                        if s is not session]
@@ -375,6 +419,7 @@ class Service:
             sessions = list(self._sessions.values())
             models = [{"name": m, "image_size": s} for m, s in self._predictors]
         memory = {"budget_bytes": self.budget.limit if self.budget else None,
+                  "uploads_bytes": self.budget.uploads if self.budget else 0,
                   "features_bytes": sum(s.feature_bytes for s in sessions), "rss_bytes": _rss()}
         if self.device is not None and self.device.type == "cuda":
             import torch
@@ -388,9 +433,27 @@ class Service:
                 "sessions": len(sessions), "your_sessions": sum(s.owner == owner for s in sessions),
                 "jobs_active": len(self.runner.active()), "memory": memory,
                 "limits": {"max_sessions": self.settings.max_sessions,
+                           "max_sessions_per_token": self.settings.per_token_sessions,
+                           "max_uploads": self.settings.max_uploads,
                            "idle_timeout_s": self.settings.idle_timeout_s,
                            "max_request_bytes": self.settings.max_request_bytes,
                            "max_voxels": self.settings.max_voxels}}
+
+
+def _trim_heap() -> None:
+    """glibc keeps the memory an upload's decoding freed in its arenas (the RSS stays up); hand it back (Linux)."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim  # noqa: B018 (glibc only)
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def _rss() -> int | None:

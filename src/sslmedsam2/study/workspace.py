@@ -7,13 +7,14 @@ WS/cases/<id>/pseudo.nii.gz   pseudo-label (optional)
 WS/cases/<id>/eval.nii.gz     held-out ground truth, used only to score rounds (optional)
 WS/cases/<id>/review.json     per-slice review state of the pseudo-label along the workspace axis
 WS/refine/                    the refinement job (see sslmedsam2.refine)
+
+What these files may hold is checked in sslmedsam2.study.index, once, when a workspace is opened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +25,15 @@ import SimpleITK as sitk
 from sslmedsam2.atomic import atomic_dir, remove_stale_temporaries, stem, write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.propagation.confidence import read_confidence
+from sslmedsam2.study.index import (SCHEMA_VERSION, check_case_id, check_review_length, check_settings,
+                                    read_index, read_states)
 from sslmedsam2.study.review import SliceState, states_from_confidence
 from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
 from sslmedsam2.volume.io import check_geometry_fits
 
-SCHEMA_VERSION = 1
 INDEX = "workspace.json"
 LOCK = ".workspace.lock"
 LOCK_TIMEOUT_S = 120
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 FILES = {"image": "image.nii.gz", "label": "label.nii.gz", "pseudo": "pseudo.nii.gz", "eval": "eval.nii.gz"}
 
 
@@ -42,6 +43,7 @@ class Case:
     has_label: bool = False
     has_pseudo: bool = False
     has_eval: bool = False
+    missing: tuple[str, ...] = ()  # names of the case's files that the index lists but that are not on disk
 
 
 @dataclass
@@ -74,26 +76,37 @@ class Workspace:
         write_text(self.root / INDEX, json.dumps(data, indent=2) + "\n")
 
     @classmethod
-    def open(cls, root: Path | str) -> "Workspace":
+    def open(cls, root: Path | str, allow_missing: bool = False) -> "Workspace":
+        """The workspace at `root`, its index and review files checked (sslmedsam2.study.index): a damaged or
+        hand-edited one raises a one-line UserError. A case whose files were deleted raises one too, naming the
+        cases, unless `allow_missing`: then `Case.missing` lists them (for `workspace status` and `review`)."""
         root = Path(root)
         index = root / INDEX
         if not index.is_file():
             raise UserError(f"{root}: not a workspace (no {INDEX}); create one with `sslmedsam2 workspace init {root}`")
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            version = int(data["schema_version"])
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{index}: not a readable workspace index") from None
-        if version > SCHEMA_VERSION:
-            raise UserError(f"{root}: workspace schema version {version} is newer than this sslmedsam2 understands "
-                            f"({SCHEMA_VERSION}); update sslmedsam2")
-        ws = cls(root, data.get("axis", "axial"), {k: int(v) for k, v in data.get("labels", {}).items()},
-                 data.get("channel", "MRI"))
-        for case_id, info in data.get("cases", {}).items():
-            ws.cases[case_id] = Case(case_id, bool(info.get("label")), bool(info.get("pseudo")), bool(info.get("eval")))
-            if not ws.file(case_id, "image").is_file():
-                raise UserError(f"{root}: case {case_id} has no image ({ws.file(case_id, 'image')} is missing)")
+        axis, labels, channel, cases = read_index(index)
+        ws = cls(root, axis, labels, channel)
+        for case_id, has in cases.items():
+            kinds = ["image"] + [kind for kind in ("label", "pseudo", "eval") if has[kind]]
+            missing = tuple(FILES[kind] for kind in kinds if not ws.file(case_id, kind).is_file())
+            ws.cases[case_id] = Case(case_id, has["label"], has["pseudo"], has["eval"], missing)
+            review = ws.review_path(case_id)
+            if review.is_file():
+                states = read_states(review, axis)
+                if FILES["image"] not in missing:
+                    check_review_length(review, states, ws.file(case_id, "image"), axis)
+        if not allow_missing:
+            ws.check_complete()
         return ws
+
+    def check_complete(self, case_ids: list[str] | None = None) -> None:
+        """Raise a one-line UserError naming each case (of `case_ids`, default all) whose files are missing."""
+        chosen = sorted(self.cases) if case_ids is None else case_ids
+        incomplete = [self.cases[c] for c in chosen if self.cases[c].missing]
+        if incomplete:
+            listed = "; ".join(f"case {c.id} has no {', '.join(c.missing)}" for c in incomplete)
+            raise UserError(f"{self.root}: files missing: {listed} (deleted?); restore them, or remove "
+                            f"{'the case' if len(incomplete) == 1 else 'those cases'} from {INDEX}")
 
     @contextlib.contextmanager
     def locked(self) -> Iterator["Workspace"]:
@@ -103,7 +116,7 @@ class Workspace:
 
         try:
             with FileLock(str(self.root / LOCK), timeout=LOCK_TIMEOUT_S):
-                current = Workspace.open(self.root)
+                current = Workspace.open(self.root, allow_missing=True)  # the caller's open decided about those
                 yield current
                 self.labels, self.cases = current.labels, current.cases
         except Timeout:
@@ -113,10 +126,11 @@ class Workspace:
 
     # --- review state ------------------------------------------------------------------------------------------
     def review(self, case_id: str) -> list[SliceState]:
+        """The case's per-slice review states; [] when it has no review file."""
         path = self.review_path(case_id)
         if not path.is_file():
             return []
-        return [SliceState(s) for s in json.loads(path.read_text(encoding="utf-8"))["states"]]
+        return read_states(path, self.axis)
 
     def set_review(self, case_id: str, states: list[SliceState]) -> None:
         write_text(self.review_path(case_id), json.dumps({"axis": self.axis, "states": [s.value for s in states]}) + "\n")
@@ -124,15 +138,13 @@ class Workspace:
 
 def init_workspace(root: Path | str, labels: dict[str, int] | None = None, axis: str = "axial",
                    channel: str = "MRI") -> Workspace:
+    """Create an empty workspace at `root` (refused where one exists, or for bad labels, axis or channel)."""
     root = Path(root)
     if (root / INDEX).exists():
         raise UserError(f"{root} is already a workspace")
-    if labels is not None:
-        values = sorted(labels.values())
-        if any(v <= 0 for v in values) or len(set(values)) != len(values):
-            raise UserError("label values must be distinct positive integers (0 is background)")
+    axis, labels, channel = check_settings(axis, dict(labels or {}), channel, "")
     root.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(root, axis, dict(labels or {}), channel)
+    ws = Workspace(root, axis, labels, channel)
     ws.save()
     return ws
 
@@ -142,7 +154,7 @@ def parse_labels(items: list[str]) -> dict[str, int]:
     labels = {}
     for item in items:
         name, _, value = item.partition("=")
-        if not name or not value.isdigit():
+        if not name or not value.isdecimal():
             raise UserError(f"--label {item!r}: write NAME=VALUE, e.g. liver=1")
         labels[name] = int(value)
     return labels
@@ -172,9 +184,7 @@ def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo:
              states: list[SliceState] | None = None) -> Case:
     """Check everything first, then copy; a failed add changes nothing. `states`: the pseudo-label's review
     states (instead of `review_from`)."""
-    case_id = case_id or stem(Path(image_path))
-    if not _ID.match(case_id):
-        raise UserError(f"case id {case_id!r}: use letters, digits, '.', '_' or '-'")
+    case_id = check_case_id(stem(Path(image_path)) if case_id is None else case_id)
     if case_id in ws.cases:
         raise UserError(f"case {case_id} is already in the workspace")
     if (review_from is not None or states is not None) and pseudo is None:

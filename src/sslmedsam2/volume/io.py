@@ -109,8 +109,8 @@ def read_volume(path: Path | str, allow_uneven: bool = False) -> sitk.Image:
         elif kind == "nrrd-meta":
             image = _read_by_layout(path)
         else:
-            raise UserError(f"{path}: not a readable image (unknown format{' ' + repr(full_suffix(path)) if full_suffix(path) else ''}; "
-                            "give .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, a DICOM file or a DICOM series folder)")
+            raise UserError(f"{path}: not a readable image (unknown format: give .nii, .nii.gz, .hdr/.img, .nrrd, "
+                            ".nhdr, .mha, .mhd, a DICOM file or a DICOM series folder)")
     except RuntimeError as exc:
         raise UserError(f"{path}: not a readable image ({sitk_reason(exc)})") from None
     except OSError as exc:
