@@ -132,6 +132,14 @@ def test_same_as_cold_propagate_first_and_after_an_edit(case_files, tiny_checkpo
         served, reference = sitk.ReadImage(str(nifti)), sitk.ReadImage(str(tmp_path / "cold_edit.nii.gz"))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(served), cold_edit)
         assert served.GetSize() == reference.GetSize() and np.allclose(served.GetOrigin(), reference.GetOrigin())
+        from sslmedsam2.propagation.confidence import check_pair, confidence_path
+
+        confidence_path(nifti).write_text(client.confidence(volume.id))
+        check_pair(nifti)  # the served label map and table carry one result id
+        confidence_path(nifti).write_text(again.confidence_csv.replace(again.confidence_csv.split("\n")[0],
+                                                                       "# sslmedsam2 confidence table, result 0123456789abcdef"))
+        with pytest.raises(UserError, match="does not belong"):
+            check_pair(nifti)
         session_folder = engine_server[1].root / volume.id
         assert session_folder.is_dir() and not any(session_folder.iterdir()), "results are not left on disk"
     assert not session_folder.exists(), "closing a session deletes its folder"

@@ -117,7 +117,7 @@ def cmd_propagate(args: argparse.Namespace) -> int:
         options.model = args.model  # None: the server's own model
         with _ProgressBar("propagate") as bar:
             report = run_propagate_remote(args.image, args.seeds, args.output, options, args.server, args.token_file,
-                                          log=_say, progress=bar)
+                                          log=_say, progress=bar, overwrite=args.overwrite)
     else:
         with _ProgressBar("propagate") as bar:
             report = run_propagate(args.image, args.seeds, args.output, _options(args), log=_say, progress=bar,

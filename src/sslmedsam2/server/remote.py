@@ -11,29 +11,30 @@ from pathlib import Path
 
 import numpy as np
 
-from sslmedsam2.atomic import check_not_input, full_suffix, write_text
+from sslmedsam2.atomic import full_suffix
 from sslmedsam2.errors import UserError
 from sslmedsam2.models import get_model
 from sslmedsam2.models.registry import check_image_size
 from sslmedsam2.pipeline import METHODS, PropagateReport, load_case
-from sslmedsam2.propagation.confidence import confidence_path
+from sslmedsam2.propagation.confidence import confidence_path, parse_confidence, write_result
 from sslmedsam2.propagation.result import Progress
 from sslmedsam2.server.client import Client, SessionGone
-from sslmedsam2.volume.io import check_geometry_fits, check_output, read_volume, staged_image
+from sslmedsam2.volume.io import check_geometry_fits, check_output, check_table_output, read_volume
 
 # Files sent as they are (gzip-compressed on the way where they are not already); anything else (a DICOM folder, a
 # header with a separate data file) is sent as a compressed .nrrd written here.
 _SENT_AS_IS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
-def image_payload(path: Path) -> tuple[bytes, str]:
-    """The image as the server receives it: the file's own bytes and name, or a converted .nrrd."""
+def image_payload(path: Path, image=None) -> tuple[bytes, str]:
+    """The image as the server receives it: the file's own bytes and name, or a .nrrd of `image` (the image as
+    read here; read again when not given)."""
     path = Path(path)
     if path.is_file() and full_suffix(path).lower() in _SENT_AS_IS:
         return path.read_bytes(), path.name
     import SimpleITK as sitk
 
-    image = read_volume(path)
+    image = read_volume(path) if image is None else image
     with tempfile.TemporaryDirectory(prefix="sslmedsam2-upload-") as folder:
         target = Path(folder) / f"{path.name or 'image'}.nrrd"
         sitk.WriteImage(image, str(target), useCompression=True)
@@ -58,22 +59,22 @@ def _check_options(options) -> None:
 
 def run_propagate_remote(image_path: Path, seeds_path: Path, output: Path, options, server: str,
                          token_file: Path | None = None, log: Callable[[str], None] = print,
-                         progress: Progress | None = None) -> PropagateReport:
+                         progress: Progress | None = None, overwrite: bool = False) -> PropagateReport:
     """As `pipeline.run_propagate`: check everything first, write nothing unless all of it succeeds."""
     _check_options(options)
     output, inputs = Path(output), (Path(image_path), Path(seeds_path))
-    check_output(output, inputs)
+    check_output(output, inputs, overwrite)
     confidence = confidence_path(output)
-    check_not_input([confidence], inputs)
+    check_table_output(confidence, inputs, overwrite)
     started = time.perf_counter()
     client = Client(server, token_file=token_file)
     try:
-        case = load_case(*inputs, options.axis, options.seed_slices, log)  # the local command's checks, in its order
+        case = load_case(*inputs, options.axis, options.seed_slices, log, options.allow_uneven)  # as the local command
         check_geometry_fits(case.image, output, what=str(image_path))
         info = client.info()
         if options.device not in (None, "auto"):
             log(f"--device {options.device} is ignored with --server: the server computes on its {info['device']}")
-        data, name = image_payload(Path(image_path))
+        data, name = image_payload(Path(image_path), case.image)
         seeds = case.seeds.labels_map
         slices = {int(z): seeds[z] for z in np.flatnonzero(seeds.any(axis=(1, 2)))}
         intensity = options.intensity
@@ -92,8 +93,7 @@ def run_propagate_remote(image_path: Path, seeds_path: Path, output: Path, optio
         if result.labels.shape != case.volume.shape:
             raise UserError(f"the server answered a label map of shape {result.labels.shape} for a volume of "
                             f"{case.volume.shape}; is the server's sslmedsam2 version {info['version']} compatible?")
-        with staged_image(case.to_image(result.labels), output):  # the label map appears last
-            write_text(confidence, result.confidence_csv)
+        write_result(case.to_image(result.labels), output, parse_confidence(result.confidence_csv))
     finally:
         client.close()
     return PropagateReport("sam2", output, confidence, case.seeds.labels, case.volume.shape[0],

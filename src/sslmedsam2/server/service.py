@@ -26,6 +26,7 @@ from sslmedsam2.models import get_model
 from sslmedsam2.models.registry import DEFAULT_MODEL, check_image_size
 from sslmedsam2.pipeline import PropagateOptions, find_weights
 from sslmedsam2.propagation.confidence import write_confidence
+from sslmedsam2.provenance import new_result_id
 from sslmedsam2.propagation.result import Propagation
 from sslmedsam2.server import prompts as prompt_rules
 from sslmedsam2.server.errors import Conflict, NotFound, SessionGone
@@ -300,7 +301,7 @@ class Service:
             raise SessionGone("the session was closed while it propagated; its result is discarded")
         with session.lock:  # prompts and result change together: a failed or cancelled run leaves both as they were
             session.prompts, session.result = prompts, result
-            session.result_id, session.outputs = session.result_id + 1, {}
+            session.result_id, session.result_mark, session.outputs = session.result_id + 1, new_result_id(), {}
         return {"result": session.result_id, "labels": labels_of(result)}
 
     def _propagate_engine(self, session: Session, engine, seeds, job: Job) -> Propagation:
@@ -376,7 +377,8 @@ class Service:
             raise UserError(f"unknown label map format {fmt!r}; choose one of {', '.join(LABEL_FORMATS)} or raw")
         session, result, result_id = self._result(owner, session_id)
         return self._rendered(session, (fmt, result_id), f"labels{LABEL_FORMATS[fmt]}",
-                              lambda path: write_image(session.volume.to_image(result.labels), path),
+                              lambda path: write_image(session.volume.to_image(result.labels), path,
+                                                       result=session.result_mark),
                               Path.read_bytes), result_id
 
     def labels_array(self, owner: str, session_id: str) -> tuple[np.ndarray, int]:
@@ -388,7 +390,7 @@ class Service:
         """The confidence table, as `propagate` writes it beside its output."""
         session, result, result_id = self._result(owner, session_id)
         return self._rendered(session, ("csv", result_id), "labels.confidence.csv",
-                              lambda path: write_confidence(result.confidence, path),
+                              lambda path: write_confidence(result.confidence, path, session.result_mark),
                               lambda path: path.read_text(encoding="utf-8")), result_id
 
     def _rendered(self, session: Session, key: tuple, filename: str, write: Callable[[Path], None],

@@ -31,6 +31,7 @@ class Session:
     prompts: dict[int, np.ndarray] = field(default_factory=dict)
     result: Propagation | None = None
     result_id: int = 0
+    result_mark: str | None = None  # the result's id in the files rendered from it (label map and table pair)
     outputs: dict[str, object] = field(default_factory=dict)  # the result as files, made when first asked for
     feature_bytes: int = 0
     features_on: str | None = None
