@@ -163,6 +163,22 @@ def test_pseudolabel_keeps_files_it_did_not_write_under_a_querys_name(tmp_path, 
     assert mine.read_bytes() == before
 
 
+def test_a_table_of_another_result_is_refused_by_its_readers(case, capsys, tmp_path):
+    """workspace add --review-from and keyslices --prob check that the table belongs to the label map."""
+    image, seeds, _ = case
+    first, second = tmp_path / "first.nii.gz", tmp_path / "second.nii.gz"
+    assert main(_propagate(image, seeds, first)) == 0
+    assert main(_propagate(image, seeds, second, "--seed-slices", "3,4")) == 0
+    other = tmp_path / "second.confidence.csv"
+    assert main(["workspace", "init", str(tmp_path / "ws")]) == 0
+    _one_line_error(capsys, ["workspace", "add", str(tmp_path / "ws"), "--image", str(image), "--pseudo", str(first),
+                             "--review-from", str(other)], "does not belong")
+    _one_line_error(capsys, ["keyslices", str(first), "--prob", str(other), "-o", str(tmp_path / "k.nii.gz")],
+                    "does not belong")
+    assert main(["workspace", "add", str(tmp_path / "ws"), "--image", str(image), "--pseudo", str(first),
+                 "--review-from", str(tmp_path / "first.confidence.csv")]) == 0
+
+
 # --- 3: a failed write leaves nothing behind and says so ------------------------------------------------------
 @pytest.fixture
 def file_size_limit():

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sslmedsam2.cli import _say
+from sslmedsam2.cli import _add_overwrite_option, _say
 from sslmedsam2.errors import UserError
 
 if TYPE_CHECKING:
@@ -213,7 +213,7 @@ def cmd_keyslices(args: argparse.Namespace) -> int:
     from sslmedsam2.refine.keyslices import run_keyslices
 
     keys = run_keyslices(args.prediction, args.output, args.prob or [], args.per_label, args.min_continuity,
-                         args.axis, log=_say)
+                         args.axis, log=_say, overwrite=args.overwrite)
     for label in sorted({k.label for k in keys}):
         chosen = [k for k in keys if k.label == label]
         _say(f"label {label}: slices " + ", ".join(
@@ -311,4 +311,5 @@ def add_study_commands(sub) -> None:
     k.add_argument("--min-continuity", type=float, metavar="C", help="Dice of a key slice's mask with the component "
                    "on each neighbouring slice, at least (default 0.6)")
     k.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice axis (default axial)")
+    _add_overwrite_option(k)
     k.set_defaults(func=cmd_keyslices)

@@ -159,12 +159,13 @@ def parse_prob_argument(text: str) -> tuple[int | None, Path]:
 
 
 def run_keyslices(prediction: Path, output: Path, probs: list[str] = (), per_label: int | None = None,
-                  min_continuity: float | None = None, axis: str = "axial", log=print) -> list[KeySlice]:
+                  min_continuity: float | None = None, axis: str = "axial", log=print,
+                  overwrite: bool = False) -> list[KeySlice]:
     """`sslmedsam2 keyslices`: read a prediction (and its probabilities or confidence table), write the key slices
     as a seed map on the prediction's grid. Everything is checked before anything is written."""
     import SimpleITK as sitk
 
-    from sslmedsam2.propagation.confidence import read_confidence
+    from sslmedsam2.propagation.confidence import check_pair, read_confidence
     from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
     from sslmedsam2.volume.io import check_geometry_fits, check_output
 
@@ -173,7 +174,7 @@ def run_keyslices(prediction: Path, output: Path, probs: list[str] = (), per_lab
     check_parameters(per_label, min_continuity)
     sources = [parse_prob_argument(text) for text in probs]
     prediction, output = Path(prediction), Path(output)
-    check_output(output, (prediction, *(path for _, path in sources)))
+    check_output(output, (prediction, *(path for _, path in sources)), overwrite)
     image = read_label_map(prediction)
     check_geometry_fits(image, output, what=str(prediction))
     array_axis = slice_axis(image, axis)
@@ -186,6 +187,7 @@ def run_keyslices(prediction: Path, output: Path, probs: list[str] = (), per_lab
         if not path.is_file():
             raise UserError(f"--prob {path}: no such file")
         if label is None:
+            check_pair(prediction, path)
             try:
                 rows = read_confidence(path)
             except (KeyError, ValueError):

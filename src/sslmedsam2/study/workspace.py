@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from sslmedsam2.atomic import atomic_dir, remove_stale_temporaries, stem, write_text
 from sslmedsam2.errors import UserError
-from sslmedsam2.propagation.confidence import read_confidence
+from sslmedsam2.propagation.confidence import check_pair, read_confidence
 from sslmedsam2.study.index import (SCHEMA_VERSION, check_case_id, check_review_length, check_settings,
                                     read_index, read_states)
 from sslmedsam2.study.review import SliceState, states_from_confidence
@@ -164,8 +164,10 @@ def _label_values(image: sitk.Image) -> set[int]:
     return {int(v) for v in np.unique(sitk.GetArrayViewFromImage(image)) if v}
 
 
-def _review_states(review_from: Path, n: int) -> list[SliceState]:
-    """A propagation's drawn slices as seeds, from its confidence table, which must be this image's."""
+def _review_states(review_from: Path, n: int, pseudo: Path) -> list[SliceState]:
+    """A propagation's drawn slices as seeds, from its confidence table, which must be this image's and, where the
+    pseudo-label is this tool's result, belong to it."""
+    check_pair(pseudo, review_from)
     try:
         rows = read_confidence(review_from)
     except (OSError, UnicodeDecodeError, KeyError, ValueError, TypeError):
@@ -201,7 +203,7 @@ def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo:
     if "pseudo" in maps:
         n = int(sitk.GetArrayViewFromImage(image).shape[slice_axis(image, ws.axis)])
         if review_from is not None:
-            states = _review_states(Path(review_from), n)
+            states = _review_states(Path(review_from), n, Path(pseudo))
         elif states is not None and len(states) != n:
             raise UserError(f"{len(states)} review states for an image of {n} slices")
         states = states or [SliceState.UNREVIEWED] * n
