@@ -23,6 +23,7 @@ REQUIREMENTS = {
     "pooch": "pooch>=1.8",
     "filelock": "filelock>=3.12",
     "nibabel": "nibabel>=5.0",
+    "pydicom": "pydicom>=2.4",
     "isal": "isal>=1.6",  # faster gzip reading of NIfTI files (the engine falls back to zlib without it)
     "tqdm": "tqdm>=4.66",
     "matplotlib": "matplotlib>=3.7",

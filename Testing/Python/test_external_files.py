@@ -149,19 +149,17 @@ def _pydicom_volume(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("variant", ["plain", "reversed instances", "fractional rescale varies", "monochrome1",
                                      "monochrome1 unsigned", "junk files beside"])
 def test_dicom_series_read_as_pydicom_reads_them(tmp_path, variant):
-    positions = even_positions()
-    change = None
-    if variant == "reversed instances":
-        positions = positions[::-1]
-    if variant == "fractional rescale varies":
-        def change(k, ds):
+    positions = even_positions()[::-1] if variant == "reversed instances" else even_positions()
+
+    def change(k, ds):
+        if variant == "fractional rescale varies":
             ds.RescaleSlope, ds.RescaleIntercept = (1, -1024) if k < 3 else (0.5, -1024.25)
-    if variant.startswith("monochrome1"):
-        def change(k, ds):
+        if variant.startswith("monochrome1"):
             ds.PhotometricInterpretation = "MONOCHROME1"
-            if variant.endswith("unsigned"):
-                ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 12, 11
-                ds.PixelData = (np.frombuffer(ds.PixelData, np.uint16) & 0x0FFF).astype(np.uint16).tobytes()
+        if variant == "monochrome1 unsigned":
+            ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 12, 11
+            ds.PixelData = (np.frombuffer(ds.PixelData, np.uint16) & 0x0FFF).astype(np.uint16).tobytes()
+
     folder = dicom_series(tmp_path, positions, change=change)
     if variant == "junk files beside":
         (folder / "README.txt").write_text("notes")

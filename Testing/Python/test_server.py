@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import threading
 import time
 from pathlib import Path

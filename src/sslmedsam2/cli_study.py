@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sslmedsam2.cli import _add_overwrite_option, _say
+from sslmedsam2.cli import _add_overwrite_option, _say, add_uneven_option
 from sslmedsam2.errors import UserError
 
 if TYPE_CHECKING:
@@ -61,7 +61,8 @@ def cmd_workspace(args: argparse.Namespace) -> int:
         _say(f"workspace {ws.root} created (axis {ws.axis}, labels {ws.labels or 'from the first case added'})")
     elif args.action == "add":
         ws = Workspace.open(args.workspace)
-        case = add_case(ws, args.image, args.label, args.pseudo, args.eval_label, args.id, args.review_from)
+        case = add_case(ws, args.image, args.label, args.pseudo, args.eval_label, args.id, args.review_from,
+                        allow_uneven=args.allow_uneven_slices)
         _say(f"added case {case.id} (ground truth: {case.has_label}, pseudo-label: {case.has_pseudo}, "
              f"held-out label: {case.has_eval})")
     elif args.action == "status":
@@ -203,7 +204,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from sslmedsam2.propagation.confidence import confidence_path
 
-    model = predict_image(Workspace.open(args.workspace), args.image, args.output, args.device, progress=True)
+    model = predict_image(Workspace.open(args.workspace), args.image, args.output, args.device, progress=True,
+                          overwrite=args.overwrite, allow_uneven=args.allow_uneven_slices)
     _say(f"segmented {args.image} with the round {model.round} model -> {args.output} "
          f"(confidence: {confidence_path(args.output).name})")
     return 0
@@ -242,6 +244,7 @@ def add_study_commands(sub) -> None:
     a.add_argument("--eval-label", type=Path, help="held-out ground truth: only used to score rounds")
     a.add_argument("--review-from", type=Path, help="a .confidence.csv whose seed slices become 'seed' in the review")
     a.add_argument("--id", help="case id (default: the image file name without suffix)")
+    add_uneven_option(a)
     s = wsub.add_parser("status", help="cases, review counts and the refine job's state")
     s.add_argument("workspace", type=Path)
     s.add_argument("--json", action="store_true")
@@ -294,6 +297,8 @@ def add_study_commands(sub) -> None:
     p.add_argument("image", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    _add_overwrite_option(p)
+    add_uneven_option(p)
     p.set_defaults(func=cmd_predict)
 
     k = sub.add_parser("keyslices", help="the slices of a prediction most worth prompting SAM2 with, as a seed map",

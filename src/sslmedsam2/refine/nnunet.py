@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sslmedsam2.refine import checkpoints
+
 DATASET_BASE_ID = 500  # round r is nnU-Net dataset 500 + r, inside the workspace's own nnU-Net folders
-TRAINER = "nnUNetTrainer"
+TRAINER = checkpoints.TRAINER
 PLANS = "nnUNetPlans"
 
 
@@ -53,6 +55,7 @@ def plan_and_preprocess(round_: int, configuration: str, reuse_plans_of: int | N
         source, target = Path(nnUNet_preprocessed) / dataset_name(reuse_plans_of), Path(nnUNet_preprocessed) / dataset_name(round_)
         target.mkdir(parents=True, exist_ok=True)
         plans = json.loads((source / f"{PLANS}.json").read_text())
+        checkpoints.check_plans(plans, configuration, source / f"{PLANS}.json", remedy(reuse_plans_of, configuration))
         plans["dataset_name"] = dataset_name(round_)
         (target / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
         shutil.copyfile(source / "dataset_fingerprint.json", target / "dataset_fingerprint.json")
@@ -66,15 +69,52 @@ def model_folder(round_: int, configuration: str) -> Path:
     return Path(nnUNet_results) / dataset_name(round_) / f"{TRAINER}__{PLANS}__{configuration}"
 
 
+def manifest_path() -> Path:
+    """WS/refine/checkpoints.sha256: the digests of the checkpoints (and their plans and dataset files) that refine
+    wrote (use_folders(WS/refine/nnunet) points nnU-Net's results at WS/refine/nnunet/results)."""
+    from nnunetv2.paths import nnUNet_results
+
+    return Path(nnUNet_results).parent.parent / checkpoints.MANIFEST
+
+
+def remedy(round_: int, configuration: str) -> str:
+    """What to do about a refused file of round `round_`: train that round again."""
+    refine = manifest_path().parent
+    return (f"Delete {model_folder(round_, configuration)} and {refine / 'rounds' / f'round_{round_:02d}'}, then run "
+            f"`sslmedsam2 refine {refine.parent}` again.")
+
+
+def _bare_network(trainer):
+    """The trainer's network without its DistributedDataParallel and torch.compile wrappers (as nnU-Net's own
+    save and load do)."""
+    from torch._dynamo import OptimizedModule
+
+    network = trainer.network.module if trainer.is_ddp else trainer.network
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
+def _load_weights(trainer, weights: dict) -> None:
+    """nnU-Net's key heuristic: a state dict saved from nn.DataParallel has `module.` prefixes."""
+    network = _bare_network(trainer)
+    own = network.state_dict().keys()
+    network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v for k, v in weights.items()})
+
+
 def train(round_: int, configuration: str, fold: str, device, epochs: int, iterations: int, val_iterations: int,
           on_epoch: Callable[[dict], None], should_stop: Callable[[], bool], warm_start_from: Path | None = None) -> Path:
-    """Train (or continue an interrupted training from nnU-Net's own latest checkpoint); returns the final checkpoint."""
+    """Train (or continue an interrupted training from nnU-Net's own latest checkpoint); returns the final checkpoint.
+
+    Every checkpoint it saves is published atomically with its digest in `manifest_path()`; the latest checkpoint
+    and the warm start are loaded only through `checkpoints.load_checkpoint` (digest, then weights-only)."""
     import torch
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+    manifest, fix = manifest_path(), remedy(round_, configuration)
+
     class ReportingTrainer(nnUNetTrainer):
-        """nnU-Net's own trainer, reporting each epoch and stopping cleanly when asked."""
+        """nnU-Net's own trainer, reporting each epoch, stopping cleanly when asked, and saving and loading its
+        checkpoints only through sslmedsam2.refine.checkpoints."""
 
         def on_epoch_end(self) -> None:
             super().on_epoch_end()  # logs the epoch's end, saves checkpoint_latest (save_every = 1), counts the epoch
@@ -87,6 +127,33 @@ def train(round_: int, configuration: str, fold: str, device, epochs: int, itera
             if should_stop() and self.current_epoch < self.num_epochs:
                 raise Cancelled()  # the checkpoint of this epoch is already saved
 
+        def save_checkpoint(self, filename: str) -> None:
+            if self.local_rank != 0 or self.disable_checkpointing:
+                return super().save_checkpoint(filename)
+            base = Path(self.output_folder_base)  # on_train_start copied plans.json and dataset.json there
+            companions = [p for p in (base / "plans.json", base / "dataset.json") if p.is_file()]
+            checkpoints.save_recorded(lambda tmp: nnUNetTrainer.save_checkpoint(self, str(tmp)), Path(filename),
+                                      manifest, companions)
+
+        def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+            """nnU-Net's, but a path goes through the safe loader (nnU-Net 2.8.1's own is broken for a dict)."""
+            checkpoint = filename_or_checkpoint
+            if not isinstance(checkpoint, dict):
+                checkpoint = checkpoints.load_checkpoint(Path(checkpoint), manifest, fix, map_location=self.device)
+                checkpoints.check_trainer(checkpoint, configuration, Path(filename_or_checkpoint), fix)
+            if not self.was_initialized:
+                self.initialize()
+            _load_weights(self, checkpoint["network_weights"])
+            self.my_init_kwargs = checkpoint["init_args"]
+            self.current_epoch = checkpoint["current_epoch"]
+            self.logger.load_checkpoint(checkpoint["logging"])
+            self._best_ema = checkpoint["_best_ema"]
+            self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                                   self.inference_allowed_mirroring_axes)
+            self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+            if self.grad_scaler is not None and checkpoint["grad_scaler_state"] is not None:
+                self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
     ReportingTrainer.__name__ = ReportingTrainer.__qualname__ = TRAINER  # nnU-Net's standard folder and name
 
     if str(device) == "cpu":
@@ -95,34 +162,66 @@ def train(round_: int, configuration: str, fold: str, device, epochs: int, itera
         os.environ.pop("nnUNet_n_proc_DA", None)  # nnU-Net's own choice of augmentation workers
     preprocessed = Path(nnUNet_preprocessed) / dataset_name(round_)
     plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    checkpoints.check_plans(plans, configuration, preprocessed / f"{PLANS}.json", fix)
     output = model_folder(round_, configuration) / f"fold_{fold}"
     latest, final = output / "checkpoint_latest.pth", output / "checkpoint_final.pth"
     if final.is_file():
         return final
-    plans["continue_training"] = latest.is_file()
+    resume = warm = None  # checked before nnU-Net builds anything
+    if latest.is_file():
+        resume = checkpoints.load_checkpoint(latest, manifest, fix, map_location=torch.device(device))
+        checkpoints.check_trainer(resume, configuration, latest, fix)
+    elif warm_start_from is not None:
+        previous = remedy(round_ - 1, configuration)  # the round that wrote it
+        warm = checkpoints.load_checkpoint(warm_start_from, manifest, previous, map_location=torch.device(device))
+        checkpoints.check_trainer(warm, configuration, warm_start_from, previous)
+        warm = warm["network_weights"]
+    plans["continue_training"] = resume is not None
     trainer = ReportingTrainer(plans, configuration, fold if fold == "all" else int(fold),
                                json.loads((preprocessed / "dataset.json").read_text()), torch.device(device))
     trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
     trainer.num_val_iterations_per_epoch, trainer.save_every = val_iterations, 1
-    if latest.is_file():
-        trainer.load_checkpoint(str(latest))
-    elif warm_start_from is not None:
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+    elif warm is not None:
         trainer.initialize()
-        weights = torch.load(warm_start_from, map_location=trainer.device, weights_only=False)["network_weights"]
-        trainer.network.load_state_dict(weights)
+        _load_weights(trainer, warm)
     trainer.run_training()
+    checkpoints.forget_missing(manifest)  # nnU-Net deleted checkpoint_latest.pth after saving the final one
     return final
 
 
 def load_predictor(round_: int, configuration: str, fold: str, device, progress: bool = False):
-    """nnU-Net's predictor with the round's trained weights (sliding-window progress bars on stderr if asked)."""
+    """nnU-Net's predictor with the round's trained weights (sliding-window progress bars on stderr if asked).
+
+    Built by hand (`manual_initialization`) from files checked by sslmedsam2.refine.checkpoints: plans.json,
+    dataset.json and the final checkpoint by their recorded digests, the checkpoint weights-only, the classes
+    plans.json names against the allow-list; nnU-Net's own loader would unpickle anything."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    folder, manifest, fix = model_folder(round_, configuration), manifest_path(), remedy(round_, configuration)
+    path = folder / f"fold_{fold}" / "checkpoint_final.pth"
+    plans = checkpoints.load_json(folder / "plans.json", manifest, fix)
+    dataset_json = checkpoints.load_json(folder / "dataset.json", manifest, fix)
+    checkpoints.check_plans(plans, configuration, folder / "plans.json", fix)
+    checkpoint = checkpoints.load_checkpoint(path, manifest, fix, map_location=torch.device("cpu"))
+    checkpoints.check_trainer(checkpoint, configuration, path, fix)
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    network = nnUNetTrainer.build_network_architecture(
+        plans_manager, configuration_manager, determine_num_input_channels(plans_manager, configuration_manager,
+                                                                           dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    weights = checkpoint["network_weights"]
+    network.load_state_dict(weights)
     predictor = nnUNetPredictor(device=torch.device(device), allow_tqdm=progress,
                                 perform_everything_on_device=str(device) != "cpu")
-    predictor.initialize_from_trained_model_folder(str(model_folder(round_, configuration)),
-                                                   use_folds=(fold if fold == "all" else int(fold),))
+    predictor.manual_initialization(network, plans_manager, configuration_manager, [weights], dataset_json, TRAINER,
+                                    checkpoint.get("inference_allowed_mirroring_axes"))
     return predictor
 
 
@@ -143,10 +242,10 @@ def predict(round_: int, configuration: str, fold: str, device, images: list[Pat
 
     confidence_axis: also write each output's `.confidence.csv` from nnU-Net's softmax along this slice axis
     (before the label map, which appears last; an output without its table is predicted again)."""
-    from sslmedsam2.propagation.confidence import confidence_path
+    from sslmedsam2.propagation.confidence import pair_state
 
     todo = [(i, o) for i, o in zip(images, outputs)
-            if not o.exists() or (confidence_axis is not None and not confidence_path(o).exists())]
+            if not o.exists() or (confidence_axis is not None and pair_state(o) != "complete")]
     if not todo:
         return
     predictor = load_predictor(round_, configuration, fold, device)
@@ -168,10 +267,9 @@ def write_with_confidence(predictor, image: Path, output: Path, axis: str, refer
     import numpy as np
     import SimpleITK as sitk
 
-    from sslmedsam2.propagation.confidence import confidence_path, write_confidence
+    from sslmedsam2.propagation.confidence import write_result
     from sslmedsam2.refine.softmax import softmax_confidence
     from sslmedsam2.volume import slice_axis
-    from sslmedsam2.volume.io import staged_image
 
     segmentation, probabilities = predict_probabilities(predictor, image)
     reference = sitk.ReadImage(str(image)) if reference is None else reference
@@ -180,5 +278,4 @@ def write_with_confidence(predictor, image: Path, output: Path, axis: str, refer
     array_axis = slice_axis(reference, axis)
     rows = softmax_confidence(np.moveaxis(segmentation, array_axis, 0),
                               {k: np.moveaxis(v, array_axis, 0) for k, v in probabilities.items()})
-    with staged_image(labels, output):  # the label map appears last
-        write_confidence(rows, confidence_path(output))
+    write_result(labels, output, rows)  # the table, then the label map

@@ -2,7 +2,9 @@
 
 Reads the workspace, writes nothing into it (it may be read-only or shared); nnU-Net's input goes to a temporary
 folder, the label map to OUTPUT (atomically, last) and the per-slice confidence from nnU-Net's softmax to OUTPUT's
-name + .confidence.csv, so a prediction is reviewed in the same order as a propagation.
+name + .confidence.csv, so a prediction is reviewed in the same order as a propagation. The model's checkpoint,
+plans.json and dataset.json are used only as refine recorded them (sslmedsam2.refine.checkpoints): a planted or
+altered file is refused in one line.
 """
 
 from __future__ import annotations
@@ -40,23 +42,22 @@ def latest_model(ws: Workspace) -> TrainedModel:
 
 
 def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "auto",
-                  progress: bool = False) -> TrainedModel:
+                  progress: bool = False, overwrite: bool = False, allow_uneven: bool = False) -> TrainedModel:
     """Segment `image_path` onto its own grid and write OUTPUT's `.confidence.csv` beside it (per slice along the
     workspace's axis and label, from nnU-Net's softmax: the table `propagate` writes, source `nnunet`); returns
     the model used. The label map appears last."""
-    from sslmedsam2.atomic import check_not_input
     from sslmedsam2.propagation.confidence import confidence_path
     from sslmedsam2.refine import nnunet
     from sslmedsam2.volume import read_image, write_image
-    from sslmedsam2.volume.io import check_geometry_fits, check_output
+    from sslmedsam2.volume.io import check_geometry_fits, check_output, check_table_output
 
     output = Path(output)
-    check_output(output, (Path(image_path),))
-    check_not_input([confidence_path(output)], (Path(image_path),))
+    check_output(output, (Path(image_path),), overwrite)
+    check_table_output(confidence_path(output), (Path(image_path),), overwrite)
     model = latest_model(ws)
     from sslmedsam2.models.loader import resolve_device  # torch: only once there is a model to run
 
-    image = read_image(image_path)
+    image = read_image(image_path, allow_uneven)
     check_geometry_fits(image, output, what=str(image_path))
     check_geometry_fits(image, Path("image.nii.gz"), what=str(image_path))  # nnU-Net reads it as NIfTI
     with tempfile.TemporaryDirectory(prefix="sslmedsam2-predict-") as tmp:

@@ -30,14 +30,14 @@ import SimpleITK as sitk
 
 from sslmedsam2.atomic import write_text
 from sslmedsam2.errors import UserError
-from sslmedsam2.propagation.confidence import SliceConfidence, confidence_path, read_confidence, write_confidence
+from sslmedsam2.propagation.confidence import (SliceConfidence, check_pair, confidence_path, pair_state,
+                                               read_confidence, write_result)
 from sslmedsam2.refine.keyslices import (DEFAULT_MIN_CONTINUITY, DEFAULT_PER_LABEL, certainty_from_table,
                                           check_parameters, seed_map, select_key_slices)
 from sslmedsam2.refine.nnunet import Cancelled
 from sslmedsam2.study.review import human_slices
 from sslmedsam2.study.workspace import Workspace
 from sslmedsam2.volume import read_label_map, slice_axis, write_image
-from sslmedsam2.volume.io import staged_image
 
 FUSIONS = ("sam2", "confidence")
 SOURCES = ("sam2", "nnunet", "human")
@@ -118,6 +118,7 @@ def refine_case(ws: Workspace, case_id: str, prediction: Path, out_dir: Path, se
     array_axis = slice_axis(predicted, ws.axis)
     pred = _slice_first(predicted, array_axis)
     n = len(pred)
+    check_pair(prediction)
     nnunet_rows = read_confidence(confidence_path(prediction))
     label_values = sorted(ws.labels.values())
     keys = select_key_slices(pred, settings.per_label, settings.min_continuity, certainty_from_table(nnunet_rows),
@@ -168,9 +169,8 @@ def refine_case(ws: Workspace, case_id: str, prediction: Path, out_dir: Path, se
     out = sitk.GetImageFromArray(np.moveaxis(labels, 0, array_axis))
     out.CopyInformation(predicted)
     target = out_dir / f"{case_id}.nii.gz"
-    with staged_image(out, target):  # the label map appears last: a case with it is finished
-        write_confidence(rows, confidence_path(target))
-        write_text(out_dir / f"{case_id}.json", json.dumps(record, indent=2))
+    write_text(out_dir / f"{case_id}.json", json.dumps(record, indent=2))
+    write_result(out, target, rows)  # the table, then the label map: a case with the complete pair is finished
     return record
 
 
@@ -182,7 +182,7 @@ def run_step(ws: Workspace, cases: list[str], predicted: Path, out_dir: Path, se
     for i, case_id in enumerate(cases):
         if should_stop():
             raise Cancelled()
-        if (out_dir / f"{case_id}.nii.gz").exists():
+        if pair_state(out_dir / f"{case_id}.nii.gz") == "complete":
             continue
         on_case(i, len(cases), case_id)
         refine_case(ws, case_id, predicted / f"{case_id}.nii.gz", out_dir, settings)

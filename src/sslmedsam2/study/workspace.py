@@ -183,7 +183,7 @@ def _review_states(review_from: Path, n: int, pseudo: Path) -> list[SliceState]:
 
 def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo: Path | None = None,
              eval_label: Path | None = None, case_id: str | None = None, review_from: Path | None = None,
-             states: list[SliceState] | None = None) -> Case:
+             states: list[SliceState] | None = None, allow_uneven: bool = False) -> Case:
     """Check everything first, then copy; a failed add changes nothing. `states`: the pseudo-label's review
     states (instead of `review_from`)."""
     case_id = check_case_id(stem(Path(image_path)) if case_id is None else case_id)
@@ -191,7 +191,7 @@ def add_case(ws: Workspace, image_path: Path, label: Path | None = None, pseudo:
         raise UserError(f"case {case_id} is already in the workspace")
     if (review_from is not None or states is not None) and pseudo is None:
         raise UserError("--review-from gives the review state of a pseudo-label: add --pseudo too")
-    image = read_image(image_path)
+    image = read_image(image_path, allow_uneven)
     check_geometry_fits(image, ws.file(case_id, "image"), what=str(image_path))
     maps = {}
     for kind, path in (("label", label), ("pseudo", pseudo), ("eval", eval_label)):
