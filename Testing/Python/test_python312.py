@@ -34,7 +34,7 @@ def venv312(tmp_path_factory) -> Path:
     subprocess.run([python, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     done = subprocess.run([*pip, "numpy", "scipy", "SimpleITK", "itk-morphologicalcontourinterpolation", "pooch", "tqdm",
-                           "filelock", "nibabel", "isal", "pytest"], capture_output=True, text=True)
+                           "filelock", "nibabel", "pydicom", "isal", "pytest"], capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"could not install the 3.12 test environment: {done.stderr.strip().splitlines()[-1:]}")
     return venv / "bin" / "python"

@@ -87,10 +87,10 @@ def test_a_label_download_racing_a_close_answers_session_gone(tiny_checkpoint, t
 
         write = service_module.write_image
 
-        def closed_meanwhile(image, path):  # the close lands while the label map is being written
+        def closed_meanwhile(image, path, **options):  # the close lands while the label map is being written
             with service._lock:
                 service._drop(session)
-            write(image, path)
+            write(image, path, **options)
 
         monkeypatch.setattr(service_module, "write_image", closed_meanwhile)
         with pytest.raises(SessionGone, match="open the volume again"):
