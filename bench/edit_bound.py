@@ -73,10 +73,10 @@ def main() -> None:
 
     from sslmedsam2.frames.intensity import IntensitySpec, to_uint8
     from sslmedsam2.models import get_model
-    from sslmedsam2.models.loader import build_predictor
+    from sslmedsam2.propagation.builder import build_predictor
     from sslmedsam2.pipeline import load_case
-    from sslmedsam2.propagation.seeds import Seeds
-    from sslmedsam2.propagation.session import VolumeSession
+    from sslmedsam2.labelmap.seeds import Seeds
+    from sslmedsam2.propagation.tracker import VolumeTracker
 
     with tempfile.TemporaryDirectory(prefix="bench-edit-bound-") as tmp:
         work = Path(tmp)
@@ -85,7 +85,7 @@ def main() -> None:
         _, edited, edit, _ = prepare(args, work)
         first = load_case(args.image, work / "seeds.nii.gz", log=lambda _: None)
         predictor = build_predictor(get_model(args.model), Path(args.checkpoint), "cpu", args.image_size)
-        session = VolumeSession(predictor, to_uint8(first.volume, IntensitySpec()))
+        session = VolumeTracker(predictor, to_uint8(first.volume, IntensitySpec()))
         session.propagate(first.seeds)  # encodes every slice once, as a server session does
         again = Seeds(np.ascontiguousarray(edited))
         edits = []

@@ -40,6 +40,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from sslmedsam2.fewshot.job import PseudoLabelOptions, run_pseudolabel
     from sslmedsam2.fewshot.tracking import SupportMemory
     from sslmedsam2.propagation.features import FeatureStore
+    from sslmedsam2.settings import EngineSettings
 
     on_gpu = torch.cuda.is_available() and args.device != "cpu"
     stages = Stages(sync=torch.cuda.synchronize if on_gpu else None)
@@ -59,10 +60,11 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     engine.FewShotEngine.query_bytes = recorded
     work = Path(args.work)
+    engine = EngineSettings(method="sam2", model=args.model, checkpoint=Path(args.checkpoint), device=args.device,
+                            image_size=args.image_size, compile=args.compile)
     options = PseudoLabelOptions(support_images=work / "si", support_labels=work / "sl", query=work / "q",
-                                 output=work / args.variant, model=args.model, checkpoint=Path(args.checkpoint),
-                                 device=args.device, image_size=args.image_size, insertions=args.insertions,
-                                 naive=args.variant == "naive", compile=args.compile)
+                                 output=work / args.variant, engine=engine, insertions=args.insertions,
+                                 naive=args.variant == "naive")
     start = time.perf_counter()
     compiling = []  # seconds of each compilation (--compile), from the engine's own line about it
     run_pseudolabel(options, log=lambda m: compiling.extend(
@@ -181,7 +183,7 @@ def main() -> None:
             import torch
 
             from sslmedsam2.models import get_model
-            from sslmedsam2.models.loader import build_predictor
+            from sslmedsam2.propagation.builder import build_predictor
 
             torch.manual_seed(0)
             args.checkpoint = str(work / "random.pt")

@@ -96,7 +96,7 @@ def prepare(args, work: Path):
         import torch
 
         from sslmedsam2.models import get_model
-        from sslmedsam2.models.loader import build_predictor
+        from sslmedsam2.propagation.builder import build_predictor
 
         torch.manual_seed(0)
         predictor = build_predictor(get_model(args.model), None, "cpu", args.image_size)
@@ -141,6 +141,7 @@ def main() -> None:
     import SimpleITK as sitk
 
     from sslmedsam2.server.client import Client, ServerUnreachable
+    from sslmedsam2.session.remote import RemoteSession
 
     with tempfile.TemporaryDirectory(prefix="bench-interactive-") as tmp:
         work = Path(tmp)
@@ -182,7 +183,7 @@ def main() -> None:
                 if volume is not None:
                     volume.close()
                 start = time.perf_counter()
-                volume = client.open_volume(data, Path(args.image).name)
+                volume = RemoteSession(client, data, Path(args.image).name)
                 t_open = time.perf_counter() - start
                 first = volume.propagate(planes)
                 warms.append(time.perf_counter() - start)

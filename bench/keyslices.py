@@ -71,8 +71,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from ssl_hippocampus import build_workspace
 
-    from sslmedsam2.models.loader import resolve_device
-    from sslmedsam2.propagation.confidence import confidence_path, read_confidence
+    from sslmedsam2.propagation.device import resolve_device
+    from sslmedsam2.labelmap.confidence import confidence_path, read_confidence
     from sslmedsam2.refine import nnunet
     from sslmedsam2.refine.keyslices import (DEFAULT_MIN_CONTINUITY, DEFAULT_PER_LABEL, certainty_from_table,
                                               select_key_slices)

@@ -45,8 +45,9 @@ def run_ours(args: argparse.Namespace, sequential: bool = False) -> dict:
     """The pipeline, file in, file out; `sequential`: without cached features, so each label and pass is tracked
     one step at a time by sam2's own code (the reference the batched tracking must equal)."""
     from sslmedsam2 import pipeline
-    from sslmedsam2.models import loader
-    from sslmedsam2.propagation import session
+    from sslmedsam2.propagation import builder as loader
+    from sslmedsam2.propagation.device import resolve_device
+    from sslmedsam2.propagation import tracker as session
     import torch
 
     from sslmedsam2.propagation.features import FeatureStore
@@ -54,7 +55,7 @@ def run_ours(args: argparse.Namespace, sequential: bool = False) -> dict:
     if sequential:
         session.feature_device = lambda *a: None
 
-    device = str(loader.resolve_device(args.device))
+    device = str(resolve_device(args.device))
     stages = Stages(sync=torch.cuda.synchronize if device.startswith("cuda") else None)
     for owner, name, stage in ((session, "run_passes", "track"), (session, "fuse", "fuse"),
                                (loader, "build_predictor", "build"), (pipeline, "load_case", "read"),
@@ -128,7 +129,7 @@ def _profiled(path: str | None, device: str):
 
 def _build(args: argparse.Namespace, device: str):
     from sslmedsam2.models import get_model
-    from sslmedsam2.models.loader import build_predictor
+    from sslmedsam2.propagation.builder import build_predictor
 
     return build_predictor(get_model(args.model), Path(args.checkpoint), device, args.image_size)
 
@@ -140,7 +141,7 @@ def run_jpeg(args: argparse.Namespace) -> dict:
     from PIL import Image
 
     from sslmedsam2.frames import IntensitySpec, to_uint8
-    from sslmedsam2.models.loader import resolve_device
+    from sslmedsam2.propagation.device import resolve_device
     from sslmedsam2.volume import slice_axis
 
     device = str(resolve_device(args.device))
@@ -227,7 +228,7 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
         import torch
 
         from sslmedsam2.models import get_model
-        from sslmedsam2.models.loader import build_predictor
+        from sslmedsam2.propagation.builder import build_predictor
 
         torch.manual_seed(0)
         predictor = build_predictor(get_model(args.model), None, "cpu", args.image_size)

@@ -50,9 +50,9 @@ def round_seconds(events_file: Path) -> list[float]:
 
 
 def build_workspace(ws: Path, labelled: list[str], unlabelled: list[str], work: Path) -> None:
-    from sslmedsam2.propagation.confidence import write_confidence
-    from sslmedsam2.propagation.interpolation import interpolate_between_seeds
-    from sslmedsam2.propagation.seeds import Seeds
+    from sslmedsam2.labelmap.confidence import write_confidence
+    from sslmedsam2.interpolation.contour import interpolate_between_seeds
+    from sslmedsam2.labelmap.seeds import Seeds
     from sslmedsam2.study.workspace import add_case, init_workspace
     from sslmedsam2.pipeline import load_case
 
@@ -108,7 +108,7 @@ def main() -> None:
     import multiprocessing
 
     multiprocessing.set_start_method("spawn", force=True)
-    from sslmedsam2.models.loader import resolve_device
+    from sslmedsam2.propagation.device import resolve_device
     from sslmedsam2.refine import nnunet
     from sslmedsam2.refine.rounds import RefineJob, RefineOptions
     from sslmedsam2.study.workspace import Workspace

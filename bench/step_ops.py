@@ -29,11 +29,11 @@ from sslmedsam2.fewshot import tracking  # noqa: E402
 from sslmedsam2.frames import IntensitySpec, to_uint8  # noqa: E402
 from sslmedsam2.frames.video import VolumeFrames  # noqa: E402
 from sslmedsam2.models import get_model  # noqa: E402
-from sslmedsam2.models.loader import build_predictor  # noqa: E402
+from sslmedsam2.propagation.builder import build_predictor  # noqa: E402
 from sslmedsam2.propagation import attention, batched, memory_bank  # noqa: E402
 from sslmedsam2.propagation.features import FeatureStore  # noqa: E402
-from sslmedsam2.propagation.seeds import Seeds  # noqa: E402
-from sslmedsam2.propagation.session import VolumeSession  # noqa: E402
+from sslmedsam2.labelmap.seeds import Seeds  # noqa: E402
+from sslmedsam2.propagation.tracker import VolumeTracker  # noqa: E402
 
 
 class _Counter(TorchDispatchMode):
@@ -93,7 +93,7 @@ def main() -> None:
     _count_parts(counter)
 
     image, labels = synthetic_case(shape=(30, 40, 44))
-    session = VolumeSession(predictor, to_uint8(image, IntensitySpec()), features_on="cpu")
+    session = VolumeTracker(predictor, to_uint8(image, IntensitySpec()), features_on="cpu")
     seeds = Seeds(seeds_on(labels, {1: [4, 12, 20], 2: [10, 16]}))
     session.propagate(seeds)  # every slice encoded: the measured run tracks only
     counter.steps = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.labelmap.seeds import Seeds
 from sslmedsam2.volume import slice_axis
 
 CASE = "hippocampus_001"

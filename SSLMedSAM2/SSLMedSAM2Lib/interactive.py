@@ -6,11 +6,11 @@ every GUI update happens on the main thread. Inside Slicer the main thread holds
 runs (PythonQt is initialised without thread support), so a Python thread runs only while the main thread runs
 Python: each `pump()` also yields the GIL to the worker.
 
-InteractiveEngine: the connection (the module's local server, or a remote URL) and the open volume. The volume is
-sent once and reused while it is unchanged; each propagation sends the prompt slices (replacing the session's
-prompts, so an Undo in the panel never leaves stale prompts on the server) and fetches labels and confidence. A
-session lost to a restarted server (or an expired one) is opened again and the propagation retried once; a local
-server that died is started again, once.
+InteractiveEngine: the connection (the module's local server, or a remote URL) and the open volume, an engine
+session (sslmedsam2.session.remote.RemoteSession). The volume is sent once and reused while it is unchanged; each
+propagation sends the prompt slices (replacing the session's prompts, so an Undo in the panel never leaves stale
+prompts on the server). A session lost to a restarted or expired server is opened again by the session itself; a
+local server that died is started again here, once.
 """
 
 from __future__ import annotations
@@ -25,20 +25,17 @@ from pathlib import Path
 import numpy as np
 
 from SSLMedSAM2Lib.parameters import Connection, EngineSettings
-from SSLMedSAM2Lib.server_process import LocalServer, ServerStartError, StartCancelled
+from SSLMedSAM2Lib.server_process import LocalServer, ServerStartError
+from sslmedsam2.jobs import Cancelled, JobControl
 
 
-class Cancelled(Exception):
-    """Cancel was pressed before the engine job began (it never started)."""
+class Reporter(JobControl):
+    """Given to a task on the worker thread: the engine's job protocol (progress, cancel request), whose reports
+    and messages are posted to the GUI thread."""
 
-
-class Reporter:
-    """Given to a task on the worker thread: messages, progress (also as the tqdm-like object Client.wait takes)
-    and the cancel request."""
-
-    def __init__(self, post: Callable[[str, object], None], stop: threading.Event) -> None:
-        self._post, self._stop = post, stop
-        self._total, self._done = 0, 0
+    def __init__(self, post: Callable[[str, object], None]) -> None:
+        super().__init__()
+        self._post = post
 
     def message(self, text: str) -> None:
         self._post("message", text)
@@ -46,16 +43,8 @@ class Reporter:
     def progress(self, done: int, total: int) -> None:
         self._post("progress", (int(done), int(total)))
 
-    def reset(self, total: int | None = None) -> None:
-        self._total, self._done = int(total or 0), 0
-        self.progress(0, self._total)
-
-    def update(self, n: int = 1) -> None:
-        self._done += int(n)
-        self.progress(self._done, self._total)
-
-    def should_stop(self) -> bool:
-        return self._stop.is_set()
+    def on_progress(self) -> None:
+        self.progress(self.done, self.total or 0)
 
 
 @dataclass
@@ -64,7 +53,7 @@ class _Task:
     on_done: Callable[[object, BaseException | None], None]
     on_progress: Callable[[int, int], None]
     on_message: Callable[[str], None]
-    stop: threading.Event = field(default_factory=threading.Event)
+    reporter: Reporter | None = None  # its progress, messages and cancel request (set by EngineWorker.submit)
 
 
 class EngineWorker:
@@ -92,6 +81,7 @@ class EngineWorker:
             self._thread = threading.Thread(target=self._loop, name="SSLMedSAM2-engine-client", daemon=True)
             self._thread.start()
         task = _Task(work, on_done, on_progress, on_message)
+        task.reporter = Reporter(lambda kind, payload: self._events.put((task, kind, payload)))
         self._live.append(task)
         self._tasks.put(task)
 
@@ -99,7 +89,7 @@ class EngineWorker:
         """Ask every task not finished yet to stop: a running one cancels its server job at its next poll, a queued
         one never starts (inside Slicer the worker may not have had its turn yet)."""
         for task in list(self._live):
-            task.stop.set()
+            task.reporter.cancel()
 
     def pump(self) -> bool:
         """On the GUI thread: let the worker run, then deliver what it reported. Returns whether work is pending."""
@@ -131,9 +121,9 @@ class EngineWorker:
             task = self._tasks.get()
             if task is None:
                 return
-            reporter = Reporter(lambda kind, payload: self._events.put((task, kind, payload)), task.stop)
+            reporter = task.reporter
             try:
-                if task.stop.is_set():
+                if reporter.should_stop():
                     raise Cancelled("cancelled before it started")
                 outcome = (task.work(reporter), None)
             except BaseException as exc:  # delivered to the GUI thread, never lost in the worker
@@ -165,7 +155,7 @@ class PropagationRequest:
 @dataclass
 class PropagationResult:
     labels: np.ndarray  # (k, j, i), values as in the seeds
-    confidence_csv: str
+    confidence: list  # the table's rows (sslmedsam2.labelmap.confidence.SliceConfidence)
     array_axis: int  # the numpy axis the server sliced along
     where: str  # which engine computed it, in words
     notes: list[str] = field(default_factory=list)  # what the user should know (a restart, a session sent again)
@@ -197,7 +187,7 @@ class InteractiveEngine:
         self.local = local
         self._client = None
         self._client_key: tuple | None = None
-        self._volume = None  # the open RemoteVolume
+        self._volume = None  # the open engine session (RemoteSession)
         self._volume_key: tuple | None = None
         self._data: bytes | None = None  # the bytes of the volume last sent, to open it again on another server
         self._data_key: tuple | None = None
@@ -239,11 +229,12 @@ class InteractiveEngine:
         data = source.data if source.data is not None else (self._data if self._data_key == key else None)
         if data is None:
             raise RuntimeError("the volume changed since it was exported; propagate again")
+        from sslmedsam2.session.remote import RemoteSession
+
         self._drop_session()
         reporter.message(f"sending the volume ({len(data) / 1e6:.0f} MB) to the engine...")
-        options = {"axis": source.axis, "modality": source.modality, "model": settings.model,
-                   "image_size": settings.image_size or None}
-        self._volume = client.open_volume(data, source.name, **options)
+        self._volume = RemoteSession(client, data, source.name, axis=source.axis, modality=source.modality,
+                                     model=settings.model, image_size=settings.image_size or None)
         self._volume_key, self._data, self._data_key = key, data, key
         return self._volume
 
@@ -258,7 +249,7 @@ class InteractiveEngine:
 
     def propagate(self, request: PropagationRequest, reporter: Reporter) -> PropagationResult:
         """Blocks: call it on the worker thread."""
-        from sslmedsam2.server.client import ServerError, ServerUnreachable, SessionGone
+        from sslmedsam2.server.client import ServerError, ServerUnreachable
 
         notes: list[str] = []
         if request.connection.engine == "remote" and request.settings.checkpoint:
@@ -268,17 +259,10 @@ class InteractiveEngine:
                 volume = self._open(self._connect(request, reporter, notes), request, reporter)
                 if reporter.should_stop():  # pressed while the volume was on its way
                     raise Cancelled("cancelled before the propagation began")
-                planes = prompt_planes(request.seeds, int(volume.info["array_axis"]), request.prompt_slices)
+                planes = prompt_planes(request.seeds, volume.grid.array_axis, request.prompt_slices)
                 reporter.message(f"propagating from {len(planes)} slices...")
                 result = volume.propagate(planes, replace=True, progress=reporter, should_stop=reporter.should_stop)
                 break
-            except SessionGone as exc:
-                if attempt == 2:
-                    raise
-                why = str(exc).split("; open the volume again")[0]  # the client's advice, which is taken here
-                notes.append(f"{why}: the volume was sent again and the propagation repeated")
-                reporter.message(notes[-1])
-                self._volume, self._volume_key = None, None  # gone on the server: nothing to close
             except ServerUnreachable:
                 if attempt == 2 or request.connection.engine != "local" or self.local.alive():
                     raise
@@ -288,14 +272,11 @@ class InteractiveEngine:
                 if exc.status == 401:  # the token file is read again next time (the person may correct it)
                     self._forget_client()
                 raise
-        axis = int(volume.info["array_axis"])
-        expected = np.moveaxis(request.seeds, axis, 0).shape
-        if result.labels.shape != expected:
-            raise RuntimeError(f"the engine answered {result.labels.shape} voxels for a volume of {expected}; is its "
-                               "sslmedsam2 version compatible?")
+        notes.extend(result.notes)  # a session the server had lost, opened again
+        axis = volume.grid.array_axis
         where = (f"the local engine ({self.local.url})" if request.connection.engine == "local"
                  else f"the engine at {request.connection.url}")
-        return PropagationResult(np.moveaxis(result.labels, 0, axis), result.confidence_csv, axis, where, notes)
+        return PropagationResult(np.moveaxis(result.labels, 0, axis), result.confidence, axis, where, notes)
 
     def _forget_client(self) -> None:
         if self._client is not None:
@@ -314,7 +295,7 @@ def user_message(error: BaseException, connection: Connection) -> str:
     from sslmedsam2.errors import UserError
     from sslmedsam2.server.client import JobCancelled, ServerUnreachable
 
-    if isinstance(error, (JobCancelled, StartCancelled, Cancelled)):
+    if isinstance(error, (JobCancelled, Cancelled)):
         return "cancelled"
     if isinstance(error, ServerStartError):
         return f"the local engine did not start: {error}"

@@ -231,7 +231,7 @@ class SSLMedSAM2Logic:
                 if _edited(self._before, scene_io.snapshot(segmentation, volume)):
                     raise _EditedMeanwhile(EDITED_DURING_RUN)
                 scene_io.import_array(result.labels, segmentation, ids, volume)
-                self._load_review(_rows_from_text(result.confidence_csv), fresh)
+                self._load_review(result.confidence, fresh)
                 self.notes = [f"computed by {result.where}", *result.notes]
                 if then is not None:
                     then(result)
@@ -292,7 +292,7 @@ class SSLMedSAM2Logic:
     def load_pseudo_label(self, image: Path, labels: Path, confidence: Path | None = None, states=None):
         """A few-shot or refined result as a volume + segmentation under review (confidence table or states)."""
         import_engine()
-        from sslmedsam2.propagation.confidence import check_pair, read_confidence
+        from sslmedsam2.labelmap.confidence import check_pair, read_confidence
         from sslmedsam2.study.review_session import ReviewSession
 
         volume = self.fewshot_query_nodes.get(Path(image).name) or slicer.util.loadVolume(str(image))
@@ -352,14 +352,6 @@ class SSLMedSAM2Logic:
         if self.refine is None or self.refine.workspace != Path(workspace):
             self.refine = RefineControl(workspace)
         return self.refine.cancel()
-
-
-def _rows_from_text(text: str):
-    """A confidence table sent by the engine, read by the engine's own parser."""
-    import_engine()
-    from sslmedsam2.propagation.confidence import parse_confidence
-
-    return parse_confidence(text)
 
 
 def _edited(before: dict, now: dict) -> bool:

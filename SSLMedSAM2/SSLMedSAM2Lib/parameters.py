@@ -5,21 +5,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MODELS = ("medsam2", "sam2.1-tiny", "sam2.1-small", "sam2.1-base-plus", "sam2.1-large")
-DEVICES = ("auto", "cuda", "mps", "cpu")
-AXES = ("axial", "coronal", "sagittal")
+from SSLMedSAM2Lib.launch import import_engine
+
+import_engine()
+from sslmedsam2 import settings as engine_settings  # noqa: E402 (the engine's lists and rules: no copies here)
+
+MODELS = engine_settings.MODEL_NAMES
+DEVICES = engine_settings.DEVICES
+AXES = engine_settings.AXES
 ENGINES = ("local", "remote")
 
 
 @dataclass
 class EngineSettings:
-    model: str = "medsam2"
+    """The panel's engine settings as its parameter node keeps them (strings and numbers a widget shows); the
+    engine's EngineSettings checks them."""
+
+    model: str = engine_settings.DEFAULT_MODEL
     checkpoint: str = ""  # a local file instead of the cached download
     image_size: int = 0  # 0: the model's own
     device: str = "auto"
     axis: str = "axial"
     modality: str = "mri"
     allow_download: bool = False  # set once the user agreed to download weights
+
+    def engine(self) -> "engine_settings.EngineSettings":
+        from sslmedsam2.frames import IntensitySpec
+
+        return engine_settings.EngineSettings(
+            method="sam2", model=self.model, checkpoint=Path(self.checkpoint) if self.checkpoint else None,
+            image_size=self.image_size or None, device=self.device, axis=self.axis,
+            intensity=IntensitySpec(modality=self.modality) if self.modality in engine_settings.MODALITIES
+            else IntensitySpec(), download=self.allow_download)
 
 
 @dataclass
@@ -47,20 +64,10 @@ def connection_problems(connection: Connection) -> list[str]:
 
 
 def problems(settings: EngineSettings) -> list[str]:
-    """Everything wrong with the settings, as sentences for the GUI (empty: good to go)."""
-    found = []
-    if settings.model not in MODELS:
-        found.append(f"Unknown model {settings.model!r}.")
-    if settings.device not in DEVICES:
-        found.append(f"Unknown device {settings.device!r}.")
-    if settings.axis not in AXES:
-        found.append(f"Unknown slice axis {settings.axis!r}.")
-    if settings.modality not in ("mri", "ct"):
+    """Everything wrong with the settings, as sentences for the GUI (empty: good to go): the engine's own checks."""
+    found = [f"{text[0].upper()}{text[1:]}." for text in settings.engine().problems()]
+    if settings.modality not in engine_settings.MODALITIES:
         found.append(f"Unknown modality {settings.modality!r}.")
-    if settings.image_size and (settings.image_size % 16 or settings.image_size < 64):
-        found.append(f"Image size {settings.image_size} must be a multiple of 16, at least 64 (0: the model's own).")
-    if settings.checkpoint and not Path(settings.checkpoint).is_file():
-        found.append(f"Checkpoint {settings.checkpoint} does not exist.")
     return found
 
 

@@ -81,7 +81,7 @@ class StudyModelRuns:
 
     def _load(self, folder: Path, output: Path, volume, segmentation, labels: dict[str, int], axis: str) -> None:
         import_engine()
-        from sslmedsam2.propagation.confidence import read_confidence
+        from sslmedsam2.labelmap.confidence import read_confidence
         from sslmedsam2.study.review_session import ReviewSession
 
         if segmentation is None:

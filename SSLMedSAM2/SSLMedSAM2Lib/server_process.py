@@ -25,6 +25,7 @@ from pathlib import Path
 from SSLMedSAM2Lib.engine_output import EngineOutput
 from SSLMedSAM2Lib.launch import child_options, engine_environment, python_interpreter
 from SSLMedSAM2Lib.parameters import EngineSettings, serve_command
+from sslmedsam2.jobs import Cancelled
 
 # Runs `sslmedsam2 serve ... --exit-with-stdin` (sys.argv[1:]): the server stops itself gracefully when standard
 # input ends (Slicer gone), deleting every session's data; then this deletes the private folder (token, log). A
@@ -50,8 +51,8 @@ class PortTaken(ServerStartError):
     """The free port found was taken before the server bound it (tried once more with another)."""
 
 
-class StartCancelled(ServerStartError):
-    """Cancel was pressed while the local engine was starting (it is stopped)."""
+class StartCancelled(Cancelled):
+    """Cancel was pressed while the local engine was starting (it is stopped): the engine's Cancelled."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from SSLMedSAM2Lib.parameters import EngineSettings
 _MAKE_CHECKPOINT = """
 import sys, torch
 from sslmedsam2.models import get_model
-from sslmedsam2.models.loader import build_predictor
+from sslmedsam2.propagation.builder import build_predictor
 torch.manual_seed(0)
 predictor = build_predictor(get_model("sam2.1-tiny"), None, "cpu", 128)
 torch.save({"model": predictor.state_dict()}, sys.argv[1])

@@ -26,7 +26,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 def _suite_itk_worker(tmp_path_factory):
     """The suite's shared ITK worker lives in a folder of its own, idles out soon, and is stopped at the end:
     no test reuses the user's worker, and none is left running after the suite."""
-    from sslmedsam2.propagation import shared_worker
+    from sslmedsam2.interpolation import shared_worker
 
     directory = tmp_path_factory.mktemp("itk")
     directory.chmod(0o700)
@@ -95,7 +95,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     import torch
 
     from sslmedsam2.models import get_model
-    from sslmedsam2.models.loader import build_predictor
+    from sslmedsam2.propagation.builder import build_predictor
 
     torch.manual_seed(0)
     predictor = build_predictor(get_model("sam2.1-tiny"), None, "cpu", TINY_SIZE)

@@ -8,7 +8,7 @@ from conftest import TINY_SIZE
 from sam2.modeling.sam.transformer import RoPEAttention
 
 from sslmedsam2.models import get_model
-from sslmedsam2.models.loader import build_predictor
+from sslmedsam2.propagation.builder import build_predictor
 from sslmedsam2.propagation import attention
 
 SIDE = 8  # an 8 x 8 feature map: 64 queries, 64 tokens per memory frame

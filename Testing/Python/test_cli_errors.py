@@ -189,6 +189,6 @@ def test_out_of_memory_is_one_line(files, capsys, monkeypatch, error):
     def exhausted(seeds):
         raise OutOfMemoryError("CUDA out of memory (simulated)") if error == "gpu" else MemoryError()
 
-    monkeypatch.setattr("sslmedsam2.propagation.interpolation.interpolate_between_seeds", exhausted)
+    monkeypatch.setattr("sslmedsam2.interpolation.contour.interpolate_between_seeds", exhausted)
     image, seeds, out = files
     _expect_error(capsys, _propagate(image, seeds, out), out, "out of GPU memory" if error == "gpu" else "out of memory")

@@ -17,10 +17,10 @@ def test_compiled_tracking_equals_eager(tiny_checkpoint):
     from sslmedsam2.frames import IntensitySpec, to_uint8
     from sslmedsam2.frames.video import VolumeFrames
     from sslmedsam2.models import get_model
-    from sslmedsam2.models.loader import build_predictor
+    from sslmedsam2.propagation.builder import build_predictor
     from sslmedsam2.propagation.features import FeatureStore
     from sslmedsam2.propagation.sam2_propagation import run_passes
-    from sslmedsam2.propagation.seeds import Seeds
+    from sslmedsam2.labelmap.seeds import Seeds
 
     image, labels = synthetic_case((12, 40, 40), seed=5)
     seeds = Seeds(seeds_on(labels, {1: [3, 8], 2: [9]}))
@@ -67,7 +67,7 @@ def test_a_step_that_cannot_compile_falls_back_to_eager(tiny_checkpoint, tmp_pat
     import SimpleITK as sitk
     from conftest import to_image
 
-    from sslmedsam2.models import loader
+    from sslmedsam2.propagation import builder as loader
 
     image, labels = synthetic_case((8, 32, 32), seed=2)
     sitk.WriteImage(to_image(image), str(tmp_path / "image.nii.gz"))
@@ -85,12 +85,13 @@ def test_a_step_that_cannot_compile_falls_back_to_eager(tiny_checkpoint, tmp_pat
     argv = [str(tmp_path / "image.nii.gz"), str(tmp_path / "seeds.nii.gz"), "--method", "sam2", "--model",
             "sam2.1-tiny", "--checkpoint", str(tiny_checkpoint), "--image-size", str(TINY_SIZE), "--device", "cpu"]
     assert main(["propagate", *argv, "-o", str(tmp_path / "eager.nii.gz")]) == 0
-    from sslmedsam2.pipeline import PropagateOptions, run_propagate
+    from sslmedsam2.session.files import run_propagate
+    from sslmedsam2.settings import EngineSettings
 
     said = []
     monkeypatch.setattr(loader, "build_predictor", broken_compiler)
-    options = PropagateOptions(method="sam2", model="sam2.1-tiny", checkpoint=tiny_checkpoint, device="cpu",
-                               image_size=TINY_SIZE, compile=True)
+    options = EngineSettings(method="sam2", model="sam2.1-tiny", checkpoint=tiny_checkpoint, device="cpu",
+                             image_size=TINY_SIZE, compile=True)
     run_propagate(tmp_path / "image.nii.gz", tmp_path / "seeds.nii.gz", tmp_path / "fallback.nii.gz", options,
                   log=said.append)
     assert [line for line in said if "--compile" in line] == [

@@ -195,7 +195,7 @@ def file_size_limit():
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha", ""])
 def test_full_disk_during_propagate(case, tmp_path, capsys, file_size_limit, suffix):
     image, seeds, _ = case
-    from sslmedsam2.propagation.interpolation import WORKER
+    from sslmedsam2.interpolation.contour import WORKER
 
     WORKER.start()  # started before the limit, as a server's worker is
     reference = tmp_path / f"reference{suffix or '_dicom'}"
@@ -353,7 +353,7 @@ def test_pseudolabel_refuses_a_folder_finished_with_other_settings(tmp_path, cap
     finished = {"query_file": "q.nii.gz", "labels": [1, 2], "case_confidence": 0.5,
                 "settings": options.settings(["s.nii.gz"])}
     (folders["out"] / "q.case.json").write_text(json.dumps(finished))
-    from sslmedsam2.propagation.confidence import write_result
+    from sslmedsam2.labelmap.confidence import write_result
 
     write_result(to_image(labels), folders["out"] / "q.nii.gz", [])  # a finished case, as the tool writes it
     argv = ["pseudolabel", "--support-images", str(folders["images"]), "--support-labels", str(folders["labels"]),
@@ -454,8 +454,8 @@ def test_outputs_honour_the_umask(case, tmp_path, umask):
 # --- 11: the contour interpolation worker stays alive, and a crash is isolated --------------------------------
 # (the shared per-user worker: test_interpolation_worker.py; here the child worker, Windows' and the fallback)
 def test_interpolation_worker_is_reused_and_restarted_after_a_crash(monkeypatch):
-    from sslmedsam2.propagation.interpolation import WORKER, interpolate_between_seeds
-    from sslmedsam2.propagation.seeds import Seeds
+    from sslmedsam2.interpolation.contour import WORKER, interpolate_between_seeds
+    from sslmedsam2.labelmap.seeds import Seeds
 
     monkeypatch.setenv("SSLMEDSAM2_ITK_WORKER", "child")
     assert WORKER.backend() is WORKER.child

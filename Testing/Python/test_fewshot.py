@@ -121,7 +121,7 @@ def test_batched_videos_equal_naive_videos(tiny_checkpoint):
     from sslmedsam2.fewshot.tracking import (FeatureStore, SupportMemory, support_masks, track_video_naive,
                                              track_videos_cached)
     from sslmedsam2.models import get_model
-    from sslmedsam2.models.loader import build_predictor
+    from sslmedsam2.propagation.builder import build_predictor
 
     predictor = build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", TINY_SIZE)
     support_image, support_labels = synthetic_case((10, 40, 40), seed=3)
@@ -150,17 +150,20 @@ def test_query_batches_are_sized_by_features_and_memory_banks(tiny_checkpoint, m
     import torch
 
     from sslmedsam2.fewshot.engine import BANK_TOKEN_BYTES, FewShotEngine
-    from sslmedsam2.fewshot.volumes import FewShotVolume
     from sslmedsam2.propagation.features import frame_feature_bytes
+    from sslmedsam2.settings import EngineSettings
+    from sslmedsam2.volume.slices import SliceGrid, SliceVolume
 
-    def support(name: str, prompted: int) -> FewShotVolume:
+    def support(name: str, prompted: int) -> SliceVolume:
         labels = np.zeros((20, 32, 32), np.uint8)
         labels[:prompted, 4:9, 4:9] = 1
         labels[:2, 20:25, 20:25] = 2
-        return FewShotVolume(name, Path(name), None, np.zeros((20, 32, 32), np.uint8), labels, "axial")
+        grid = SliceGrid((32, 32, 20), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), "axial", 0)
+        return SliceVolume(name, grid, np.zeros((20, 32, 32), np.uint8), labels, Path(name))
 
-    options = SimpleNamespace(model="sam2.1-tiny", checkpoint=tiny_checkpoint, download=False, device="cpu",
-                              image_size=TINY_SIZE, naive=False, compile=False)
+    options = SimpleNamespace(engine=EngineSettings(method="sam2", model="sam2.1-tiny", checkpoint=tiny_checkpoint,
+                                                    download=False, device="cpu", image_size=TINY_SIZE),
+                              naive=False)
     narrow = FewShotEngine(options, [support("a", 3)], [1, 2], log=lambda message: None).track_bytes(50)
     engine = FewShotEngine(options, [support("a", 3), support("b", 15)], [1, 2], log=lambda message: None)
     assert engine.fits([10**12]) and not engine.fits([1, 1])  # CPU
@@ -193,7 +196,7 @@ def test_queries_batched_together_equal_each_query_alone(tmp_path, tiny_checkpoi
     from sslmedsam2.fewshot.tracking import (FeatureStore, QueryVideos, SupportMemory, support_masks,
                                              track_queries_cached, track_videos_cached)
     from sslmedsam2.models import get_model
-    from sslmedsam2.models.loader import build_predictor
+    from sslmedsam2.propagation.builder import build_predictor
 
     predictor = build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", TINY_SIZE)
     support_image, support_labels = synthetic_case((10, 40, 40), seed=3)
@@ -263,7 +266,7 @@ def test_out_of_gpu_memory_means_smaller_batches_then_a_clear_error(tmp_path, ti
         def __exit__(self, *exc):
             pass
 
-    monkeypatch.setattr("sslmedsam2.cli._ProgressBar", Bar)
+    monkeypatch.setattr("sslmedsam2.cli.options.ProgressBar", Bar)
     for name, tracker in (("retry", small_gpu), ("fail", no_gpu)):
         monkeypatch.setattr(engine, "track_queries_cached", tracker)
         argv = _argv(folders, tiny_checkpoint)

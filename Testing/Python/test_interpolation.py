@@ -12,9 +12,10 @@ from conftest import ellipsoid, shared_dataset
 
 from sslmedsam2.cli import main
 from sslmedsam2.metrics import score_labels
-from sslmedsam2.pipeline import load_case
-from sslmedsam2.propagation.interpolation import interpolate_between_seeds
-from sslmedsam2.propagation.seeds import Seeds, slices_with
+from sslmedsam2.session.files import read_inputs
+from sslmedsam2.settings import EngineSettings
+from sslmedsam2.interpolation.contour import interpolate_between_seeds
+from sslmedsam2.labelmap.seeds import Seeds, slices_with
 
 
 def test_fills_between_seed_slices_and_keeps_them():
@@ -57,10 +58,10 @@ REAL_CASES = [
 def test_interpolation_baseline_on_real_data(dataset, case, axis, floors, tmp_path):
     folder = shared_dataset(dataset)
     image, label = folder / "images" / f"{case}.nii.gz", folder / "labels" / f"{case}.nii.gz"
-    full = load_case(image, label, axis)
+    full = read_inputs(image, label, EngineSettings(axis=axis))
     seeds = Seeds.every_nth_slice(full.seeds.labels_map, 5)
     seeds_path, out = tmp_path / "seeds.nii.gz", tmp_path / "out.nii.gz"
-    sitk.WriteImage(full.to_image(seeds.labels_map), str(seeds_path))
+    sitk.WriteImage(full.volume.to_image(seeds.labels_map), str(seeds_path))
     assert main(["propagate", str(image), str(seeds_path), "-o", str(out), "--method", "interpolate", "--axis", axis]) == 0
     result = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(label))).astype(np.uint8)
@@ -85,7 +86,7 @@ def test_seeds_find_what_a_full_search_finds(dtype):
 
 def test_a_seed_file_is_searched_once(tmp_path, monkeypatch):
     """Checking a seed map and using it share one search (about 30 ms for 512 x 512 x 300)."""
-    from sslmedsam2.propagation import seeds as seeds_module
+    from sslmedsam2.labelmap import seeds as seeds_module
 
     labels = np.zeros((6, 8, 8), np.uint8)
     labels[1, 2:4, 2:4], labels[4, 3:6, 3:6] = 1, 2
@@ -96,6 +97,6 @@ def test_a_seed_file_is_searched_once(tmp_path, monkeypatch):
     search = seeds_module.drawn_slices
     spy = lambda m: calls.append(1) or search(m)  # noqa: E731
     monkeypatch.setattr(seeds_module, "drawn_slices", spy)
-    monkeypatch.setattr("sslmedsam2.pipeline.drawn_slices", spy, raising=False)  # wherever it is imported
-    case = load_case(image, seeds_path)
+    monkeypatch.setattr("sslmedsam2.session.files.drawn_slices", spy, raising=False)  # wherever it is imported
+    case = read_inputs(image, seeds_path, EngineSettings())
     assert case.seeds.seed_slices() == {1: [1], 2: [4]} and len(calls) == 1

@@ -19,9 +19,9 @@ import SimpleITK as sitk
 from conftest import seeds_on, synthetic_case
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.propagation import shared_worker
-from sslmedsam2.propagation.interpolation import WORKER, interpolate_between_seeds
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.interpolation import shared_worker
+from sslmedsam2.interpolation.contour import WORKER, interpolate_between_seeds
+from sslmedsam2.labelmap.seeds import Seeds
 
 pytestmark = pytest.mark.skipif(not shared_worker.supported(), reason="no Unix sockets: the child worker is used")
 

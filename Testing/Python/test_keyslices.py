@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from conftest import ellipsoid, to_image
 
 from sslmedsam2.cli import main
-from sslmedsam2.propagation.confidence import SliceConfidence, confidence_path, write_confidence
+from sslmedsam2.labelmap.confidence import SliceConfidence, confidence_path, write_confidence
 from sslmedsam2.refine.keyslices import continuity, largest_component, seed_map, select_key_slices
 
 SHAPE = (30, 40, 40)

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import seeds_on, synthetic_case, to_image
 
-from sslmedsam2.propagation.confidence import check_pair, confidence_path, pair_state, read_confidence
+from sslmedsam2.labelmap.confidence import check_pair, confidence_path, pair_state, read_confidence
 from sslmedsam2.volume.io import image_mark
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="SIGKILL and SIGHUP are POSIX")
@@ -142,8 +142,8 @@ def test_termination_signals_clean_up_like_ctrl_c(tmp_path, inputs, name):
 
 def test_a_signal_ignored_by_the_parent_stays_ignored(tmp_path, inputs):
     """nohup ignores SIGHUP: the command must not start reacting to it."""
-    code = ("import signal, sys\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\nfrom sslmedsam2 import cli\n"
-            "cli._stop_on_signals()\nprint(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, "
+    code = ("import signal, sys\nsignal.signal(signal.SIGHUP, signal.SIG_IGN)\nfrom sslmedsam2.cli import command as cli\n"
+            "cli.stop_on_signals()\nprint(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, "
             "signal.getsignal(signal.SIGTERM) is cli._stop)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.split() == ["True", "True"], done.stderr

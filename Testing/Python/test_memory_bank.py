@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_SIZE
 
 from sslmedsam2.models import get_model
-from sslmedsam2.models.loader import build_predictor
+from sslmedsam2.propagation.builder import build_predictor
 from sslmedsam2.propagation import attention, memory_bank
 
 

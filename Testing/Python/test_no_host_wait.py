@@ -13,11 +13,11 @@ from sslmedsam2.fewshot import tracking
 from sslmedsam2.frames import IntensitySpec, to_uint8
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.models import get_model
-from sslmedsam2.models.loader import build_predictor
+from sslmedsam2.propagation.builder import build_predictor
 from sslmedsam2.propagation import attention, batched
 from sslmedsam2.propagation.features import FeatureStore
-from sslmedsam2.propagation.seeds import Seeds
-from sslmedsam2.propagation.session import VolumeSession
+from sslmedsam2.labelmap.seeds import Seeds
+from sslmedsam2.propagation.tracker import VolumeTracker
 
 # operators whose output size or value the host needs at once: on CUDA each waits for the queued work
 WAITING = ("aten.item", "aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique",
@@ -61,7 +61,7 @@ def _watched(monkeypatch, owner, name) -> _Waits:
 def test_propagation_steps_never_wait_for_the_gpu(predictor, monkeypatch):
     monkeypatch.setattr(attention, "AS_ON_GPU", True)
     image, labels = synthetic_case(shape=(16, 40, 44))
-    session = VolumeSession(predictor, to_uint8(image, IntensitySpec()), features_on="cpu")
+    session = VolumeTracker(predictor, to_uint8(image, IntensitySpec()), features_on="cpu")
     seeds = Seeds(seeds_on(labels, {1: [4, 9], 2: [7]}))
     session.propagate(seeds)  # encoded: what is watched below is tracking and recording only
     waits = _watched(monkeypatch, batched, "run_tracks")

@@ -12,7 +12,7 @@ from conftest import synthetic_case, table_lines, to_image
 from scipy import ndimage
 
 from sslmedsam2.cli import main
-from sslmedsam2.propagation.confidence import COLUMNS, confidence_path, read_confidence, slice_certainty
+from sslmedsam2.labelmap.confidence import COLUMNS, confidence_path, read_confidence, slice_certainty
 from sslmedsam2.refine.softmax import softmax_confidence
 
 

@@ -12,9 +12,10 @@ import SimpleITK as sitk
 from conftest import TINY_SIZE, synthetic_case, to_image
 from scipy import ndimage
 
-from sslmedsam2 import pipeline
+from sslmedsam2.session.local import LocalSession
+from sslmedsam2.settings import EngineSettings
 from sslmedsam2.cli import main
-from sslmedsam2.propagation.confidence import confidence_path, read_confidence, write_confidence
+from sslmedsam2.labelmap.confidence import confidence_path, read_confidence, write_confidence
 from sslmedsam2.refine.events import read_events, request_stop
 from sslmedsam2.refine.sam2_refine import Sam2Settings, refine_case
 from sslmedsam2.refine.softmax import softmax_confidence
@@ -57,15 +58,15 @@ def _events(ws: Path) -> list[dict]:
 def test_one_round_end_to_end_with_a_stop_between_cases_and_resume(study, tiny_checkpoint, monkeypatch, capsys):
     argv = ["refine", str(study), "--quick", "--device", "cpu", "--rounds", "1", "--convergence", "1.0",
             *_sam2_args(tiny_checkpoint), "--key-slices", "2", "--min-continuity", "0.3"]
-    real = pipeline.propagate_case
+    real = LocalSession.propagate
     calls = []
 
-    def propagate_then_stop(*args, **kwargs):  # a stop request arrives while the first case propagates
-        calls.append(args[0].seeds.labels)
+    def propagate_then_stop(self, update, *args, **kwargs):  # a stop request arrives while the first case propagates
+        calls.append(sorted(update))
         request_stop(study / "refine")
-        return real(*args, **kwargs)
+        return real(self, update, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "propagate_case", propagate_then_stop)
+    monkeypatch.setattr(LocalSession, "propagate", propagate_then_stop)
     assert main(argv) == 3  # cancelled at the next safe point: between cases
     round_dir = study / "refine" / "rounds" / "round_00"
     sam2 = round_dir / "sam2"
@@ -75,7 +76,7 @@ def test_one_round_end_to_end_with_a_stop_between_cases_and_resume(study, tiny_c
     finished_c2 = (sam2 / "c2.nii.gz").stat().st_mtime_ns
     trained_epochs = [e["epoch"] for e in _events(study) if e["event"] == "epoch"]
 
-    monkeypatch.setattr(pipeline, "propagate_case", real)
+    monkeypatch.setattr(LocalSession, "propagate", real)
     assert main(argv) == 0
     events = _events(study)
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == trained_epochs, "training was not redone"
@@ -132,8 +133,8 @@ def test_fusion_by_confidence_vouched_slices_and_labels_nobody_prompted(tmp_path
     sitk.WriteImage(to_image(prediction), str(predicted))
     probs = {v: np.where(prediction == v, 1.0, 0.0).astype(np.float32) for v in (1, 2)}  # sure of every slice
     write_confidence(softmax_confidence(prediction, probs), confidence_path(predicted))
-    options = pipeline.PropagateOptions(method="sam2", model="sam2.1-tiny", checkpoint=tiny_checkpoint,
-                                        device="cpu", image_size=TINY_SIZE)
+    options = EngineSettings(method="sam2", model="sam2.1-tiny", checkpoint=tiny_checkpoint, device="cpu",
+                             image_size=TINY_SIZE)
 
     out = tmp_path / "sam2"
     settings = Sam2Settings(options, per_label=2, min_continuity=0.5, fusion="confidence", log=lambda m: None)

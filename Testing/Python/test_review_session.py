@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sslmedsam2.propagation.confidence import SliceConfidence
+from sslmedsam2.labelmap.confidence import SliceConfidence
 from sslmedsam2.study.review import SliceState as S
 from sslmedsam2.study.review_session import ReviewSession
 

@@ -12,10 +12,10 @@ from sslmedsam2.cli import main
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.models import get_model
-from sslmedsam2.models.loader import build_predictor
-from sslmedsam2.propagation.confidence import read_confidence
+from sslmedsam2.propagation.builder import build_predictor
+from sslmedsam2.labelmap.confidence import read_confidence
 from sslmedsam2.propagation.sam2_propagation import fuse
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.labelmap.seeds import Seeds
 
 SAM2_ARGS = ["--method", "sam2", "--model", "sam2.1-tiny", "--image-size", str(TINY_SIZE), "--device", "cpu"]
 

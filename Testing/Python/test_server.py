@@ -24,6 +24,8 @@ from sslmedsam2.server.limits import MB, ServerSettings
 from sslmedsam2.server.main import serve_in_thread
 from sslmedsam2.server.service import Service
 from sslmedsam2.server.wire import encode_array, slice_entry
+from sslmedsam2.session.remote import RemoteSession
+from sslmedsam2.labelmap.confidence import confidence_text
 
 MODEL = ["--model", "sam2.1-tiny", "--image-size", str(TINY_SIZE)]
 OPEN = {"model": "sam2.1-tiny", "image_size": TINY_SIZE}
@@ -104,12 +106,12 @@ def test_same_as_cold_propagate_first_and_after_an_edit(case_files, tiny_checkpo
     cold_labels, cold_table = _cold(image, seeds_path, tmp_path / "cold.nii.gz", tiny_checkpoint)
 
     calls = _count_encodes(monkeypatch)
-    with client.open_volume(image.read_bytes(), image.name, **OPEN) as volume:
+    with RemoteSession(client, image.read_bytes(), image.name, **OPEN) as volume:
         assert volume.info["array_axis"] == 0 and volume.info["slices"] == 24
         first = volume.propagate(_planes(seeds))
         assert sum(calls) == 24, "each slice is encoded once"
         np.testing.assert_array_equal(first.labels, cold_labels)
-        assert_same_table(first.confidence_csv, cold_table)
+        assert_same_table(confidence_text(first.confidence), cold_table)
 
         # a corrected slice in the middle: only it is sent, only the tracking runs again
         corrected = np.where(labels[13] == 1, 1, 0).astype(np.uint8)
@@ -118,11 +120,11 @@ def test_same_as_cold_propagate_first_and_after_an_edit(case_files, tiny_checkpo
         sitk.WriteImage(to_image(edited), str(tmp_path / "edited.nii.gz"))
         again = volume.propagate({13: corrected}, replace=False)
         assert sum(calls) == 24, "a re-propagation encoded slices again"
-        assert again.result == first.result + 1
+        assert again.number == first.number + 1
         cold_edit, cold_edit_table = _cold(image, tmp_path / "edited.nii.gz", tmp_path / "cold_edit.nii.gz",
                                            tiny_checkpoint)
         np.testing.assert_array_equal(again.labels, cold_edit)
-        assert_same_table(again.confidence_csv, cold_edit_table)
+        assert_same_table(confidence_text(again.confidence), cold_edit_table)
         assert not np.array_equal(cold_edit, cold_labels)
 
         # the label map file on the image grid, written by the engine's writer
@@ -131,12 +133,11 @@ def test_same_as_cold_propagate_first_and_after_an_edit(case_files, tiny_checkpo
         served, reference = sitk.ReadImage(str(nifti)), sitk.ReadImage(str(tmp_path / "cold_edit.nii.gz"))
         np.testing.assert_array_equal(sitk.GetArrayFromImage(served), cold_edit)
         assert served.GetSize() == reference.GetSize() and np.allclose(served.GetOrigin(), reference.GetOrigin())
-        from sslmedsam2.propagation.confidence import check_pair, confidence_path
+        from sslmedsam2.labelmap.confidence import check_pair, confidence_path
 
         confidence_path(nifti).write_text(client.confidence(volume.id))
         check_pair(nifti)  # the served label map and table carry one result id
-        confidence_path(nifti).write_text(again.confidence_csv.replace(again.confidence_csv.split("\n")[0],
-                                                                       "# sslmedsam2 confidence table, result 0123456789abcdef"))
+        confidence_path(nifti).write_text(confidence_text(again.confidence, "0123456789abcdef"))
         with pytest.raises(UserError, match="does not belong"):
             check_pair(nifti)
         session_folder = engine_server[1].root / volume.id
@@ -164,7 +165,7 @@ def test_two_clients_at_once(engine_server, tmp_path):
         c = Client(server[0])
         try:
             path, planes = images[k]
-            with c.open_volume(path.read_bytes(), path.name, **OPEN) as volume:
+            with RemoteSession(c, path.read_bytes(), path.name, **OPEN) as volume:
                 answers[k] = volume.propagate(planes).labels
                 answers[k, "again"] = volume.propagate(planes).labels
         except Exception as exc:
@@ -189,7 +190,7 @@ def test_cancel_stops_a_propagation_and_keeps_the_previous_result(client, tmp_pa
     path = tmp_path / "slow.nii.gz"
     sitk.WriteImage(to_image(image), str(path))
     planes = _planes(seeds_on(labels, {1: [4, 7]}))
-    with client.open_volume(path.read_bytes(), path.name, **OPEN) as volume:
+    with RemoteSession(client, path.read_bytes(), path.name, **OPEN) as volume:
         done = volume.propagate(planes)
         original = SlicePredictor._run_single_frame_inference
 
@@ -208,9 +209,9 @@ def test_cancel_stops_a_propagation_and_keeps_the_previous_result(client, tmp_pa
         assert time.perf_counter() - started < 5
         monkeypatch.undo()
         labels_now, result = client.labels(volume.id)
-        assert result == done.result and client.session(volume.id)["prompt_slices"] == sorted(planes)
+        assert result == done.number and client.session(volume.id)["prompt_slices"] == sorted(planes)
         np.testing.assert_array_equal(labels_now, done.labels)
-        assert volume.propagate(planes).result == done.result + 1, "the session works after a cancel"
+        assert volume.propagate(planes).number == done.number + 1, "the session works after a cancel"
 
 
 def test_memory_budget_evicts_the_least_recently_used(tiny_checkpoint, tmp_path, monkeypatch):
@@ -224,7 +225,7 @@ def test_memory_budget_evicts_the_least_recently_used(tiny_checkpoint, tmp_path,
         image, labels = synthetic_case(shape=(10, 32, 32))
         data = _bytes(tmp_path, image, "a.nii.gz")
         planes = _planes(seeds_on(labels, {1: [3, 6]}))
-        a, b = c.open_volume(data, "a.nii.gz", **OPEN), c.open_volume(data, "b.nii.gz", **OPEN)
+        a, b = RemoteSession(c, data, "a.nii.gz", **OPEN), RemoteSession(c, data, "b.nii.gz", **OPEN)
         a.propagate(planes)
         b.propagate(planes)
         assert sum(calls) == 20
@@ -238,7 +239,7 @@ def test_memory_budget_evicts_the_least_recently_used(tiny_checkpoint, tmp_path,
 
         big, _ = synthetic_case(shape=(16, 32, 32))
         with pytest.raises(ServerError, match="memory budget") as refused:
-            c.open_volume(_bytes(tmp_path, big, "big.nii.gz"), "big.nii.gz", **OPEN)
+            RemoteSession(c, _bytes(tmp_path, big, "big.nii.gz"), "big.nii.gz", **OPEN)
         assert refused.value.status == 413
         c.close()
 

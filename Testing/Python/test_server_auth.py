@@ -17,6 +17,7 @@ from sslmedsam2.server.client import Client, ServerError, SessionGone
 from sslmedsam2.server.limits import ServerSettings
 from sslmedsam2.server.main import check_bind, is_loopback, serve_in_thread
 from sslmedsam2.server.tokens import TokenCheck, read_client_token, read_server_tokens
+from sslmedsam2.session.remote import RemoteSession
 
 ALICE, BOB = "alice-" + "a" * 30, "bob-" + "b" * 30
 
@@ -123,7 +124,7 @@ def test_every_request_needs_a_token_and_sessions_are_private(tiny_checkpoint, t
         alice = Client(url, token_file=tokens)
         bob = Client(url, token=BOB)
         assert requests.get(url + "/openapi.json", headers={"Authorization": f"Bearer {BOB}"}, timeout=30).ok
-        volume = alice.open_volume(path.read_bytes(), path.name, model="sam2.1-tiny", image_size=TINY_SIZE)
+        volume = RemoteSession(alice, path.read_bytes(), path.name, model="sam2.1-tiny", image_size=TINY_SIZE)
         plane = np.where(labels[4] == 1, 1, 0).astype(np.uint8)
         job = alice.propagate(volume.id, {4: plane})
         assert [s["session"] for s in alice.get_json("/sessions")] == [volume.id]

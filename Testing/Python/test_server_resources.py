@@ -16,6 +16,7 @@ from sslmedsam2.server.client import Client, JobCancelled
 from sslmedsam2.server.errors import SessionGone
 from sslmedsam2.server.limits import ServerSettings
 from sslmedsam2.server.main import serve_in_thread
+from sslmedsam2.session.remote import RemoteSession
 
 OPEN = {"model": "sam2.1-tiny", "image_size": TINY_SIZE}
 
@@ -40,7 +41,7 @@ def test_a_volume_left_half_encoded_by_a_cancel_still_keeps_the_budget(tiny_chec
     settings = _settings(tiny_checkpoint, tmp_path, memory_budget=int(frame_feature_bytes(TINY_SIZE) * 10 * 1.5))
     with serve_in_thread(settings) as (url, service):
         client = Client(url)
-        a, b = client.open_volume(data, "a.nii.gz", **OPEN), client.open_volume(data, "b.nii.gz", **OPEN)
+        a, b = RemoteSession(client, data, "a.nii.gz", **OPEN), RemoteSession(client, data, "b.nii.gz", **OPEN)
         encoded = []
         original = SlicePredictor.forward_image
 
@@ -67,7 +68,7 @@ def test_a_closed_session_is_released_once_its_job_has_ended(tiny_checkpoint, tm
     data, planes = volume_bytes
     with serve_in_thread(_settings(tiny_checkpoint, tmp_path)) as (url, service):
         client = Client(url)
-        volume = client.open_volume(data, "a.nii.gz", **OPEN)
+        volume = RemoteSession(client, data, "a.nii.gz", **OPEN)
         volume.propagate(planes)
         session = weakref.ref(service._sessions[volume.id])
         volume.close()
@@ -80,7 +81,7 @@ def test_a_label_download_racing_a_close_answers_session_gone(tiny_checkpoint, t
     data, planes = volume_bytes
     with serve_in_thread(_settings(tiny_checkpoint, tmp_path)) as (url, service):
         client = Client(url)
-        volume = client.open_volume(data, "a.nii.gz", **OPEN)
+        volume = RemoteSession(client, data, "a.nii.gz", **OPEN)
         volume.propagate(planes)
         session = service._sessions[volume.id]
         from sslmedsam2.server import service as service_module

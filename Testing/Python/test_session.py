@@ -9,10 +9,11 @@ from conftest import TINY_SIZE, seeds_on, synthetic_case
 
 from sslmedsam2.frames import IntensitySpec, to_uint8
 from sslmedsam2.models import get_model
-from sslmedsam2.models.loader import build_predictor
+from sslmedsam2.propagation.builder import build_predictor
 from sslmedsam2.propagation.sam2_propagation import run_passes
-from sslmedsam2.propagation.seeds import Seeds
-from sslmedsam2.propagation.session import Cancelled, VolumeSession
+from sslmedsam2.labelmap.seeds import Seeds
+from sslmedsam2.jobs import Cancelled
+from sslmedsam2.propagation.tracker import VolumeTracker
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def test_batched_tracks_give_sams_own_numbers(predictor, volume, monkeypatch, pa
         return result
 
     monkeypatch.setattr(batched.memory_bank, "assemble", spy)
-    cached = VolumeSession(predictor, slices, features_on="cpu")
-    uncached = VolumeSession(predictor, slices, features_on=None)  # sam2 encodes each frame as a pass reads it
+    cached = VolumeTracker(predictor, slices, features_on="cpu")
+    uncached = VolumeTracker(predictor, slices, features_on=None)  # sam2 encodes each frame as a pass reads it
     _same(cached.propagate(seeds), uncached.propagate(seeds))
     raw_cached = run_passes(predictor, cached.frames, seeds, store=cached.store)[0]
     raw_uncached = run_passes(predictor, uncached.frames, seeds)[0]
@@ -89,7 +90,7 @@ def test_batched_tracks_give_sams_own_numbers(predictor, volume, monkeypatch, pa
 
 def test_each_slice_is_encoded_once_across_propagations(predictor, volume, monkeypatch):
     slices, labels = volume
-    session = VolumeSession(predictor, slices, features_on="cpu")
+    session = VolumeTracker(predictor, slices, features_on="cpu")
     calls = _count_encodes(predictor, monkeypatch)
     session.propagate(Seeds(seeds_on(labels, {1: [4, 9], 2: [7]})))
     assert sum(calls) == len(slices)
@@ -100,12 +101,12 @@ def test_each_slice_is_encoded_once_across_propagations(predictor, volume, monke
     session.drop_features()
     _same(session.propagate(Seeds(edited)), again)
     assert sum(calls) == 2 * len(slices)
-    _same(again, VolumeSession(predictor, slices, features_on=None).propagate(Seeds(edited)))
+    _same(again, VolumeTracker(predictor, slices, features_on=None).propagate(Seeds(edited)))
 
 
 def test_a_session_can_be_cancelled_between_steps(predictor, volume):
     slices, labels = volume
-    session = VolumeSession(predictor, slices, features_on="cpu")
+    session = VolumeTracker(predictor, slices, features_on="cpu")
     asked = []
 
     def stop() -> bool:
@@ -122,7 +123,7 @@ def test_a_session_can_be_cancelled_between_steps(predictor, volume):
 def test_seeds_on_another_grid_are_refused(predictor, volume):
     slices, _ = volume
     with pytest.raises(ValueError):
-        VolumeSession(predictor, slices, features_on="cpu").propagate(Seeds(np.ones((3, 4, 5), np.uint8)))
+        VolumeTracker(predictor, slices, features_on="cpu").propagate(Seeds(np.ones((3, 4, 5), np.uint8)))
 
 
 def test_a_checkpoint_build_skips_random_initialisation_and_loads_every_weight(tiny_checkpoint):
@@ -151,7 +152,7 @@ def test_weights_stored_in_bf16_give_autocasts_numbers(tiny_checkpoint, volume):
     import copy
 
     from sslmedsam2.frames.video import VolumeFrames
-    from sslmedsam2.models.loader import autocast_weights_in_bf16
+    from sslmedsam2.propagation.builder import autocast_weights_in_bf16
 
     reference = build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", TINY_SIZE)
     converted = copy.deepcopy(reference)

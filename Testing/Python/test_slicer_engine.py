@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import TINY_SIZE, seeds_on, synthetic_case, table_lines, to_image
+from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
 
 MODULE_DIR = Path(__file__).resolve().parents[2] / "SSLMedSAM2"
 sys.path.insert(0, str(MODULE_DIR))
@@ -54,10 +54,10 @@ class Collect:
 
     def __init__(self) -> None:
         self.events: list = []
-        self.stop = threading.Event()
+        self._reporter = Reporter(lambda kind, payload: self.events.append((kind, payload)))
 
     def reporter(self) -> Reporter:
-        return Reporter(lambda kind, payload: self.events.append((kind, payload)), self.stop)
+        return self._reporter
 
 
 def _request(case, checkpoint, connection=LOCAL, key=("volume", 1), data=True, prompts=PROMPTS):
@@ -72,8 +72,8 @@ def _check_result(result, case) -> None:
     for label, slices in SEEDS.items():  # each label comes back exactly as drawn on its prompt slices
         for z in slices:
             np.testing.assert_array_equal(result.labels[z] == label, seeds[z] == label)
-    assert table_lines(result.confidence_csv)[0].startswith("slice,label,source")
-    assert len(table_lines(result.confidence_csv)) == 1 + 2 * seeds.shape[0]
+    assert {r.slice for r in result.confidence} == set(range(seeds.shape[0]))
+    assert len(result.confidence) == 2 * seeds.shape[0]
 
 
 @pytest.fixture(scope="module")

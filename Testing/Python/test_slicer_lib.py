@@ -21,7 +21,7 @@ from SSLMedSAM2Lib.parameters import (Connection, EngineSettings, connection_pro
                                       refine_command, serve_command)
 from SSLMedSAM2Lib.signal import Signal  # noqa: E402
 
-from sslmedsam2.cli import build_parser  # noqa: E402
+from sslmedsam2.cli.command import build_parser  # noqa: E402
 
 HEADLESS = ["signal.py", "dependencies.py", "parameters.py", "engine_output.py", "launch.py", "refine_control.py",
             "editor.py", "markers.py", "geometry.py", "study_seeds.py", "server_process.py", "interactive.py"]
@@ -67,7 +67,7 @@ def test_settings_problems(tmp_path):
 
 
 def test_commands_are_accepted_by_the_engine_parser():
-    from sslmedsam2.cli_study import _refine_options
+    from sslmedsam2.cli.study import _refine_options
 
     parser = build_parser()
     settings = EngineSettings(model="sam2.1-tiny", image_size=256, checkpoint="/x.pt", device="cpu",

@@ -225,7 +225,7 @@ def test_propagate_repropagate_undo_and_cancel_through_the_session(logic_module,
 
 
 def test_the_studys_model_and_its_key_slices(logic_module, scene, tiny_checkpoint, tmp_path):
-    from sslmedsam2.propagation.confidence import SliceConfidence, write_confidence
+    from sslmedsam2.labelmap.confidence import SliceConfidence, write_confidence
     from sslmedsam2.study.review import SliceState
     from sslmedsam2.study.workspace import init_workspace
 

@@ -72,7 +72,7 @@ def test_key_slice_prompts(axis):
 def test_the_engines_key_slices_come_back_on_the_volumes_grid(tmp_path):
     """`keyslices` (the command the module runs) on a prediction with a confidence table; its seed file, read as
     the module reads it, is a (k, j, i) array on the prediction's grid."""
-    from sslmedsam2.propagation.confidence import SliceConfidence, write_confidence
+    from sslmedsam2.labelmap.confidence import SliceConfidence, write_confidence
 
     shape = (16, 20, 18)
     labels = np.zeros(shape, np.uint8)

@@ -11,8 +11,9 @@ import SimpleITK as sitk
 
 from sslmedsam2.atomic import atomic_path
 from sslmedsam2.metrics import score_labels
-from sslmedsam2.pipeline import PropagateOptions, run_propagate
-from sslmedsam2.propagation.result import Progress
+from sslmedsam2.session.files import run_propagate
+from sslmedsam2.settings import EngineSettings
+from sslmedsam2.jobs import Progress
 from sslmedsam2.volume import slice_axis
 
 CASE = "hippocampus_001"
@@ -53,15 +54,14 @@ def draw_overview(image: sitk.Image, seeds: sitk.Image, result: sitk.Image, trut
     plt.close(fig)
 
 
-def run_demo(output_dir: Path, options: PropagateOptions, log: Callable[[str], None] = print,
+def run_demo(output_dir: Path, settings: EngineSettings, log: Callable[[str], None] = print,
              progress: Progress | None = None, download_progress=False) -> dict[int, float]:
     """Propagate the sample's seeds, print Dice per label against the manual label, draw overview.png."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    options.axis = AXIS
     result_path = output_dir / f"{CASE}_result.nii.gz"
-    report = run_propagate(sample_path("image"), sample_path("seeds"), result_path, options, log, progress,
-                           download_progress)
+    report = run_propagate(sample_path("image"), sample_path("seeds"), result_path, settings.but(axis=AXIS), log,
+                           progress, download_progress)
     truth, result = sitk.ReadImage(str(sample_path("label"))), sitk.ReadImage(str(result_path))
     scores = score_labels(sitk.GetArrayFromImage(result), sitk.GetArrayFromImage(truth), tuple(reversed(truth.GetSpacing())))
     method = f"SAM2 {report.model}" if report.method == "sam2" else "contour interpolation (no SAM2 weights)"

@@ -11,14 +11,14 @@ from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import ProbabilityMean, PseudoLabel
 from sslmedsam2.fewshot.tracking import (QueryVideos, SupportMemory, VideoResult, support_masks,
                                          track_queries_cached, track_video_naive)
-from sslmedsam2.fewshot.volumes import FewShotVolume
+from sslmedsam2.volume.slices import SliceVolume
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.features import (GPU_FEATURE_SHARE, FeatureStore, encode_chunk, feature_device,
                                              frame_feature_bytes)
-from sslmedsam2.models import get_model
-from sslmedsam2.models.loader import build_predictor, resolve_device
-from sslmedsam2.pipeline import PropagateOptions, find_weights
-from sslmedsam2.propagation.seeds import drawn_slices
+from sslmedsam2.propagation.builder import build_predictor
+from sslmedsam2.propagation.device import resolve_device
+from sslmedsam2.models.cache import find_weights
+from sslmedsam2.labelmap.seeds import drawn_slices
 
 # Working memory of a tracking step per memory-bank token of one track, besides 4 bytes per query token for the
 # padding mask, should the attention kernel expand it into a bias: the bank and its position encoding in float32
@@ -28,15 +28,13 @@ BANK_TOKEN_BYTES = 2560
 
 
 class FewShotEngine:
-    def __init__(self, options, supports: list[FewShotVolume], labels: list[int], log: Callable[[str], None],
+    def __init__(self, options, supports: list[SliceVolume], labels: list[int], log: Callable[[str], None],
                  download_progress=False) -> None:
-        weights = find_weights(PropagateOptions(method="sam2", model=options.model, checkpoint=options.checkpoint,
-                                                download=options.download), log, download_progress)
-        if weights is None:  # pragma: no cover - find_weights raises for method sam2
-            raise UserError("the few-shot branch needs SAM2 weights")
-        self.device = resolve_device(options.device)
-        self.predictor = build_predictor(get_model(options.model), weights, self.device, options.image_size,
-                                         options.compile and not options.naive, log)
+        engine = options.engine
+        weights = find_weights(engine.model, engine.checkpoint, engine.download, True, log, download_progress)
+        self.device = resolve_device(engine.device)
+        self.predictor = build_predictor(engine.spec, weights, self.device, engine.image_size,
+                                         engine.compile and not options.naive, log)
         self.image_size = self.predictor.image_size
         self.supports = {s.name: s for s in supports}
         self.labels = labels
@@ -50,16 +48,16 @@ class FewShotEngine:
         self._video_batch: int | None = None  # set when the GPU ran out of memory on a larger batch
         self._encode_chunk = encode_chunk(self.device, self.image_size)
 
-    def _frames(self, volume: FewShotVolume) -> VolumeFrames:
+    def _frames(self, volume: SliceVolume) -> VolumeFrames:
         return VolumeFrames(volume.slices, self.image_size, self.device)
 
-    def _memory_key(self, name: str, query: FewShotVolume) -> tuple:
+    def _memory_key(self, name: str, query: SliceVolume) -> tuple:
         n_query, height, width = query.slices.shape
         video_length = n_query + len(self.supports[name].slices)
         # SAM2 reads the video's length only to bound pointer look-back: beyond that bound all lengths agree
         return name, height, width, min(video_length, self.predictor.max_obj_ptrs_in_encoder)
 
-    def _memory(self, name: str, query: FewShotVolume) -> SupportMemory:
+    def _memory(self, name: str, query: SliceVolume) -> SupportMemory:
         support = self.supports[name]
         key = self._memory_key(name, query)
         if key not in self._memories:
@@ -97,7 +95,7 @@ class FewShotEngine:
         free, _ = torch.cuda.mem_get_info(self.device)
         return len(costs) <= 1 or (len(costs) <= 8 and sum(costs) <= GPU_FEATURE_SHARE * free)
 
-    def _query_store(self, queries: list[FewShotVolume]) -> FeatureStore:
+    def _query_store(self, queries: list[SliceVolume]) -> FeatureStore:
         """Every video reads each query slice: their features stay in memory (CPU memory at worst)."""
         slices = sum(len(q.slices) for q in queries)
         return FeatureStore(feature_device(self.device, self.image_size, slices) or "cpu")
@@ -146,7 +144,7 @@ class FewShotEngine:
                     from None
             return self._track(videos, store, memory, progress)
 
-    def pseudo_label_many(self, queries: list[FewShotVolume], positions: list[dict[str, list[int]]],
+    def pseudo_label_many(self, queries: list[SliceVolume], positions: list[dict[str, list[int]]],
                           progress=None) -> list[PseudoLabel]:
         """Several queries at once: each support's videos for all of them are tracked as one batch (queries of
         the same in-plane size; others in batches of their own). `progress` counts query slices tracked."""

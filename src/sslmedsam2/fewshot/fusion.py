@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from sslmedsam2.fewshot.tracking import VideoResult
-from sslmedsam2.propagation.confidence import SliceConfidence
+from sslmedsam2.labelmap.confidence import SliceConfidence
 from sslmedsam2.propagation.sam2_propagation import slice_certainty
 
 THRESHOLD = 0.5

@@ -19,12 +19,12 @@ from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import PseudoLabel
 from sslmedsam2.fewshot.insertions import insertion_positions
 from sslmedsam2.fewshot.similarity import most_similar
-from sslmedsam2.fewshot.volumes import FewShotVolume, check_label_sets, list_images, load_volume, pair_supports
-from sslmedsam2.frames import IntensitySpec
-from sslmedsam2.models.registry import get_model
-from sslmedsam2.propagation.confidence import pair_state, read_confidence, write_result
+from sslmedsam2.fewshot.volumes import check_label_sets, list_images, load_volume, pair_supports
+from sslmedsam2.settings import EngineSettings
+from sslmedsam2.labelmap.confidence import pair_state, read_confidence, write_result
 from sslmedsam2.provenance import table_header, table_mark
 from sslmedsam2.volume import write_images
+from sslmedsam2.volume.slices import SliceVolume
 from sslmedsam2.volume.io import (check_geometry_fits, check_replaceable, check_table_output, image_mark,
                                   is_orthogonal)
 
@@ -38,30 +38,24 @@ class PseudoLabelOptions:
     support_labels: Path
     query: Path
     output: Path
-    model: str = "medsam2"
-    checkpoint: Path | None = None
-    device: str = "auto"
-    image_size: int | None = None
+    engine: EngineSettings = field(default_factory=lambda: EngineSettings(method="sam2"))
     insertions: int = 5
     seed: int = 42
     supports: int | None = None  # the N most similar supports per query; None: all
     shard: tuple[int, int] = (1, 1)  # (I, N), 1-based
-    axis: str = "axial"
-    intensity: IntensitySpec = field(default_factory=IntensitySpec)
-    download: bool = True
     naive: bool = False  # the reference's per-video computation (for comparison)
     redo: bool = False  # recompute finished cases made with other settings (else such a folder is refused)
-    compile: bool = False  # SAM2's tracking step compiled (propagation/compiled.py); the same numbers
     allow_uneven: bool = False  # accept DICOM series with missing slices or uneven spacing
     overwrite: bool = False  # replace files of the queries' output names that this tool did not write
 
     def settings(self, support_files: list[str]) -> dict:
         """What a finished case's result depends on: a resumed run must not mix results of other settings.
         (--naive is left out: it gives the same numbers.)"""
-        size = get_model(self.model).image_size if self.image_size is None else self.image_size
-        record = {"model": self.model, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                  "image_size": size, "insertions": self.insertions, "seed": self.seed, "supports": self.supports,
-                  "support_files": sorted(support_files), "axis": self.axis, "intensity": asdict(self.intensity)}
+        engine = self.engine
+        record = {"model": engine.spec.name, "checkpoint": str(engine.checkpoint) if engine.checkpoint else None,
+                  "image_size": engine.size, "insertions": self.insertions, "seed": self.seed,
+                  "supports": self.supports, "support_files": sorted(support_files), "axis": engine.axis,
+                  "intensity": asdict(engine.intensity)}
         return json.loads(json.dumps(record))
 
 
@@ -134,7 +128,7 @@ def _validate_queries(queries: list[Path]) -> None:
                             "outputs cannot store exactly; resample it onto an orthogonal grid first")
 
 
-def write_case(outdir: Path, query: FewShotVolume, result: PseudoLabel, info: dict) -> None:
+def write_case(outdir: Path, query: SliceVolume, result: PseudoLabel, info: dict) -> None:
     files = output_files(outdir, query.path)
     maps = [(query.to_image(result.probabilities[i].astype(np.float32)), outdir / f"{stem(query.path)}.prob_{label}.nii.gz")
             for i, label in enumerate(info["labels"])]
@@ -200,7 +194,8 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
                         f"{', '.join(differ)}); use another output folder, the same settings, or --redo to recompute them")
     if remove_stale_temporaries(outdir):
         log("removed temporary files left by an interrupted run")
-    supports = [load_volume(image, options.axis, options.intensity, label, options.allow_uneven)
+    axis, intensity = options.engine.axis, options.engine.intensity
+    supports = [load_volume(image, axis, intensity, label, options.allow_uneven)
                 for image, label in pairs]
     labels = check_label_sets(supports)
     todo = [q for q in queries if not is_done(outdir, q) or q.name in mismatched]
@@ -211,7 +206,7 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
     written = []
     if todo:
         engine = FewShotEngine(options, supports, labels, log, download_progress)
-        group: list[tuple[Path, FewShotVolume, list[str], dict, int]] = []  # ..., the query's GPU bytes
+        group: list[tuple[Path, SliceVolume, list[str], dict, int]] = []  # ..., the query's GPU bytes
         # a group's files are written while the next group is read and tracked; one group at a time is pending
         pending: list[tuple[Future, Path, str]] = []
 
@@ -233,7 +228,7 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
             for (path, query, chosen, positions, _), result in zip(group, results):
                 info = {"query_file": path.name, "labels": labels, "supports": chosen, "insertions": positions,
                         "videos": sum(len(p) for p in positions.values()), "seconds": seconds,
-                        "model": options.model, "image_size": engine.image_size, "naive": options.naive,
+                        "model": options.engine.spec.name, "image_size": engine.image_size, "naive": options.naive,
                         "settings": settings}
                 line = (f"{path.name}: {info['videos']} videos from {len(chosen)} supports, case confidence "
                         f"{result.case_confidence:.3f}, {seconds:.1f} s" + (f" (one of {len(group)} queries "
@@ -245,8 +240,8 @@ def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = pr
         # leaving the block waits for the writes under way, also when tracking failed or was interrupted
         with ThreadPoolExecutor(1, thread_name_prefix="sslmedsam2-write") as writer:
             for path in todo:
-                query = load_volume(path, options.axis, options.intensity, allow_uneven=options.allow_uneven)
-                check_geometry_fits(query.image, output_files(outdir, path)["labels"], what=str(path))
+                query = load_volume(path, axis, intensity, allow_uneven=options.allow_uneven)
+                check_geometry_fits(query.grid, output_files(outdir, path)["labels"], what=str(path))
                 chosen = most_similar(query.slices, {s.name: s.slices for s in supports}, options.supports)
                 positions = {name: insertion_positions(query.name, name, len(query.slices), options.insertions,
                                                        options.seed) for name in chosen}

@@ -21,8 +21,9 @@ from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.batched import Track, record_outputs, run_tracks, track_step
 from sslmedsam2.propagation.features import FeatureStore, encode_chunk
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.propagation.sam2_propagation import autocast_for, tracking_passes
-from sslmedsam2.propagation.seeds import slices_with
+from sslmedsam2.propagation.device import autocast_for
+from sslmedsam2.propagation.sam2_propagation import tracking_passes
+from sslmedsam2.labelmap.seeds import slices_with
 
 
 class VideoFrames(Sequence):

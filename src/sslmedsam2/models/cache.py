@@ -76,3 +76,28 @@ def ensure_weights(spec: ModelSpec, progress: ProgressBar | bool = False, timeou
         raise UserError(f"{spec.name}: cannot download {url} ({kind}: offline or interrupted?); "
                         f"{manual_install_hint(spec)}") from None
     return Path(path)
+
+
+def find_weights(model: str | None, checkpoint: Path | None, download: bool, required: bool,
+                 log=print, progress: ProgressBar | bool = False) -> Path | None:
+    """The checkpoint to use: `checkpoint`, else the cached (or now downloaded) weights of `model`. Without them,
+    a UserError when they are `required`, else None after saying why (the caller then interpolates)."""
+    from sslmedsam2.models.registry import DEFAULT_MODEL, get_model
+
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise UserError(f"checkpoint {checkpoint}: no such file")
+        return Path(checkpoint)
+    spec = get_model(model or DEFAULT_MODEL)
+    try:
+        if is_cached(spec) or download:
+            if not is_cached(spec):
+                log(f"downloading {spec.name} weights ({spec.size_bytes / 1e6:.0f} MB) to {cached_path(spec)}")
+            return ensure_weights(spec, progress=progress)
+        raise UserError(f"{spec.name} weights are not downloaded and downloading is off; {manual_install_hint(spec)}")
+    except UserError as exc:
+        if required:
+            raise
+        log(f"no SAM2 weights: {exc}")
+    log("using --method interpolate (ITK morphological contour interpolation between the drawn slices) instead of SAM2")
+    return None

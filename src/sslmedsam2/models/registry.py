@@ -51,10 +51,22 @@ MODELS: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "medsam2"
 
 
+# SAM2's encoder at 4096 needs tens of GB for one slice; its models were trained at 1024 (MedSAM2 at 512).
+MAX_IMAGE_SIZE = 2048
+
+
+def image_size_problem(size: int) -> str | None:
+    """Why `size` cannot be SAM2's image size (a multiple of 16, 64 to MAX_IMAGE_SIZE: below 64 its feature maps
+    vanish), or None."""
+    if isinstance(size, bool) or not isinstance(size, int) or size % 16 or not 64 <= size <= MAX_IMAGE_SIZE:
+        return f"--image-size {size}: must be a multiple of 16 from 64 to {MAX_IMAGE_SIZE}"
+    return None
+
+
 def check_image_size(size: int) -> int:
-    """SAM2's encoder works on multiples of 16; below 64 its feature maps vanish."""
-    if size % 16 or size < 64:
-        raise UserError(f"--image-size {size}: must be a multiple of 16, at least 64")
+    problem = image_size_problem(size)
+    if problem:
+        raise UserError(problem)
     return int(size)
 
 

@@ -7,14 +7,14 @@ labels, videos or re-propagations read it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 
 import torch
 
+from sslmedsam2.memory import available_memory
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.propagation.sam2_propagation import autocast_for
+from sslmedsam2.propagation.device import autocast_for
 
 # Share of free GPU memory a volume's features may take before they are kept in CPU memory instead.
 GPU_FEATURE_SHARE = 0.4
@@ -74,13 +74,6 @@ def frame_feature_bytes(image_size: int, element_size: int = 4) -> int:
     return element_size * (32 * (s // 4) ** 2 + 64 * (s // 8) ** 2 + 256 * (s // 16) ** 2)
 
 
-def _available_memory() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume room for it
-        return 1 << 40
-
-
 def feature_device(device: torch.device, image_size: int, frames: int) -> torch.device | None:
     """Where `frames` frames' features go: the GPU while they take under 40 % of its free memory, else CPU
     memory; None when even CPU memory would be strained (then frames are encoded as each pass reads them)."""
@@ -89,7 +82,7 @@ def feature_device(device: torch.device, image_size: int, frames: int) -> torch.
         free, _ = torch.cuda.mem_get_info(device)
         if total < GPU_FEATURE_SHARE * free:
             return device
-    return torch.device("cpu") if total < CPU_FEATURE_SHARE * _available_memory() else None
+    return torch.device("cpu") if total < CPU_FEATURE_SHARE * available_memory() else None
 
 
 # The image encoder's peak working memory per frame, in multiples of its outputs (about 30 measured on an H100).

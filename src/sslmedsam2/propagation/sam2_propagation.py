@@ -2,43 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sslmedsam2.frames.video import VolumeFrames
-from sslmedsam2.propagation import confidence
-from sslmedsam2.propagation.confidence import SliceConfidence
+from sslmedsam2.labelmap import confidence
+from sslmedsam2.labelmap.confidence import SliceConfidence
 from sslmedsam2.propagation.batched import record_outputs
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.propagation.result import Cancelled, Progress, Propagation
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.jobs import Cancelled, Progress
+from sslmedsam2.propagation.device import autocast_for
+from sslmedsam2.labelmap.result import Propagation
+from sslmedsam2.labelmap.seeds import Seeds
 
 
 def slice_certainty(prob: torch.Tensor) -> torch.Tensor:
-    """`sslmedsam2.propagation.confidence.slice_certainty` (one rule for every source), computed where `prob` lies:
+    """`sslmedsam2.labelmap.confidence.slice_certainty` (one rule for every source), computed where `prob` lies:
     per leading index of (k, ...) probabilities."""
     flat = prob.detach().float().flatten(1)
     rim = flat > confidence.CERTAINTY_FLOOR
     count = rim.sum(1)
     total = torch.where(rim, (2 * flat - 1).abs(), 0.0).sum(1)
     return torch.where(count > 0, total / count.clamp(min=1), torch.ones_like(total))
-
-
-@contextlib.contextmanager
-def autocast_for(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA, with any attention kernel but cuDNN's: cuDNN plans every call on the host (about 4 ms
-    each, measured on an H100), longer than a whole tracking step takes on the GPU."""
-    if device.type != "cuda":
-        yield
-        return
-    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(
-            [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield
 
 
 def _dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -180,11 +168,3 @@ def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, 
             conf = (p if voxels else 1.0 - p) * c * a
             rows.append(SliceConfidence(z, label, source, voxels > 0, voxels, p, c, a, conf))
     return Propagation(out, rows)
-
-
-def propagate_sam2(predictor: SlicePredictor, slices: np.ndarray, seeds: Seeds,
-                   progress: Progress | None = None) -> Propagation:
-    """8-bit slices (n, h, w) and seeds on the same grid -> a label map on every slice (a one-shot session)."""
-    from sslmedsam2.propagation.session import VolumeSession
-
-    return VolumeSession(predictor, slices).propagate(seeds, progress)

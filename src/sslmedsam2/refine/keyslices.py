@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.propagation.confidence import slice_certainty
+from sslmedsam2.labelmap.confidence import slice_certainty
 
 DEFAULT_PER_LABEL = 3
 DEFAULT_MIN_CONTINUITY = 0.6
@@ -165,7 +165,7 @@ def run_keyslices(prediction: Path, output: Path, probs: list[str] = (), per_lab
     as a seed map on the prediction's grid. Everything is checked before anything is written."""
     import SimpleITK as sitk
 
-    from sslmedsam2.propagation.confidence import check_pair, read_confidence
+    from sslmedsam2.labelmap.confidence import check_pair, read_confidence
     from sslmedsam2.volume import check_same_grid, read_image, read_label_map, slice_axis, write_image
     from sslmedsam2.volume.io import check_geometry_fits, check_output
 

@@ -12,15 +12,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from sslmedsam2.jobs import Cancelled
 from sslmedsam2.refine import checkpoints
 
 DATASET_BASE_ID = 500  # round r is nnU-Net dataset 500 + r, inside the workspace's own nnU-Net folders
 TRAINER = checkpoints.TRAINER
 PLANS = "nnUNetPlans"
-
-
-class Cancelled(Exception):
-    """Raised at a safe point after a stop request or SIGTERM: everything finished so far is kept for a resume."""
 
 
 def use_folders(root: Path, create: bool = True) -> dict[str, Path]:
@@ -242,7 +239,7 @@ def predict(round_: int, configuration: str, fold: str, device, images: list[Pat
 
     confidence_axis: also write each output's `.confidence.csv` from nnU-Net's softmax along this slice axis
     (before the label map, which appears last; an output without its table is predicted again)."""
-    from sslmedsam2.propagation.confidence import pair_state
+    from sslmedsam2.labelmap.confidence import pair_state
 
     todo = [(i, o) for i, o in zip(images, outputs)
             if not o.exists() or (confidence_axis is not None and pair_state(o) != "complete")]
@@ -267,7 +264,7 @@ def write_with_confidence(predictor, image: Path, output: Path, axis: str, refer
     import numpy as np
     import SimpleITK as sitk
 
-    from sslmedsam2.propagation.confidence import write_result
+    from sslmedsam2.labelmap.confidence import write_result
     from sslmedsam2.refine.softmax import softmax_confidence
     from sslmedsam2.volume import slice_axis
 

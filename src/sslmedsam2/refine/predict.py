@@ -46,7 +46,7 @@ def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "
     """Segment `image_path` onto its own grid and write OUTPUT's `.confidence.csv` beside it (per slice along the
     workspace's axis and label, from nnU-Net's softmax: the table `propagate` writes, source `nnunet`); returns
     the model used. The label map appears last."""
-    from sslmedsam2.propagation.confidence import confidence_path
+    from sslmedsam2.labelmap.confidence import confidence_path
     from sslmedsam2.refine import nnunet
     from sslmedsam2.volume import read_image, write_image
     from sslmedsam2.volume.io import check_geometry_fits, check_output, check_table_output
@@ -55,7 +55,7 @@ def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "
     check_output(output, (Path(image_path),), overwrite)
     check_table_output(confidence_path(output), (Path(image_path),), overwrite)
     model = latest_model(ws)
-    from sslmedsam2.models.loader import resolve_device  # torch: only once there is a model to run
+    from sslmedsam2.propagation.device import resolve_device  # torch: only once there is a model to run
 
     image = read_image(image_path, allow_uneven)
     check_geometry_fits(image, output, what=str(image_path))

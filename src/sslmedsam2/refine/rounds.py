@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 from filelock import Timeout
 
+from sslmedsam2.jobs import Cancelled
 from sslmedsam2.atomic import write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.metrics.surface import mean_dice
@@ -127,7 +128,7 @@ class RefineJob:
 
     def _check_stop(self) -> None:
         if self._stopping():
-            raise nnunet.Cancelled()
+            raise Cancelled()
 
     # --- the job -------------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -181,7 +182,7 @@ class RefineJob:
                        "options": asdict(o), "message": ""}
         self.emit("job", state="running", message="resumed" if self._steps(0) else "started")
         folders = nnunet.use_folders(self.dir / "nnunet")
-        from sslmedsam2.models.loader import resolve_device
+        from sslmedsam2.propagation.device import resolve_device
 
         device = str(resolve_device(o.device))
         state = "finished"
@@ -192,7 +193,7 @@ class RefineJob:
                     if result["converged"]:
                         state = "converged"
                         break
-        except nnunet.Cancelled:
+        except Cancelled:
             state = "cancelled"
         except Exception as exc:  # the event log must say why the job ended, whatever the reason
             self.status.update(state="failed", message=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

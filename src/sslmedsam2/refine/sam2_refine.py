@@ -6,7 +6,8 @@ For each case without ground truth, after the round's nnU-Net prediction and its
    continues into both neighbours, spread over the label's extent);
 2. seeds: the key slices' masks, plus the case's vouched-for slices (seed, accepted, edited) of its workspace
    pseudo-label exactly as they are (they win where a key slice falls on one);
-3. SAM2 propagates the seeds: `sslmedsam2.pipeline.load_case` / `propagate_case`, the engine of `propagate`;
+3. SAM2 propagates the seeds through an engine session (sslmedsam2.session.local), as `propagate` does; one
+   predictor serves every case of the step;
 4. the pseudo-label is SAM2's result (fusion `sam2`), or, per slice, the source whose mean confidence over the
    prompted labels is higher (fusion `confidence`: SAM2's table against nnU-Net's softmax table; SAM2 wins ties).
    A label with no prompt at all (no key slice, no vouched-for slice) keeps nnU-Net's voxels where SAM2 left
@@ -30,14 +31,20 @@ import SimpleITK as sitk
 
 from sslmedsam2.atomic import write_text
 from sslmedsam2.errors import UserError
-from sslmedsam2.propagation.confidence import (SliceConfidence, check_pair, confidence_path, pair_state,
+from sslmedsam2.labelmap.confidence import (SliceConfidence, check_pair, confidence_path, pair_state,
                                                read_confidence, write_result)
 from sslmedsam2.refine.keyslices import (DEFAULT_MIN_CONTINUITY, DEFAULT_PER_LABEL, certainty_from_table,
                                           check_parameters, seed_map, select_key_slices)
-from sslmedsam2.refine.nnunet import Cancelled
+from sslmedsam2.jobs import Cancelled
 from sslmedsam2.study.review import human_slices
 from sslmedsam2.study.workspace import Workspace
-from sslmedsam2.volume import read_label_map, slice_axis, write_image
+from sslmedsam2.frames import IntensitySpec
+from sslmedsam2.models.registry import DEFAULT_MODEL
+from sslmedsam2.session.local import LocalSession
+from sslmedsam2.session.prompts import planes_of
+from sslmedsam2.settings import EngineSettings
+from sslmedsam2.volume import check_same_grid, read_image, read_label_map, write_image
+from sslmedsam2.volume.slices import SliceGrid, SliceVolume
 
 FUSIONS = ("sam2", "confidence")
 SOURCES = ("sam2", "nnunet", "human")
@@ -45,18 +52,34 @@ SOURCES = ("sam2", "nnunet", "human")
 
 @dataclass
 class Sam2Settings:
-    propagate: object  # sslmedsam2.pipeline.PropagateOptions (method sam2: never falls back)
+    engine: EngineSettings  # method sam2: never falls back to interpolation
     per_label: int
     min_continuity: float
     fusion: str = "sam2"
     log: Callable[[str], None] = print
-    weights: Path | None = field(default=None, repr=False)  # found when the first case needs them
+    _predictor: object = field(default=None, repr=False)  # built when the first case needs it, kept for the rest
+
+    def predictor(self):
+        """The SAM2 predictor of the step, built once."""
+        if self._predictor is None:
+            from sslmedsam2.models.cache import find_weights
+            from sslmedsam2.propagation.builder import build_predictor
+            from sslmedsam2.propagation.device import resolve_device
+
+            engine = self.engine
+            weights = find_weights(engine.model, engine.checkpoint, engine.download, True, self.log)
+            self._predictor = build_predictor(engine.spec, weights, resolve_device(engine.device), engine.image_size,
+                                              engine.compile, self.log)
+        return self._predictor
 
 
-def _model_name(options) -> str:
-    from sslmedsam2.models.registry import DEFAULT_MODEL
-
-    return options.sam2_model or DEFAULT_MODEL
+def engine_settings(options, device: str = "auto", channel: str = "MRI", axis: str = "axial") -> EngineSettings:
+    """SAM2's settings from RefineOptions (sam2_*) and the workspace's channel and axis."""
+    return EngineSettings(method="sam2", model=options.sam2_model or DEFAULT_MODEL,
+                          checkpoint=Path(options.sam2_checkpoint) if options.sam2_checkpoint else None,
+                          image_size=options.sam2_image_size, device=device, axis=axis,
+                          intensity=IntensitySpec(modality="ct" if channel.upper() == "CT" else "mri"),
+                          download=options.sam2_download)
 
 
 def _key_slice_parameters(options) -> tuple[int, float]:
@@ -66,38 +89,21 @@ def _key_slice_parameters(options) -> tuple[int, float]:
 
 def check_options(options) -> None:
     """RefineOptions.check for --sam2-from-nnunet: everything that can fail before hours of training."""
-    from sslmedsam2.models import get_model
     from sslmedsam2.models.cache import is_cached, manual_install_hint
-    from sslmedsam2.models.registry import check_image_size
 
     if options.fusion not in FUSIONS:
         raise UserError(f"--fusion {options.fusion}: choose one of {', '.join(FUSIONS)}")
     check_parameters(*_key_slice_parameters(options), per_label_option="--key-slices")
-    spec = get_model(_model_name(options))
-    if options.sam2_image_size is not None:
-        check_image_size(options.sam2_image_size)
-    if options.sam2_checkpoint is not None:
-        if not Path(options.sam2_checkpoint).is_file():
-            raise UserError(f"--checkpoint {options.sam2_checkpoint}: no such file")
-    elif not is_cached(spec) and not options.sam2_download:
+    engine = engine_settings(options).check()
+    spec = engine.spec
+    if engine.checkpoint is None and not is_cached(spec) and not engine.download:
         raise UserError(f"{spec.name} weights are not downloaded and downloading is off; {manual_install_hint(spec)}")
 
 
 def settings_for(options, device: str, channel: str, axis: str, log: Callable[[str], None] = print) -> Sam2Settings:
     """From RefineOptions (sam2_*, key_slices, min_continuity, fusion) and the workspace's channel and axis."""
-    from sslmedsam2.frames import IntensitySpec
-    from sslmedsam2.pipeline import PropagateOptions
-
-    propagate = PropagateOptions(method="sam2", model=_model_name(options),
-                                 checkpoint=Path(options.sam2_checkpoint) if options.sam2_checkpoint else None,
-                                 device=device, image_size=options.sam2_image_size, axis=axis,
-                                 intensity=IntensitySpec(modality="ct" if channel.upper() == "CT" else "mri"),
-                                 download=options.sam2_download)
-    return Sam2Settings(propagate, *_key_slice_parameters(options), options.fusion, log)
-
-
-def _slice_first(image: sitk.Image, array_axis: int) -> np.ndarray:
-    return np.moveaxis(sitk.GetArrayFromImage(image), array_axis, 0)
+    return Sam2Settings(engine_settings(options, device, channel, axis), *_key_slice_parameters(options),
+                        options.fusion, log)
 
 
 def _mean_confidence(rows: list[SliceConfidence], labels: set[int], n: int) -> np.ndarray:
@@ -112,11 +118,9 @@ def _mean_confidence(rows: list[SliceConfidence], labels: set[int], n: int) -> n
 
 def refine_case(ws: Workspace, case_id: str, prediction: Path, out_dir: Path, settings: Sam2Settings) -> dict:
     """One case: key slices -> SAM2 -> fused pseudo-label; returns what `<case>.json` records."""
-    from sslmedsam2.pipeline import find_weights, load_case, propagate_case
-
     predicted = read_label_map(prediction)
-    array_axis = slice_axis(predicted, ws.axis)
-    pred = _slice_first(predicted, array_axis)
+    grid = SliceGrid.of(predicted, ws.axis)
+    pred = np.ascontiguousarray(grid.to_slices(sitk.GetArrayFromImage(predicted)))
     n = len(pred)
     check_pair(prediction)
     nnunet_rows = read_confidence(confidence_path(prediction))
@@ -130,22 +134,20 @@ def refine_case(ws: Workspace, case_id: str, prediction: Path, out_dir: Path, se
         vouched = human_slices(ws.review(case_id))[:n]
         human[: len(vouched)] = vouched
         if human.any():
-            kept = _slice_first(read_label_map(ws.file(case_id, "pseudo")), array_axis)
+            kept = grid.to_slices(sitk.GetArrayFromImage(read_label_map(ws.file(case_id, "pseudo"))))
             seeds[human] = kept[human]
     prompted = {int(v) for v in np.unique(seeds) if v != 0}
-    seeds_path = out_dir / "seeds" / f"{case_id}.nii.gz"
+    seeds_path = out_dir / "seeds" / f"{case_id}.nii.gz"  # a record of the prompts, for the reader
     seeds_path.parent.mkdir(parents=True, exist_ok=True)
-    seeds_image = sitk.GetImageFromArray(np.moveaxis(seeds, 0, array_axis))
-    seeds_image.CopyInformation(predicted)
-    write_image(seeds_image, seeds_path)
+    write_image(grid.to_image(seeds), seeds_path)
 
     source = np.full(n, "nnunet", dtype=object)
     labels, rows = pred.copy(), list(nnunet_rows)
     if prompted:
-        if settings.weights is None:
-            settings.weights = find_weights(settings.propagate, settings.log)
-        case = load_case(ws.file(case_id, "image"), seeds_path, ws.axis, log=settings.log)
-        result, _, _ = propagate_case(case, settings.propagate, settings.weights)
+        image = read_image(ws.file(case_id, "image"))
+        check_same_grid(image, predicted, what=f"the prediction of case {case_id}")
+        volume = SliceVolume.from_image(image, ws.axis, settings.engine.intensity, case_id)
+        result = LocalSession(volume, settings.predictor()).propagate(planes_of(seeds))
         sam2 = result.labels.astype(pred.dtype)
         for label in set(label_values) - prompted:  # nobody prompted it: nnU-Net's voxels where SAM2 left background
             sam2[(pred == label) & (sam2 == 0)] = label
@@ -166,8 +168,7 @@ def refine_case(ws: Workspace, case_id: str, prediction: Path, out_dir: Path, se
               "key_slices": {str(label): [k.slice for k in keys if k.label == label] for label in label_values},
               "prompted_labels": sorted(prompted), "human_slices": [int(z) for z in np.flatnonzero(human)],
               "sources": {s: int((source == s).sum()) for s in SOURCES}}
-    out = sitk.GetImageFromArray(np.moveaxis(labels, 0, array_axis))
-    out.CopyInformation(predicted)
+    out = grid.to_image(labels)
     target = out_dir / f"{case_id}.nii.gz"
     write_text(out_dir / f"{case_id}.json", json.dumps(record, indent=2))
     write_result(out, target, rows)  # the table, then the label map: a case with the complete pair is finished

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from sslmedsam2.propagation.confidence import SliceConfidence, slice_certainty
+from sslmedsam2.labelmap.confidence import SliceConfidence, slice_certainty
 
 SOURCE = "nnunet"
 

@@ -6,20 +6,21 @@ with one line that says what happened and what to do:
   SessionGone        the session was closed, expired, or the server restarted (then the message says so): reopen
   ServerError        the server refused the request: its own one-line message (the command line's words)
 
+The engine session on top of it (the local session's API, reopened after a server restart) is
+sslmedsam2.session.remote.RemoteSession:
+
     client = Client("http://127.0.0.1:8765", token_file="~/.sslmedsam2-token")
-    with client.open_volume(Path("ct.nii.gz").read_bytes(), "ct.nii.gz", modality="ct") as volume:
-        result = volume.propagate({12: plane12, 30: plane30})      # (h, w) label planes by slice index
-        result.labels, result.confidence_csv                         # (n, h, w) along the axis; the CSV text
-        result = volume.propagate({20: corrected}, replace=False)   # an edit: only the tracking runs again
+    with RemoteSession(client, Path("ct.nii.gz").read_bytes(), "ct.nii.gz", modality="ct") as session:
+        result = session.propagate({12: plane12, 30: plane30})      # (h, w) label planes by slice index
+        result.labels, result.confidence                             # (n, h, w) along the axis; the table's rows
+        result = session.propagate({20: corrected}, replace=False)  # an edit: only the tracking runs again
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -53,15 +54,6 @@ class JobFailed(ServerError):
 
 class JobCancelled(ServerError):
     pass
-
-
-@dataclass
-class RemoteResult:
-    labels: np.ndarray  # (n, h, w) along the session's axis
-    confidence_csv: str
-    result: int  # the session's result number
-    labels_present: list[int]
-    seconds: float
 
 
 class Client:
@@ -156,9 +148,6 @@ class Client:
         return self.request_json("POST", "/sessions", params=params, data=data,
                                  headers={"Content-Type": "application/octet-stream"}, timeout=max(self.timeout, 600))
 
-    def open_volume(self, data: bytes, name: str, **options) -> "RemoteVolume":
-        return RemoteVolume(self, data, name, options)
-
     def session(self, session_id: str) -> dict:
         return self.get_json(f"/sessions/{session_id}")
 
@@ -182,6 +171,9 @@ class Client:
         failed raises JobFailed with the server's line; one that was cancelled raises JobCancelled."""
         shown, total, cancelled = 0, None, False
         while True:
+            if should_stop is not None and not cancelled and should_stop():  # asked before or while it runs
+                self.cancel(job_id)
+                cancelled = True
             state = self.job(job_id, wait=poll)
             if progress is not None and state.get("total") is not None:
                 if state["total"] != total:
@@ -197,9 +189,6 @@ class Client:
             if state["state"] == "cancelled":
                 raise JobCancelled("propagation cancelled; the session's previous result is unchanged",
                                    code="cancelled")
-            if should_stop is not None and not cancelled and should_stop():
-                self.cancel(job_id)
-                cancelled = True
 
     def labels(self, session_id: str) -> tuple[np.ndarray, int]:
         """The last result as a (n, h, w) array along the session's axis, and its result number."""
@@ -212,64 +201,6 @@ class Client:
 
     def confidence(self, session_id: str) -> str:
         return self.request("GET", f"/sessions/{session_id}/confidence").text
-
-
-class RemoteVolume:
-    """An open session that remembers how it was opened, so that `reopen()` recovers from a restarted server."""
-
-    def __init__(self, client: Client, data: bytes, name: str, options: dict) -> None:
-        self.client, self._data, self.name, self.options = client, data, name, options
-        self.info: dict = {}
-        self.instance: str | None = None
-        self.reopen()
-
-    @property
-    def id(self) -> str:
-        return self.info["session"]
-
-    def reopen(self) -> "RemoteVolume":
-        """Open the volume again (the prompts of the lost session are the caller's to send again)."""
-        self.instance = self.client.health().get("instance")
-        self.info = self.client.open_session(self._data, self.name, **self.options)
-        return self
-
-    def _gone(self, exc: SessionGone) -> SessionGone:
-        if exc.instance and self.instance and exc.instance != self.instance:
-            return SessionGone(f"the SSLMedSAM2 server at {self.client.url} restarted: the session is gone; open "
-                               "the volume again", exc.status, exc.code, exc.instance)
-        return exc
-
-    def propagate(self, slices: dict[int, np.ndarray], replace: bool = True, progress=None,
-                  should_stop: Callable[[], bool] | None = None) -> RemoteResult:
-        started = time.perf_counter()
-        try:
-            job = self.client.propagate(self.id, slices, replace)
-            try:
-                done = self.client.wait(job["job"], progress, should_stop=should_stop)
-            except KeyboardInterrupt:
-                self.client.cancel(job["job"])
-                raise
-            labels, result = self.client.labels(self.id)
-            csv = self.client.confidence(self.id)
-        except SessionGone as exc:
-            raise self._gone(exc) from None
-        except ServerError as exc:
-            if exc.status == 404 and exc.instance and self.instance and exc.instance != self.instance:
-                raise self._gone(SessionGone(str(exc), exc.status, "session_gone", exc.instance)) from None
-            raise
-        return RemoteResult(labels, csv, result, done.get("labels", []), time.perf_counter() - started)
-
-    def close(self) -> None:
-        try:
-            self.client.close_session(self.id)
-        except (SessionGone, ServerUnreachable):
-            pass  # gone already: nothing left to delete
-
-    def __enter__(self) -> "RemoteVolume":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def redact_url(url: str) -> str:

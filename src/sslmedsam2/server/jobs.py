@@ -11,8 +11,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from sslmedsam2.errors import UserError
-from sslmedsam2.propagation.result import Cancelled
+from sslmedsam2.jobs import Cancelled, JobControl, failure_line
 
 FINAL = ("done", "failed", "cancelled")
 log = logging.getLogger("sslmedsam2.server")
@@ -20,53 +19,28 @@ log = logging.getLogger("sslmedsam2.server")
 
 def failure_message(exc: BaseException) -> str:
     """The one line a failed job reports, in the words of the command line's own error lines."""
-    if isinstance(exc, UserError):
-        return str(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory on the server: open a smaller image size, or close other sessions"
-    if type(exc).__name__ == "OutOfMemoryError":  # torch's
-        return "out of GPU memory on the server: open a smaller image size, or start the server with --device cpu"
+    line = failure_line(exc, "server")
+    if line is not None:
+        return line
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return f"internal error: {detail} (the server keeps running; see its log)"
 
 
-class Job:
-    """One queued operation; it is also the Progress (reset/update) and the should_stop its work is given."""
+class Job(JobControl):
+    """One queued operation; it is also the Progress and the stop request its work is given."""
 
     def __init__(self, kind: str, owner: str, session: str | None, work: Callable[["Job"], object]) -> None:
+        super().__init__()
         self.id = secrets.token_urlsafe(12)
         self.kind, self.owner, self.session = kind, owner, session
         self.work = work
         self.state = "queued"
-        self.done = 0
-        self.total: int | None = None
         self.error: str | None = None
         self.result: object = None
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
-        self._cancel = threading.Event()
-        self._changed = threading.Condition()
-
-    # the engine's Progress protocol
-    def reset(self, total: int | None = None) -> None:
-        with self._changed:
-            self.done, self.total = 0, total
-
-    def update(self, n: int = 1) -> None:
-        with self._changed:
-            self.done += n
-
-    def should_stop(self) -> bool:
-        return self._cancel.is_set()
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
 
     def _finish(self, state: str, error: str | None = None, result: object = None) -> None:
         with self._changed:
@@ -154,7 +128,7 @@ class JobRunner:
             except Cancelled:
                 job._finish("cancelled", "cancelled")
             except Exception as exc:  # a job's failure is its own; the worker goes on
-                if not isinstance(exc, (UserError, MemoryError)) and type(exc).__name__ != "OutOfMemoryError":
+                if failure_line(exc, "server") is None:
                     log.error("job %s failed:\n%s", job.id, traceback.format_exc())
                 job._finish("failed", failure_message(exc))
             else:

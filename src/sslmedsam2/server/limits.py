@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sslmedsam2.memory import available_memory
+from sslmedsam2.settings import EngineSettings
 from sslmedsam2.errors import UserError
 from sslmedsam2.server.errors import OutOfMemory, TooLarge
 
@@ -48,7 +49,13 @@ class ServerSettings:
             return self.max_sessions_per_token
         return max(1, self.max_sessions // 2) if len(self.tokens) > 1 else self.max_sessions
 
+    def engine(self) -> EngineSettings:
+        """The default engine settings of the sessions this server opens (the one settings object)."""
+        return EngineSettings(method="sam2", model=self.model, checkpoint=self.checkpoint, image_size=self.image_size,
+                              device=self.device, download=self.download, compile=self.compile)
+
     def check(self) -> None:
+        self.engine().check()
         if self.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
         if self.max_sessions_per_token is not None and not 1 <= self.max_sessions_per_token <= self.max_sessions:
@@ -67,14 +74,6 @@ class ServerSettings:
             raise UserError("--memory-budget must be positive")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port {self.port}: not a port number")
-
-
-def available_memory() -> int:
-    """Main memory the system can give now (POSIX); a large number where it cannot tell."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 64 * GB
 
 
 def default_budget(gpu_free: int | None) -> int:

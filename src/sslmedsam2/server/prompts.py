@@ -1,13 +1,11 @@
-"""A session's prompts: the drawn, edited or accepted slices a client sends, each a label map of one slice, and
-the seed map they make (what `propagate` reads from a SEEDS file, with the same rules and messages)."""
+"""Prompt slices as a client sends them (the wire format), decoded and checked; the session's rules
+(sslmedsam2.session.prompts) then lay them over its prompts."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.pipeline import check_seed_map
-from sslmedsam2.propagation.seeds import Seeds
 from sslmedsam2.server.wire import decode_array
 from sslmedsam2.volume.io import MAX_LABEL  # as the command line reads label maps
 
@@ -30,24 +28,3 @@ def decode_slices(entries: list[dict], shape: tuple[int, int, int]) -> dict[int,
             raise UserError(f"{what}: label {int(plane.max())} is above {MAX_LABEL}")
         planes[int(index)] = plane
     return planes
-
-
-def merged(prompts: dict[int, np.ndarray], update: dict[int, np.ndarray], replace: bool) -> dict[int, np.ndarray]:
-    """The session's prompts after a request: `update` alone (replace), or laid over them, where an empty plane
-    removes that slice's prompts."""
-    out = {} if replace else dict(prompts)
-    for index, plane in update.items():
-        if plane.any():
-            out[index] = plane
-        else:
-            out.pop(index, None)
-    return out
-
-
-def seed_map(prompts: dict[int, np.ndarray], shape: tuple[int, int, int]) -> Seeds:
-    """The full seed label map (zeros off the prompt slices), with the checks `pipeline.load_case` makes."""
-    top = max((int(p.max()) for p in prompts.values()), default=0)
-    labels = np.zeros(shape, np.uint8 if top <= 255 else np.uint16)
-    for index, plane in prompts.items():
-        labels[index] = plane
-    return check_seed_map(labels, "seeds")

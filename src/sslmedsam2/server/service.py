@@ -21,18 +21,20 @@ import numpy as np
 from sslmedsam2 import __version__
 from sslmedsam2.atomic import temp_prefix, remove_stale_temporaries
 from sslmedsam2.errors import UserError
+from sslmedsam2.jobs import out_of_memory
 from sslmedsam2.frames import IntensitySpec
 from sslmedsam2.models import get_model
 from sslmedsam2.models.registry import DEFAULT_MODEL, check_image_size
-from sslmedsam2.pipeline import PropagateOptions, find_weights
-from sslmedsam2.propagation.confidence import write_confidence
-from sslmedsam2.provenance import new_result_id
-from sslmedsam2.propagation.result import Propagation
+from sslmedsam2.models.cache import find_weights
+from sslmedsam2.labelmap.confidence import write_confidence
+from sslmedsam2.session.base import SessionResult
+from sslmedsam2.session.local import LocalSession
+from sslmedsam2.session.prompts import merged, seed_map
 from sslmedsam2.server import prompts as prompt_rules
 from sslmedsam2.server.errors import Conflict, NotFound, SessionGone
 from sslmedsam2.server.jobs import Job, JobRunner
 from sslmedsam2.server.limits import FeatureBudget, ServerSettings, default_budget, human
-from sslmedsam2.server.sessions import Session, labels_of
+from sslmedsam2.server.sessions import Session
 from sslmedsam2.server.upload import read_volume_slices, store_upload
 from sslmedsam2.volume import write_image
 
@@ -65,13 +67,10 @@ class Service:
         temporary folder, start expiring idle sessions."""
         import torch
 
-        from sslmedsam2.models.loader import resolve_device
+        from sslmedsam2.propagation.device import resolve_device
 
         try:
-            self.device = resolve_device(self.settings.device)
-            get_model(self.model)
-            if self.settings.image_size is not None:
-                check_image_size(self.settings.image_size)
+            self.device = resolve_device(self.settings.device)  # the settings were checked when this was made
             self._predictor(self.model, self._image_size(self.model, None))
         except BaseException:
             self.runner.close()
@@ -123,7 +122,7 @@ class Service:
 
     def _predictor(self, model: str, image_size: int):
         """A built predictor for (model, image size); runs on the worker thread (or at start)."""
-        from sslmedsam2.models.loader import build_predictor
+        from sslmedsam2.propagation.builder import build_predictor
 
         key = (model, image_size)
         with self._lock:
@@ -132,9 +131,8 @@ class Service:
                 return self._predictors[key]
         if model == self.model and self.settings.checkpoint is not None:
             weights = self.settings.checkpoint
-        else:
-            weights = find_weights(PropagateOptions(method="sam2", model=model, download=self.settings.download),
-                                   self.say, progress=True)  # a download's bar (the Slicer module relays it)
+        else:  # a download's bar (the Slicer module relays it)
+            weights = find_weights(model, None, self.settings.download, True, self.say, progress=True)
         predictor = build_predictor(get_model(model), weights, self.device, image_size, self.settings.compile, self.say)
         with self._lock:
             self._predictors[key] = predictor
@@ -177,8 +175,9 @@ class Service:
             volume = read_volume_slices(stored, name, axis, intensity, self.settings.max_voxels)
             from sslmedsam2.propagation.features import frame_feature_bytes
 
-            self.budget.check_fits(frame_feature_bytes(size) * volume.slices.shape[0], name)
-            session = Session(session_id, owner, name, folder, axis, model, size, intensity, volume)
+            self.budget.check_fits(frame_feature_bytes(size) * volume.shape[0], name)
+            engine = LocalSession(volume, build=lambda: self._predictor(model, size))
+            session = Session(session_id, owner, name, folder, axis, model, size, intensity, volume, engine)
             with self._lock:
                 self._sessions[session_id] = session
         except BaseException:
@@ -189,8 +188,8 @@ class Service:
                 self._opening[owner] -= 1
                 if not self._opening[owner]:
                     del self._opening[owner]
-        self.say(f"session {session_id[:8]} opened: {volume.slices.shape[0]} slices of "
-                 f"{volume.slices.shape[1]} x {volume.slices.shape[2]} ({axis}), {model} at {size}")
+        self.say(f"session {session_id[:8]} opened: {volume.shape[0]} slices of "
+                 f"{volume.shape[1]} x {volume.shape[2]} ({axis}), {model} at {size}")
         return session.describe()
 
     def _check_room(self, owner: str) -> None:
@@ -252,9 +251,8 @@ class Service:
         session.closed = True
         if session.job is not None:
             session.job.cancel()
-        if not session.busy:
-            session.engine = None
-        session.prompts, session.result, session.outputs = {}, None, {}
+        session.engine.close()  # a running propagation keeps what it needs until it ends, then is discarded
+        session.outputs = {}
         shutil.rmtree(session.folder, ignore_errors=True)
 
     # --- propagation --------------------------------------------------------------------------------------------
@@ -267,57 +265,48 @@ class Service:
             if session.busy:
                 raise Conflict(f"session {session_id!r} is already propagating (job {session.job.id}); wait for it "
                                "or cancel it")
-            prompts = prompt_rules.merged(session.prompts, update, replace)
-            seeds = prompt_rules.seed_map(prompts, session.shape)
+            seed_map(merged(session.engine.prompts, update, replace), session.shape)  # bad prompts: 400 now
             session.job = self.runner.submit(Job("propagate", owner, session_id,
-                                                 lambda job: self._run_propagation(session, prompts, seeds, job)))
+                                                 lambda job: self._run_propagation(session, update, replace, job)))
             return session.job.snapshot()
 
-    def _run_propagation(self, session: Session, prompts: dict, seeds, job: Job) -> dict:
-        """On the worker thread: the model, room for this volume's features, then the engine's propagation."""
+    def _run_propagation(self, session: Session, update: dict, replace: bool, job: Job) -> dict:
+        """On the worker thread: the model, room for this volume's features, then the session's propagation."""
         from sslmedsam2.propagation.features import frame_feature_bytes
-        from sslmedsam2.propagation.session import VolumeSession
 
         if session.closed:
             raise SessionGone("the session was closed before its propagation started")
-        predictor = self._predictor(session.model, session.image_size)
+        self._predictor(session.model, session.image_size)  # built (or downloaded) first: a job's first step
         engine = session.engine
         need = frame_feature_bytes(session.image_size) * session.shape[0]
-        fresh = engine is None or engine.predictor is not predictor or engine.feature_bytes() == 0
-        if fresh or engine.feature_bytes() < need:  # a cancelled run may have left part of them
+        if engine.feature_bytes() < need:  # none yet, or part of them (a cancelled run, an eviction)
             self._make_room(session, need)
-        if fresh:
-            engine = VolumeSession(predictor, session.volume.slices)  # the GPU while its features fit, else CPU
-            session.engine = engine
         try:
-            result = self._propagate_engine(session, engine, seeds, job)
+            result = self._propagate_engine(session, update, replace, job)
         finally:
             with self._lock:
-                session.feature_bytes = engine.feature_bytes()
-                session.features_on = None if engine.store is None else str(engine.store.device)
-                if session.closed:
-                    session.engine = None
+                session.feature_bytes, session.features_on = engine.feature_bytes(), engine.features_on()
         if session.closed:
             raise SessionGone("the session was closed while it propagated; its result is discarded")
-        with session.lock:  # prompts and result change together: a failed or cancelled run leaves both as they were
-            session.prompts, session.result = prompts, result
-            session.result_id, session.result_mark, session.outputs = session.result_id + 1, new_result_id(), {}
-        return {"result": session.result_id, "labels": labels_of(result)}
+        with session.lock:
+            session.outputs = {}
+        return {"result": result.number, "labels": result.labels_seeded}
 
-    def _propagate_engine(self, session: Session, engine, seeds, job: Job) -> Propagation:
+    def _propagate_engine(self, session: Session, update: dict, replace: bool, job: Job) -> SessionResult:
+        engine = session.engine
         try:
-            return engine.propagate(seeds, progress=job, should_stop=job.should_stop)
+            return engine.propagate(update, replace, progress=job, should_stop=job.should_stop)
         except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError" or engine.store is None or engine.store.device.type != "cuda":
+            if out_of_memory(exc) != "gpu" or not (engine.features_on() or "").startswith("cuda"):
                 raise
         # out of GPU memory: other volumes give up their features, this one's move to main memory, once
         import torch
 
         self.say(f"session {session.id[:8]}: out of GPU memory; keeping its features in main memory instead")
         self._make_room(session, self.budget.limit + 1)
-        engine.store.move_to("cpu")
+        engine.features_to_main_memory()
         torch.cuda.empty_cache()
-        return engine.propagate(seeds, progress=job, should_stop=job.should_stop)
+        return engine.propagate(update, replace, progress=job, should_stop=job.should_stop)
 
     def _make_room(self, session: Session | None, need: int) -> None:
         with self._lock:
@@ -325,8 +314,7 @@ class Service:
                        if s is not session]
             victims = [self._sessions[key] for key in self.budget.victims(need, holders)]
             for victim in victims:
-                if victim.engine is not None:
-                    victim.engine.drop_features()
+                victim.engine.drop_features()
                 victim.feature_bytes, victim.features_on = 0, None
         for victim in victims:
             self.say(f"session {victim.id[:8]} gave up its slice features (memory budget "
@@ -364,12 +352,13 @@ class Service:
         return job.snapshot()
 
     # --- results ------------------------------------------------------------------------------------------------
-    def _result(self, owner: str, session_id: str) -> tuple[Session, Propagation, int]:
+    def _result(self, owner: str, session_id: str) -> tuple[Session, SessionResult, int]:
         session = self._session(owner, session_id)
         with session.lock:
-            if session.result is None:
+            result = session.engine.result
+            if result is None:
                 raise Conflict(f"session {session_id!r} has no result yet: propagate first")
-            return session, session.result, session.result_id
+            return session, result, result.number
 
     def labels_file(self, owner: str, session_id: str, fmt: str = "nifti") -> tuple[bytes, int]:
         """The label map on the image grid as a compressed file written by the engine's writer; (bytes, result)."""
@@ -378,7 +367,7 @@ class Service:
         session, result, result_id = self._result(owner, session_id)
         return self._rendered(session, (fmt, result_id), f"labels{LABEL_FORMATS[fmt]}",
                               lambda path: write_image(session.volume.to_image(result.labels), path,
-                                                       result=session.result_mark),
+                                                       result=result.mark),
                               Path.read_bytes), result_id
 
     def labels_array(self, owner: str, session_id: str) -> tuple[np.ndarray, int]:
@@ -390,7 +379,7 @@ class Service:
         """The confidence table, as `propagate` writes it beside its output."""
         session, result, result_id = self._result(owner, session_id)
         return self._rendered(session, ("csv", result_id), "labels.confidence.csv",
-                              lambda path: write_confidence(result.confidence, path, session.result_mark),
+                              lambda path: write_confidence(result.confidence, path, result.mark),
                               lambda path: path.read_text(encoding="utf-8")), result_id
 
     def _rendered(self, session: Session, key: tuple, filename: str, write: Callable[[Path], None],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,9 +14,11 @@ import SimpleITK as sitk
 
 from sslmedsam2.atomic import full_suffix
 from sslmedsam2.errors import UserError
-from sslmedsam2.frames import IntensitySpec, to_uint8
+from sslmedsam2.frames import IntensitySpec
 from sslmedsam2.server.errors import TooLarge
-from sslmedsam2.volume import SliceAxis, read_image, slice_axis
+from sslmedsam2.settings import AXES
+from sslmedsam2.volume import read_image
+from sslmedsam2.volume.slices import SliceVolume
 
 # Formats kept under their own suffix; anything else is stored as `image.bin` and read by content (NIfTI, DICOM
 # files), so that a name never chooses a reader that follows references to other files.
@@ -25,26 +26,6 @@ _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _READ = 1 << 16
 # An upload is written this far before the image header there bounds the rest; a longer header is refused.
 _HEAD = 1 << 20
-
-
-@dataclass(frozen=True)
-class Volume:
-    """What a session keeps of its image: the grid (to write results on it) and the 8-bit slices along the axis."""
-
-    size: tuple[int, int, int]
-    spacing: tuple[float, ...]
-    origin: tuple[float, ...]
-    direction: tuple[float, ...]
-    array_axis: int
-    slices: np.ndarray  # (n, h, w) uint8
-
-    def to_image(self, slice_first: np.ndarray) -> sitk.Image:
-        """A slice-first array on this grid, as `pipeline.Case.to_image` makes it (without keeping the image)."""
-        out = sitk.GetImageFromArray(np.moveaxis(slice_first, 0, self.array_axis))
-        out.SetSpacing(self.spacing)
-        out.SetOrigin(self.origin)
-        out.SetDirection(self.direction)
-        return out
 
 
 def _private_file(path: Path) -> BinaryIO:
@@ -148,21 +129,16 @@ def _renamed(exc: UserError, path: Path, name: str) -> UserError:
     return UserError(str(exc).replace(str(path), name))
 
 
-def read_volume_slices(path: Path, name: str, axis: str, intensity: IntensitySpec, max_voxels: int) -> Volume:
+def read_volume_slices(path: Path, name: str, axis: str, intensity: IntensitySpec, max_voxels: int) -> SliceVolume:
     """The stored upload -> checked image -> slices along `axis`, normalised as `propagate` does; deletes the file."""
     try:
-        try:
-            axis = SliceAxis(axis).value
-        except ValueError:
-            raise UserError(f"unknown axis {axis!r}; choose one of {', '.join(a.value for a in SliceAxis)}") from None
+        if axis not in AXES:
+            raise UserError(f"unknown axis {axis!r}; choose one of {', '.join(AXES)}")
         _declared_voxels(path, name, max_voxels)  # too large: refused from the header, before decompressing
         try:
             image = read_image(path)
         except UserError as exc:
             raise _renamed(exc, path, name) from None
-        array_axis = slice_axis(image, axis)
-        slices = to_uint8(np.moveaxis(sitk.GetArrayViewFromImage(image), array_axis, 0), intensity)  # no copy
-        return Volume(tuple(image.GetSize()), image.GetSpacing(), image.GetOrigin(), image.GetDirection(),
-                      array_axis, slices)
+        return SliceVolume.from_image(image, axis, intensity, name)
     finally:
         path.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from sslmedsam2.atomic import atomic_dir, remove_stale_temporaries, stem, write_text
 from sslmedsam2.errors import UserError
-from sslmedsam2.propagation.confidence import check_pair, read_confidence
+from sslmedsam2.labelmap.confidence import check_pair, read_confidence
 from sslmedsam2.study.index import (SCHEMA_VERSION, check_case_id, check_review_length, check_settings,
                                     read_index, read_states)
 from sslmedsam2.study.review import SliceState, states_from_confidence

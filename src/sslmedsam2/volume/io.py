@@ -226,9 +226,11 @@ def is_orthogonal(direction: tuple[float, ...], tolerance: float = 1e-4) -> bool
     return bool(np.allclose(matrix.T @ matrix, np.eye(3), atol=tolerance))
 
 
-def check_geometry_fits(image: sitk.Image, path: Path | str, what: str = "") -> None:
-    """NIfTI and DICOM store a rotation: refuse a sheared grid rather than move voxels by millimetres."""
-    if full_suffix(Path(path)).lower() in _ROTATION_ONLY and not is_orthogonal(image.GetDirection()):
+def check_geometry_fits(image, path: Path | str, what: str = "") -> None:
+    """NIfTI and DICOM store a rotation: refuse a sheared grid rather than move voxels by millimetres. `image`: a
+    SimpleITK image or a SliceGrid."""
+    direction = image.direction if hasattr(image, "direction") else image.GetDirection()
+    if full_suffix(Path(path)).lower() in _ROTATION_ONLY and not is_orthogonal(direction):
         source = f"{what}: " if what else ""
         raise UserError(f"{source}its direction matrix is not orthogonal (a sheared grid), which {Path(path).name} "
                         "cannot store exactly; write .nrrd or .mha, or resample the image onto an orthogonal grid")

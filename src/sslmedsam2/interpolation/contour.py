@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from sslmedsam2.errors import UserError, WorkerError
-from sslmedsam2.propagation import shared_worker
-from sslmedsam2.propagation.confidence import SliceConfidence
-from sslmedsam2.propagation.itk_worker import array_bytes, bytes_array, read_answer, write_frame
-from sslmedsam2.propagation.result import Propagation
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.interpolation import shared_worker
+from sslmedsam2.labelmap.confidence import SliceConfidence
+from sslmedsam2.interpolation.itk_worker import array_bytes, bytes_array, read_answer, write_frame
+from sslmedsam2.labelmap.result import Propagation
+from sslmedsam2.labelmap.seeds import Seeds
 
 MODE_ENV = "SSLMEDSAM2_ITK_WORKER"
 MODES = ("shared", "child")
@@ -49,7 +49,7 @@ class ChildWorker:
         if self._process is not None and self._process.poll() is None:
             return
         self._stderr = tempfile.TemporaryFile()
-        self._process = subprocess.Popen([sys.executable, "-m", "sslmedsam2.propagation.itk_worker"],
+        self._process = subprocess.Popen([sys.executable, "-m", "sslmedsam2.interpolation.itk_worker"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         self._ready = False
 

@@ -16,24 +16,6 @@ from sslmedsam2.models.registry import ModelSpec, check_image_size
 
 PREDICTOR_TARGET = "sslmedsam2.propagation.predictor.SlicePredictor"
 CROSS_ATTENTION_TARGET = "sslmedsam2.propagation.attention.MemoryCrossAttention"
-DEVICES = ("auto", "cuda", "mps", "cpu")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """auto: cuda, then mps, then cpu."""
-    if name not in DEVICES:
-        raise UserError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps and mps.is_available())
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is usable by this torch build")
-    elif name == "mps" and not has_mps:
-        raise UserError("--device mps: Apple MPS is not available here")
-    return torch.device(name)
-
-
 def hydra_overrides(spec: ModelSpec, image_size: int | None = None) -> list[str]:
     size = check_image_size(spec.image_size if image_size is None else int(image_size))
     feat = size // 16

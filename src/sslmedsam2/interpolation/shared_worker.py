@@ -29,7 +29,7 @@ from typing import BinaryIO
 import numpy as np
 
 from sslmedsam2.errors import UserError, WorkerError
-from sslmedsam2.propagation.itk_worker import array_bytes, bytes_array, read_answer, write_frame
+from sslmedsam2.interpolation.itk_worker import array_bytes, bytes_array, read_answer, write_frame
 
 PROTOCOL = 1
 DIR_ENV, IDLE_ENV = "SSLMEDSAM2_ITK_WORKER_DIR", "SSLMEDSAM2_ITK_WORKER_IDLE"
@@ -327,7 +327,7 @@ class SharedWorker:
         """Detached (a session of its own, no terminal, stdin/stdout on devnull) so that it outlives this command."""
         root = str(Path(__file__).resolve().parents[2])  # the folder holding the sslmedsam2 package
         code = ("import sys; r = sys.argv[1]; r in sys.path or sys.path.insert(0, r); "
-                "from sslmedsam2.propagation.worker_server import main; main(sys.argv[2:])")
+                "from sslmedsam2.interpolation.worker_server import main; main(sys.argv[2:])")
         log = os.open(self.paths.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
         try:
             process = subprocess.Popen(

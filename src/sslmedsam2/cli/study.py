@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sslmedsam2.cli import _add_overwrite_option, _say, add_uneven_option
+from sslmedsam2.cli.options import add_overwrite_option, add_uneven_option, say
 from sslmedsam2.errors import UserError
 
 if TYPE_CHECKING:
@@ -58,12 +58,12 @@ def cmd_workspace(args: argparse.Namespace) -> int:
 
     if args.action == "init":
         ws = init_workspace(args.workspace, parse_labels(args.label) if args.label else None, args.axis, args.channel)
-        _say(f"workspace {ws.root} created (axis {ws.axis}, labels {ws.labels or 'from the first case added'})")
+        say(f"workspace {ws.root} created (axis {ws.axis}, labels {ws.labels or 'from the first case added'})")
     elif args.action == "add":
         ws = Workspace.open(args.workspace)
         case = add_case(ws, args.image, args.label, args.pseudo, args.eval_label, args.id, args.review_from,
                         allow_uneven=args.allow_uneven_slices)
-        _say(f"added case {case.id} (ground truth: {case.has_label}, pseudo-label: {case.has_pseudo}, "
+        say(f"added case {case.id} (ground truth: {case.has_label}, pseudo-label: {case.has_pseudo}, "
              f"held-out label: {case.has_eval})")
     elif args.action == "status":
         print_status(Workspace.open(args.workspace, allow_missing=True), args.json)
@@ -94,7 +94,7 @@ def review_slices(ws: Workspace, case_id: str, slices: str, state: str) -> None:
         for z in chosen:
             states[z] = SliceState(state)
         current.set_review(case_id, states)
-    _say(f"case {case_id}: slices {chosen} are {state}")
+    say(f"case {case_id}: slices {chosen} are {state}")
 
 
 def print_status(ws: Workspace, as_json: bool) -> None:
@@ -158,7 +158,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         if status.get("state") != "running":  # refine_status: "running" only while a job holds the lock
             raise UserError(f"no refine job is running on {ws.root}")
         request_stop(ws.refine_dir)  # a file, not a signal: the same gentle stop on Windows
-        _say(f"asked the refine job (pid {status['pid']}) to stop at its next safe point")
+        say(f"asked the refine job (pid {status['pid']}) to stop at its next safe point")
         return 0
     if args.follow:
         return follow(ws, status)
@@ -169,7 +169,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
         state = RefineJob(ws, options, on_event=bar.show).run()
     finally:
         bar.close()
-    _say(f"refine {state}; progress plot: {ws.refine_dir / 'progress.png'}")
+    say(f"refine {state}; progress plot: {ws.refine_dir / 'progress.png'}")
     return 0 if state in ("finished", "converged") else 3
 
 
@@ -194,7 +194,7 @@ def follow(ws, status: dict) -> int:
             time.sleep(0.5)
     finally:
         bar.close()
-    _say(f"refine {bar.monitor.state}")
+    say(f"refine {bar.monitor.state}")
     return 0 if bar.monitor.state in ("finished", "converged") else 3
 
 
@@ -202,11 +202,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from sslmedsam2.refine.predict import predict_image
     from sslmedsam2.study.workspace import Workspace
 
-    from sslmedsam2.propagation.confidence import confidence_path
+    from sslmedsam2.labelmap.confidence import confidence_path
 
     model = predict_image(Workspace.open(args.workspace), args.image, args.output, args.device, progress=True,
                           overwrite=args.overwrite, allow_uneven=args.allow_uneven_slices)
-    _say(f"segmented {args.image} with the round {model.round} model -> {args.output} "
+    say(f"segmented {args.image} with the round {model.round} model -> {args.output} "
          f"(confidence: {confidence_path(args.output).name})")
     return 0
 
@@ -215,13 +215,13 @@ def cmd_keyslices(args: argparse.Namespace) -> int:
     from sslmedsam2.refine.keyslices import run_keyslices
 
     keys = run_keyslices(args.prediction, args.output, args.prob or [], args.per_label, args.min_continuity,
-                         args.axis, log=_say, overwrite=args.overwrite)
+                         args.axis, log=say, overwrite=args.overwrite)
     for label in sorted({k.label for k in keys}):
         chosen = [k for k in keys if k.label == label]
-        _say(f"label {label}: slices " + ", ".join(
+        say(f"label {label}: slices " + ", ".join(
             f"{k.slice} (continuity {k.continuity:.2f}" + (f", certainty {k.certainty:.2f})" if k.certainty == k.certainty else ")")
             for k in chosen))
-    _say(f"{len(keys)} key slices -> {args.output}")
+    say(f"{len(keys)} key slices -> {args.output}")
     return 0
 
 
@@ -297,7 +297,7 @@ def add_study_commands(sub) -> None:
     p.add_argument("image", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
-    _add_overwrite_option(p)
+    add_overwrite_option(p)
     add_uneven_option(p)
     p.set_defaults(func=cmd_predict)
 
@@ -316,5 +316,5 @@ def add_study_commands(sub) -> None:
     k.add_argument("--min-continuity", type=float, metavar="C", help="Dice of a key slice's mask with the component "
                    "on each neighbouring slice, at least (default 0.6)")
     k.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice axis (default axial)")
-    _add_overwrite_option(k)
+    add_overwrite_option(k)
     k.set_defaults(func=cmd_keyslices)

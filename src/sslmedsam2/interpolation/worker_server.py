@@ -22,8 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from sslmedsam2.propagation.itk_worker import answer, read_frame, warm_up, write_frame
-from sslmedsam2.propagation.shared_worker import (PROTOCOL, Sender, WorkerPaths, connect, peer_credentials,
+from sslmedsam2.interpolation.itk_worker import answer, read_frame, warm_up, write_frame
+from sslmedsam2.interpolation.shared_worker import (PROTOCOL, Sender, WorkerPaths, connect, peer_credentials,
                                                   private_directory)
 
 CONNECTION_TIMEOUT = 300.0  # a client that stops sending mid-request is dropped, so that idle time can run out

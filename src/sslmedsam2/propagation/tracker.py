@@ -1,5 +1,5 @@
-"""A volume open for interactive work: its slices' SAM2 features are encoded once and kept, so propagating again
-after an edit runs only the tracking. A one-shot `propagate` is a session used once."""
+"""A volume's slices as SAM2 frames, with their image features encoded once and kept: tracking again after an edit
+runs only the tracking. The engine session (sslmedsam2.session.local) keeps one per open volume."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ import torch
 from sslmedsam2.frames.video import VolumeFrames
 from sslmedsam2.propagation.features import FeatureStore, feature_device, frame_feature_bytes
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.propagation.result import Cancelled, Progress, Propagation
+from sslmedsam2.jobs import Progress
+from sslmedsam2.labelmap.result import Propagation
 from sslmedsam2.propagation.sam2_propagation import fuse, run_passes
-from sslmedsam2.propagation.seeds import Seeds
+from sslmedsam2.labelmap.seeds import Seeds
 
-__all__ = ["Cancelled", "VolumeSession"]
-
-
-class VolumeSession:
-    """One open volume: its 8-bit slices (n, h, w) along the chosen axis and the image features of its slices."""
+class VolumeTracker:
+    """One volume: its 8-bit slices (n, h, w) along the chosen axis and the image features of its slices."""
 
     def __init__(self, predictor: SlicePredictor, slices: np.ndarray,
                  features_on: torch.device | str | None = "auto") -> None:
