@@ -1,7 +1,7 @@
 """The HTTP+JSON API (FastAPI on uvicorn): routes over the Service, the gate in front of every request (gate.py:
 token, size, uploads), and error handlers that answer every refusal with a JSON body {"error": one line, "code": ...}.
 
-OpenAPI: /docs (interactive page) and /openapi.json describe every route.
+OpenAPI: /docs (interactive page) and /openapi.json describe every route, its answers and errors (schema.py).
 """
 
 from __future__ import annotations
@@ -14,35 +14,28 @@ from fastapi import Body, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from sslmedsam2 import __version__
 from sslmedsam2.errors import UserError
+from sslmedsam2.frames import CT_WINDOWS
 from sslmedsam2.server.connections import UNREAD_ANSWER
 from sslmedsam2.server.errors import ServiceError
 from sslmedsam2.server.gate import Gate
+from sslmedsam2.server.schema import (ENCODINGS, GATE_ERRORS, JOB_LINKS, QUERY, RAW_FORMAT, RESULT_HEADER,
+                                      SESSION_LINKS, Closed, ErrorBody, Health, JobInfo, LabelArray, PropagateRequest,
+                                      ServerInfo, SessionInfo, errors, install_openapi, result_header)
 from sslmedsam2.server.service import Service
 from sslmedsam2.server.tokens import TokenCheck
 from sslmedsam2.server.wire import INSTANCE_HEADER, array_message
 
-RESULT_HEADER = "X-SSLMedSAM2-Result"
 log = logging.getLogger("sslmedsam2.server")
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-class SeedSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    index: int = Field(description="slice index along the session's axis (0-based)")
-    dtype: str = Field("uint8", description="uint8, uint16, int16, int32 or uint32")
-    data: str = Field(description="base64 of the zlib-compressed C-order (height, width) label plane")
-
-
-class PropagateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    slices: list[SeedSlice] = Field(description="drawn, edited or accepted slices; every label on a slice is a "
-                                    "seed of that label there")
-    replace: bool = Field(True, description="true: these slices are the prompts; false: they update the "
-                          "session's prompts (an all-zero plane removes that slice)")
+class CSVResponse(PlainTextResponse):
+    media_type = "text/csv"
 
 
 def _one_line(exc: RequestValidationError) -> str:
@@ -55,76 +48,104 @@ def _one_line(exc: RequestValidationError) -> str:
     return f"bad request: {where}: {first.get('msg', 'invalid')}{more}"
 
 
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route of this request's path takes (the `Allow` of a 405)."""
+    found: set[str] = set()
+    for route in app.router.routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            found |= set(getattr(route, "methods", None) or ())
+    return sorted(found)
+
+
+def _error(message: str, code: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=message, code=code).model_dump(), status_code=status, headers=headers)
+
+
 def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
     tokens = tokens or TokenCheck(service.settings.tokens)
-    app = FastAPI(title="SSLMedSAM2 interactive engine", version=__version__,
+    app = FastAPI(title="SSLMedSAM2 interactive engine", version=__version__, responses=errors(*GATE_ERRORS),
                   description="SAM2 propagation of drawn slices through 3D volumes, with each open volume's slice "
                   "features kept between propagations. Every request needs 'Authorization: Bearer <token>' when "
-                  "the server has a token file.")
+                  "the server has a token file. Every refusal is a JSON body {\"error\": one line, \"code\"}.")
+    install_openapi(app, tokens.required)
 
     def owner(request: Request) -> str:
         return request.state.owner
 
     @app.exception_handler(ServiceError)
     async def _service_error(request, exc: ServiceError):
-        return JSONResponse({"error": str(exc), "code": exc.code}, status_code=exc.status)
+        return _error(str(exc), exc.code, exc.status)
 
     @app.exception_handler(UserError)
     async def _user_error(request, exc: UserError):
-        return JSONResponse({"error": str(exc), "code": "bad_request"}, status_code=400)
+        return _error(str(exc), "bad_request", 400)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
-        return JSONResponse({"error": _one_line(exc), "code": "bad_request"}, status_code=400)
+        return _error(_one_line(exc), "bad_request", 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        return JSONResponse({"error": message, "code": "http"}, status_code=exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the methods of the first route of the path only
+            headers["Allow"] = ", ".join(allowed_methods(app, request.scope))
+        return _error(message, "http", exc.status_code, headers)
 
     @app.exception_handler(MemoryError)
     async def _memory(request, exc: MemoryError):
-        return JSONResponse({"error": "out of memory on the server: send a smaller image, or close other sessions",
-                             "code": "out_of_memory"}, status_code=507)
+        return _error("out of memory on the server: send a smaller image, or close other sessions", "out_of_memory",
+                      507)
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
         # answered by Starlette's outermost middleware, outside the Gate that tags every other answer
-        return JSONResponse({"error": f"internal error: {type(exc).__name__} (the server keeps running; see its log)",
-                             "code": "internal"}, status_code=500, headers={INSTANCE_HEADER: service.instance})
+        return _error(f"internal error: {type(exc).__name__} (the server keeps running; see its log)", "internal",
+                      500, {INSTANCE_HEADER: service.instance})
+
+    typed = {"response_model_exclude_unset": True}  # a job's result and labels, CUDA memory: only when there
 
     @app.get("/health", summary="Liveness: the server answers")
-    def health() -> dict:
-        return {"status": "ok", "version": __version__, "instance": service.instance}
+    def health() -> Health:
+        return Health(status="ok", version=__version__, instance=service.instance)
 
-    @app.get("/info", summary="Version, device, models, sessions, memory in use, limits")
-    def info(request: Request) -> dict:
+    @app.get("/info", summary="Version, device, models, sessions, memory in use, limits", **typed)
+    def info(request: Request) -> ServerInfo:
         return service.info(owner(request))
 
-    @app.get("/sessions", summary="Your open sessions")
-    def sessions(request: Request) -> list[dict]:
+    @app.get("/sessions", summary="Your open sessions", **typed)
+    def sessions(request: Request) -> list[SessionInfo]:
         return service.list_sessions(owner(request))
 
     @app.post("/sessions", status_code=201, summary="Open a session: the image file's own bytes as the body",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
-                  "schema": {"type": "string", "format": "binary"}}}}})
+              responses={201: {"links": SESSION_LINKS}, **errors(400)}, **typed, openapi_extra={"requestBody": {
+                  "required": True, "content": {"application/octet-stream": BINARY}, "description": (
+                      "the image file's own bytes (.nii.gz, .nii, .nrrd or .mha with its data inside), "
+                      "gzip-compressed with encoding=gzip")}})
     async def open_session(
             request: Request,
             name: str = Query("image.nii.gz", description="the file's name; its suffix (.nii.gz, .nii, .nrrd, "
-                              ".mha) picks the reader, and messages name it"),
-            axis: str = Query("axial", description="axial, coronal or sagittal"),
-            modality: str = Query("mri", description="mri (percentile clip) or ct (a window)"),
-            window: str = Query("soft-tissue", description="CT window name"),
-            range_min: float | None = Query(None, description="explicit intensity range (with range_max)"),
-            range_max: float | None = Query(None),
-            model: str | None = Query(None, description="default: the server's"),
-            image_size: int | None = Query(None, description="SAM2 input size; default: the server's"),
-            encoding: str | None = Query(None, description="gzip: the body is the file gzip-compressed")) -> dict:
+                              ".mha) picks the reader (any other: read by content), and messages name it"),
+            axis: str = Query("axial", description="the slicing plane", json_schema_extra=QUERY["axis"]),
+            modality: str = Query("mri", description="mri (percentile clip) or ct (a window)",
+                                  json_schema_extra=QUERY["modality"]),
+            window: str = Query("soft-tissue", description="CT window (with modality=ct)",
+                                json_schema_extra=QUERY["window"]),
+            range_min: float | None = Query(None, description="explicit intensity range: with range_max, below it"),
+            range_max: float | None = Query(None, description="with range_min, above it"),
+            model: str | None = Query(None, description="default: the server's; the weights of another are "
+                                      "fetched at its first propagation", json_schema_extra=QUERY["model"]),
+            image_size: int | None = Query(None, description="SAM2 input size; default: the server's",
+                                           json_schema_extra=QUERY["image_size"]),
+            encoding: str | None = Query(None, description="gzip: the body is the file gzip-compressed",
+                                         json_schema_extra=QUERY["encoding"])) -> SessionInfo:
         if (range_min is None) != (range_max is None):
             raise UserError("intensity range: give both range_min and range_max")
-        if encoding not in (None, "", "identity", "gzip"):
-            raise UserError(f"unknown encoding {encoding!r}; use gzip or none")
+        if encoding is not None and encoding not in ENCODINGS:
+            raise UserError(f"unknown encoding {encoding!r}; use {' or '.join(ENCODINGS)}")
+        if window not in CT_WINDOWS:  # refused whatever the modality: a misspelt window is never meant
+            raise UserError(f"unknown CT window {window!r}; choose one of {', '.join(CT_WINDOWS)}")
         data = await request.body()
         if not data:
             raise UserError("no image: send the image file's bytes as the request body")
@@ -139,27 +160,32 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
             request.scope["state"][UNREAD_ANSWER] = abandon
         return opened
 
-    @app.get("/sessions/{session_id}", summary="A session: grid, prompts, last result, current job, features")
-    def session_info(session_id: str, request: Request) -> dict:
+    @app.get("/sessions/{session_id}", summary="A session: grid, prompts, last result, current job, features",
+             responses=errors(404), **typed)
+    def session_info(session_id: str, request: Request) -> SessionInfo:
         return service.session_info(owner(request), session_id)
 
-    @app.delete("/sessions/{session_id}", summary="Close a session; its data is deleted")
-    def close_session(session_id: str, request: Request) -> dict:
+    @app.delete("/sessions/{session_id}", summary="Close a session; its data is deleted", responses=errors(404))
+    def close_session(session_id: str, request: Request) -> Closed:
         service.close_session(owner(request), session_id)
-        return {"closed": session_id}
+        return Closed(closed=session_id)
 
-    @app.post("/sessions/{session_id}/propagate", status_code=202,
+    @app.post("/sessions/{session_id}/propagate", status_code=202, **typed,
+              responses={202: {"links": JOB_LINKS}, **errors(400, 404)},
               summary="Propagate from the prompt slices; answers a job to poll")
-    def propagate(session_id: str, request: Request, body: PropagateRequest = Body(...)) -> dict:
+    def propagate(session_id: str, request: Request, body: PropagateRequest = Body(...)) -> JobInfo:
         slices = [s.model_dump() for s in body.slices]
         return service.propagate(owner(request), session_id, slices, body.replace)
 
-    @app.get("/sessions/{session_id}/labels", summary="The last result's label map",
-             responses={200: {"content": {"application/gzip": {}, "application/json": {}}}})
+    @app.get("/sessions/{session_id}/labels", summary="The last result's label map", response_model=None,
+             responses={200: {"model": LabelArray, "headers": result_header(), "description": (
+                 "format=nifti: .nii.gz bytes; nrrd: .nrrd bytes (keeps a sheared grid); raw: JSON"), "content": {
+                 "application/gzip": BINARY, "application/octet-stream": BINARY}}, **errors(400, 404)})
     def labels(session_id: str, request: Request,
-               format: str = Query("nifti", description="nifti (.nii.gz bytes), nrrd (.nrrd bytes, keeps a sheared "
-                                   "grid) or raw (JSON: slice-first array along the axis, zlib + base64)")):
-        if format == "raw":
+               format: str = Query("nifti", description="nifti or nrrd (a file on the image grid) or raw (JSON: "
+                                   "slice-first along the session's axis, zlib + base64)",
+                                   json_schema_extra=QUERY["format"])) -> Response:
+        if format == RAW_FORMAT:
             array, result = service.labels_array(owner(request), session_id)
             return JSONResponse({"result": result, **array_message(array)}, headers={RESULT_HEADER: str(result)})
         data, result = service.labels_file(owner(request), session_id, format)
@@ -169,17 +195,20 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
                                  "Content-Disposition": f'attachment; filename="labels{suffix}"'})
 
     @app.get("/sessions/{session_id}/confidence", summary="The last result's confidence table (CSV)",
-             response_class=PlainTextResponse)
-    def confidence(session_id: str, request: Request):
+             response_class=CSVResponse, responses={200: {"headers": result_header(), "description": (
+                 "the table exactly as propagate writes it"), "content": {"text/csv": {"schema": {"type": "string"}}}},
+                 **errors(404)})
+    def confidence(session_id: str, request: Request) -> CSVResponse:
         text, result = service.confidence_csv(owner(request), session_id)
-        return PlainTextResponse(text, media_type="text/csv", headers={RESULT_HEADER: str(result)})
+        return CSVResponse(text, headers={RESULT_HEADER: str(result)})
 
-    @app.get("/jobs/{job_id}", summary="A job's state and progress; wait=S blocks up to S s (30 at most) for its end")
-    def job(job_id: str, request: Request, wait: float = Query(0.0, ge=0.0, le=30.0)) -> dict:
+    @app.get("/jobs/{job_id}", summary="A job's state and progress; wait=S blocks up to S s (30 at most) for its end",
+             responses=errors(400, 404), **typed)
+    def job(job_id: str, request: Request, wait: float = Query(0.0, ge=0.0, le=30.0, description="seconds")) -> JobInfo:
         return service.job(owner(request), job_id, wait)
 
-    @app.post("/jobs/{job_id}/cancel", summary="Ask a job to stop at its next step")
-    def cancel(job_id: str, request: Request) -> dict:
+    @app.post("/jobs/{job_id}/cancel", summary="Ask a job to stop at its next step", responses=errors(404), **typed)
+    def cancel(job_id: str, request: Request) -> JobInfo:
         return service.cancel(owner(request), job_id)
 
     app.add_middleware(Gate, service=service, tokens=tokens)
