@@ -140,7 +140,7 @@ def main() -> None:
 
     import SimpleITK as sitk
 
-    from sslmedsam2.server.client import Client, ServerUnreachable
+    from sslmedsam2.remote.client import Client, ServerUnreachable
     from sslmedsam2.session.remote import RemoteSession
 
     with tempfile.TemporaryDirectory(prefix="bench-interactive-") as tmp:

@@ -171,7 +171,7 @@ def prompt_planes(seeds: np.ndarray, array_axis: int, slices: list[int]) -> dict
 
 
 def _health(url: str, token_file: Path | None) -> None:
-    from sslmedsam2.server.client import Client
+    from sslmedsam2.remote.client import Client
 
     client = Client(url, token_file=token_file, timeout=5)
     try:
@@ -201,7 +201,7 @@ class InteractiveEngine:
         return self._data is not None and self._data_key == (connection.engine, connection.url, *key)
 
     def _connect(self, request: PropagationRequest, reporter: Reporter, notes: list[str]):
-        from sslmedsam2.server.client import Client
+        from sslmedsam2.remote.client import Client
 
         connection = request.connection
         if connection.engine == "local":
@@ -249,7 +249,7 @@ class InteractiveEngine:
 
     def propagate(self, request: PropagationRequest, reporter: Reporter) -> PropagationResult:
         """Blocks: call it on the worker thread."""
-        from sslmedsam2.server.client import ServerError, ServerUnreachable
+        from sslmedsam2.remote.client import ServerError, ServerUnreachable
 
         notes: list[str] = []
         if request.connection.engine == "remote" and request.settings.checkpoint:
@@ -293,7 +293,7 @@ class InteractiveEngine:
 def user_message(error: BaseException, connection: Connection) -> str:
     """One line for the panel: the engine's own words, with where it runs."""
     from sslmedsam2.errors import UserError
-    from sslmedsam2.server.client import JobCancelled, ServerUnreachable
+    from sslmedsam2.remote.client import JobCancelled, ServerUnreachable
 
     if isinstance(error, (JobCancelled, Cancelled)):
         return "cancelled"

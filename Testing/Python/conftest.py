@@ -124,7 +124,7 @@ def wait_for_server(process, client, timeout: float = 180) -> None:
     """Until a `serve` process answers its health check; fails the test if it ends or does not start."""
     import time
 
-    from sslmedsam2.server.client import ServerUnreachable
+    from sslmedsam2.remote.client import ServerUnreachable
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:

@@ -142,7 +142,7 @@ def engine(tiny_checkpoint, tmp_path_factory):
     """A server in this process (random-weight tiny SAM2): uploads go through its own reader."""
     from conftest import TINY_SIZE
 
-    from sslmedsam2.server.client import Client
+    from sslmedsam2.remote.client import Client
     from sslmedsam2.server.limits import ServerSettings
     from sslmedsam2.server.main import serve_in_thread
 
@@ -159,7 +159,7 @@ _UPLOADED = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 @pytest.mark.parametrize("name", [n for n in NAMES if not n.startswith("dicom")])
 def test_server_uploads_refuse_it_with_the_command_lines_words(engine, tmp_path, name):
-    from sslmedsam2.server.client import ServerError
+    from sslmedsam2.remote.client import ServerError
 
     path, fragment = _make(name, tmp_path / "in")
     if not path.is_file() or full_suffix(path).lower() not in _UPLOADED or not path.stat().st_size:

@@ -11,7 +11,7 @@ from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec
 from sslmedsam2.jobs import Cancelled
-from sslmedsam2.server.client import Client, JobCancelled
+from sslmedsam2.remote.client import Client, JobCancelled
 from sslmedsam2.server.limits import ServerSettings
 from sslmedsam2.server.main import serve_in_thread
 from sslmedsam2.session.local import LocalSession

@@ -135,3 +135,12 @@ def test_frames_match_sam2_jpeg_loader(tmp_path):
     # JPEG at quality 100 and 8-bit rounding of the resized image differ from float resizing by a few grey levels
     assert (ours - theirs[0]).abs().mean() < 0.03
     assert torch.corrcoef(torch.stack([ours.flatten(), theirs[0].flatten()]))[0, 1] > 0.999
+
+
+@pytest.mark.parametrize("value_range", [(-3e38, 3e38), (1.0, 1.0 + 1e-9), (-1e31, 0.0)])
+def test_an_explicit_range_float32_cannot_map_is_refused(value_range):
+    from sslmedsam2.errors import UserError
+    from sslmedsam2.frames import IntensitySpec
+
+    with pytest.raises(UserError, match="float32"):
+        IntensitySpec(value_range=value_range)

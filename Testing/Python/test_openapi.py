@@ -21,7 +21,7 @@ from sslmedsam2.models.registry import MAX_IMAGE_SIZE, MODELS, image_size_proble
 from sslmedsam2.server.limits import ServerSettings
 from sslmedsam2.server.main import serve_in_thread
 from sslmedsam2.server.service import LABEL_FORMATS
-from sslmedsam2.server.wire import INSTANCE_HEADER, LABEL_DTYPES, slice_entry
+from sslmedsam2.remote.wire import INSTANCE_HEADER, LABEL_DTYPES, slice_entry
 from sslmedsam2.settings import MODALITIES
 from sslmedsam2.volume import SliceAxis
 
@@ -107,7 +107,7 @@ def test_without_a_token_file_the_token_is_optional():
     from types import SimpleNamespace
 
     from sslmedsam2.server.app import create_app
-    from sslmedsam2.server.tokens import TokenCheck
+    from sslmedsam2.remote.tokens import TokenCheck
 
     app = create_app(SimpleNamespace(settings=ServerSettings(), instance="x"), TokenCheck([]))
     scheme = next(iter(app.openapi()["components"]["securitySchemes"]))

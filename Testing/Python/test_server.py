@@ -19,11 +19,11 @@ from conftest import TINY_SIZE, seeds_on, synthetic_case, table_lines, to_image
 from sslmedsam2.cli import main
 from sslmedsam2.errors import UserError
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.server.client import Client, JobCancelled, JobFailed, ServerError, SessionGone
+from sslmedsam2.remote.client import Client, JobCancelled, JobFailed, ServerError, SessionGone
 from sslmedsam2.server.limits import MB, ServerSettings
 from sslmedsam2.server.main import serve_in_thread
 from sslmedsam2.server.service import Service
-from sslmedsam2.server.wire import encode_array, slice_entry
+from sslmedsam2.remote.wire import encode_array, slice_entry
 from sslmedsam2.session.remote import RemoteSession
 from sslmedsam2.labelmap.confidence import confidence_text
 
@@ -452,7 +452,7 @@ def test_wire_data_is_plain_zlib_whichever_side_has_isal(monkeypatch):
     that, and the other way round."""
     import zlib
 
-    from sslmedsam2.server import wire
+    from sslmedsam2.remote import wire
 
     labels = np.zeros((7, 40, 30), np.uint8)
     labels[2:5, 10:20, 5:25] = 3

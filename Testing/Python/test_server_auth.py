@@ -13,10 +13,10 @@ from conftest import TINY_SIZE, synthetic_case, to_image
 
 from sslmedsam2.cli import main
 from sslmedsam2.errors import UserError
-from sslmedsam2.server.client import Client, ServerError, SessionGone
+from sslmedsam2.remote.client import Client, ServerError, SessionGone
 from sslmedsam2.server.limits import ServerSettings
 from sslmedsam2.server.main import check_bind, is_loopback, serve_in_thread
-from sslmedsam2.server.tokens import TokenCheck, read_client_token, read_server_tokens
+from sslmedsam2.remote.tokens import TokenCheck, read_client_token, read_server_tokens
 from sslmedsam2.session.remote import RemoteSession
 
 ALICE, BOB = "alice-" + "a" * 30, "bob-" + "b" * 30
@@ -150,7 +150,7 @@ def test_the_client_needs_neither_torch_nor_fastapi():
     import subprocess
     import sys
 
-    code = ("import sys; import sslmedsam2.server.client, sslmedsam2.server.wire, sslmedsam2.server.tokens; "
+    code = ("import sys; import sslmedsam2.remote.client, sslmedsam2.remote.wire, sslmedsam2.remote.tokens; "
             "print(sorted(m for m in ('torch', 'fastapi', 'uvicorn', 'SimpleITK', 'sam2') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

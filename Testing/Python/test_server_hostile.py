@@ -17,7 +17,7 @@ from conftest import TINY_SIZE, synthetic_case, to_image
 
 from sslmedsam2.cli import main
 from sslmedsam2.errors import UserError
-from sslmedsam2.server.client import Client, ServerError, ServerUnreachable
+from sslmedsam2.remote.client import Client, ServerError, ServerUnreachable
 from sslmedsam2.server.limits import MB, ServerSettings
 from sslmedsam2.server.main import serve_in_thread
 

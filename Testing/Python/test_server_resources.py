@@ -12,7 +12,7 @@ from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
 
 from sslmedsam2.propagation.features import frame_feature_bytes
 from sslmedsam2.propagation.predictor import SlicePredictor
-from sslmedsam2.server.client import Client, JobCancelled
+from sslmedsam2.remote.client import Client, JobCancelled
 from sslmedsam2.server.errors import SessionGone
 from sslmedsam2.server.limits import ServerSettings
 from sslmedsam2.server.main import serve_in_thread

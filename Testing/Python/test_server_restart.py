@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import TINY_SIZE, free_port, seeds_on, synthetic_case, to_image, wait_for_server
 
-from sslmedsam2.server.client import Client, ServerUnreachable
+from sslmedsam2.remote.client import Client, ServerUnreachable
 from sslmedsam2.session.remote import RemoteSession
 
 
@@ -75,7 +75,7 @@ def test_killed_and_restarted_server(tiny_checkpoint, tmp_path):
 
 def test_another_web_server_on_the_port_is_named_as_such(server):
     """`--server` pointed at some other web server: one clear line, not a JSON decoder's complaint."""
-    from sslmedsam2.server.client import ServerError
+    from sslmedsam2.remote.client import ServerError
 
     httpd, handler = server
     handler.body = b"<html>a web page</html>"

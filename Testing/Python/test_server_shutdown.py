@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import TINY_SIZE, free_port, wait_for_server
 
-from sslmedsam2.server.client import Client
+from sslmedsam2.remote.client import Client
 from sslmedsam2.server.shutdown import Shutdown, stop_when_closed
 
 

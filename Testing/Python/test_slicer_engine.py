@@ -27,7 +27,7 @@ from SSLMedSAM2Lib.interactive import (EngineWorker, InteractiveEngine, Propagat
 from SSLMedSAM2Lib.parameters import Connection, EngineSettings  # noqa: E402
 from SSLMedSAM2Lib.server_process import LocalServer, LogRelay, ServerStartError, free_port  # noqa: E402
 
-from sslmedsam2.server.client import Client, ServerError, ServerUnreachable  # noqa: E402
+from sslmedsam2.remote.client import Client, ServerError, ServerUnreachable  # noqa: E402
 from sslmedsam2.server.limits import ServerSettings  # noqa: E402
 from sslmedsam2.server.main import serve_in_thread  # noqa: E402
 

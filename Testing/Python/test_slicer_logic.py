@@ -215,7 +215,7 @@ def test_propagate_repropagate_undo_and_cancel_through_the_session(logic_module,
     assert _wait(logic, app) == ""
     assert logic.review is not review, "a fresh Propagate that succeeds starts a new review"
 
-    from sslmedsam2.server.client import Client
+    from sslmedsam2.remote.client import Client
 
     engine = Client(logic.engine.local.url, token_file=logic.engine.local.token_file)
     assert engine.info()["sessions"] == 1

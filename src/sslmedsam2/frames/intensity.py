@@ -19,6 +19,11 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+# An explicit range is mapped to 8 bits in float32: its ends and its span must stay within what float32 resolves.
+RANGE_LIMIT = 1e30
+RANGE_SPAN = 1e-6
+
+
 @dataclass(frozen=True)
 class IntensitySpec:
     """How to map voxel values to 0..255.
@@ -41,6 +46,9 @@ class IntensitySpec:
                 raise UserError(f"intensity range {low}..{high}: both ends must be finite numbers")
             if not high > low:
                 raise UserError(f"intensity range {low}..{high}: the maximum must be above the minimum")
+            if max(abs(low), abs(high)) > RANGE_LIMIT or high - low < RANGE_SPAN * max(abs(low), abs(high), 1.0):
+                raise UserError(f"intensity range {low}..{high}: both ends must lie within +-{RANGE_LIMIT:g} and span "
+                                "more than a millionth of their size (the mapping to 8 bits computes in float32)")
         elif self.modality == "ct" and self.window not in CT_WINDOWS:
             raise UserError(f"unknown CT window {self.window!r}; choose one of {', '.join(CT_WINDOWS)}")
 

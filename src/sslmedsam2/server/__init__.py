@@ -1,7 +1,8 @@
-"""The interactive engine: a long-lived server that keeps SAM2 models and each open volume's slice features, so
-that propagating again after an edit runs only the tracking; and its client.
+"""`sslmedsam2 serve`: a long-lived server that keeps SAM2 models and each open volume's engine session (slice
+features, prompts, last result), so that propagating again after an edit runs only the tracking.
 
-Modules: wire (array encoding, numpy only), tokens (token files), limits (settings, memory budget), jobs (the
-worker queue), service (sessions, no HTTP), app (the FastAPI routes), main (`sslmedsam2 serve`), client (requests
-only: no torch, no FastAPI) and remote (`sslmedsam2 propagate --server`).
+Modules: gate and connections (tokens, limits and deadlines before a route runs), app and schema (the FastAPI routes
+and their typed contract), service (sessions and jobs, no HTTP), sessions, jobs (the worker queue), limits
+(settings, memory budget), upload (an image's bytes to slices), prompts (the wire's prompt planes), main (the
+command). The client is sslmedsam2.remote; the session on top of it sslmedsam2.session.remote.
 """

@@ -27,8 +27,8 @@ from sslmedsam2.server.schema import (ENCODINGS, GATE_ERRORS, JOB_LINKS, QUERY, 
                                       SESSION_LINKS, Closed, ErrorBody, Health, JobInfo, LabelArray, PropagateRequest,
                                       ServerInfo, SessionInfo, errors, install_openapi, result_header)
 from sslmedsam2.server.service import Service
-from sslmedsam2.server.tokens import TokenCheck
-from sslmedsam2.server.wire import INSTANCE_HEADER, array_message
+from sslmedsam2.remote.tokens import TokenCheck
+from sslmedsam2.remote.wire import INSTANCE_HEADER, array_message
 
 log = logging.getLogger("sslmedsam2.server")
 BINARY = {"schema": {"type": "string", "format": "binary"}}

@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from sslmedsam2.server.errors import Conflict, ServiceError, Timeout, TooLarge, Unauthorized
 from sslmedsam2.server.limits import SMALL_BODY
-from sslmedsam2.server.tokens import TokenCheck
-from sslmedsam2.server.wire import INSTANCE_HEADER
+from sslmedsam2.remote.tokens import TokenCheck
+from sslmedsam2.remote.wire import INSTANCE_HEADER
 
 UNAUTHORIZED_DRAIN = 1 << 20  # a refused request's body read and dropped, at most, so that the client gets the 401
 _NO_TOKEN = Unauthorized("missing or wrong token: send the header 'Authorization: Bearer <token>' with a token from "

@@ -58,7 +58,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def settings_from(args: argparse.Namespace) -> ServerSettings:
-    from sslmedsam2.server.tokens import read_server_tokens
+    from sslmedsam2.remote.tokens import read_server_tokens
 
     if not math.isfinite(args.max_request_mb):  # before it becomes an int; the rest is ServerSettings.check()'s
         raise UserError(f"--max-request-mb {args.max_request_mb}: a finite number is needed")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.server.wire import decode_array
+from sslmedsam2.remote.wire import decode_array
 from sslmedsam2.volume.io import MAX_LABEL  # as the command line reads label maps
 
 

@@ -20,7 +20,7 @@ from sslmedsam2.models.registry import MAX_IMAGE_SIZE, MODELS, image_size_proble
 from sslmedsam2.server.errors import ServiceError
 from sslmedsam2.server.jobs import FINAL
 from sslmedsam2.server.service import LABEL_FORMATS
-from sslmedsam2.server.wire import INSTANCE_HEADER, LABEL_DTYPES
+from sslmedsam2.remote.wire import INSTANCE_HEADER, LABEL_DTYPES
 from sslmedsam2.settings import MODALITIES
 from sslmedsam2.volume import SliceAxis
 

@@ -139,7 +139,7 @@ def _here(case: Inputs, settings: EngineSettings, weights: Path, log, progress):
 
 
 def _on_server(case: Inputs, settings: EngineSettings, server: str, token_file: Path | None, log, progress):
-    from sslmedsam2.server.client import Client
+    from sslmedsam2.remote.client import Client
     from sslmedsam2.session.remote import RemoteSession, image_payload
 
     client = Client(server, token_file=token_file)

@@ -13,7 +13,7 @@ import numpy as np
 from sslmedsam2.jobs import Progress
 from sslmedsam2.labelmap.confidence import parse_confidence
 from sslmedsam2.provenance import new_result_id, text_mark
-from sslmedsam2.server.client import Client, ServerError, SessionGone
+from sslmedsam2.remote.client import Client, ServerError, SessionGone
 from sslmedsam2.session.base import SessionResult
 from sslmedsam2.session.prompts import merged
 from sslmedsam2.volume.slices import SliceGrid
@@ -125,7 +125,7 @@ class RemoteSession:
 
     def close(self) -> None:
         """Delete the session and its data on the server (a server already gone is fine)."""
-        from sslmedsam2.server.client import ServerUnreachable
+        from sslmedsam2.remote.client import ServerUnreachable
 
         try:
             self.client.close_session(self.id)

@@ -28,7 +28,7 @@ import numpy as np
 import requests
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.server.wire import INSTANCE_HEADER, read_array_message, slice_entry
+from sslmedsam2.remote.wire import INSTANCE_HEADER, read_array_message, slice_entry
 
 _ALREADY_COMPRESSED = (".gz", ".zip", ".bz2", ".xz")
 
@@ -67,7 +67,7 @@ class Client:
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise UserError(f"--server {redact_url(url)!r}: give the server's address as http://HOST:PORT")
         if token is None and token_file is not None:
-            from sslmedsam2.server.tokens import read_client_token
+            from sslmedsam2.remote.tokens import read_client_token
 
             token = read_client_token(Path(token_file).expanduser())
         self._base = url.rstrip("/")  # what is requested
