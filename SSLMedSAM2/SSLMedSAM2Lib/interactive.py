@@ -150,6 +150,8 @@ class PropagationRequest:
     volume: VolumeSource
     seeds: np.ndarray  # (k, j, i) label map on the volume's grid, segment i as value i + 1
     prompt_slices: list[int]  # along the axis; the seeds on these slices are the prompts
+    mode: str = "local"  # local: an edit re-tracks around the slices it changes; exact: every slice again
+    undo: int = 0  # propagations undone in the panel since the last one: the session goes back as many first
 
 
 @dataclass
@@ -159,6 +161,7 @@ class PropagationResult:
     array_axis: int  # the numpy axis the server sliced along
     where: str  # which engine computed it, in words
     notes: list[str] = field(default_factory=list)  # what the user should know (a restart, a session sent again)
+    retracked: tuple[int, ...] | None = None  # a local re-propagation: the slices it re-tracked
 
 
 def prompt_planes(seeds: np.ndarray, array_axis: int, slices: list[int]) -> dict[int, np.ndarray]:
@@ -259,9 +262,13 @@ class InteractiveEngine:
                 volume = self._open(self._connect(request, reporter, notes), request, reporter)
                 if reporter.should_stop():  # pressed while the volume was on its way
                     raise Cancelled("cancelled before the propagation began")
+                for _ in range(request.undo if attempt == 1 else 0):
+                    if volume.can_undo:
+                        volume.undo()
                 planes = prompt_planes(request.seeds, volume.grid.array_axis, request.prompt_slices)
                 reporter.message(f"propagating from {len(planes)} slices...")
-                result = volume.propagate(planes, replace=True, progress=reporter, should_stop=reporter.should_stop)
+                result = volume.propagate(planes, replace=True, progress=reporter, should_stop=reporter.should_stop,
+                                          mode=request.mode)
                 break
             except ServerUnreachable:
                 if attempt == 2 or request.connection.engine != "local" or self.local.alive():
@@ -276,7 +283,8 @@ class InteractiveEngine:
         axis = volume.grid.array_axis
         where = (f"the local engine ({self.local.url})" if request.connection.engine == "local"
                  else f"the engine at {request.connection.url}")
-        return PropagationResult(np.moveaxis(result.labels, 0, axis), result.confidence, axis, where, notes)
+        return PropagationResult(np.moveaxis(result.labels, 0, axis), result.confidence, axis, where, notes,
+                                 result.retracked)
 
     def _forget_client(self) -> None:
         if self._client is not None:

@@ -73,6 +73,7 @@ class SSLMedSAM2Logic:
         self.runFinished = Signal(str)  # error message, "" on success
         self._after_process: Callable[[str], None] | None = None
         self._before = None  # the segmentation before the current run, for Undo
+        self._engine_undos = 0  # propagations undone in the panel since the last run: the session undoes them first
         self._generation = 0  # a closed scene makes late results of older runs moot
         self.refine: RefineControl | None = None  # the refine job of the workspace the panel follows
         self._pump = qt.QTimer()
@@ -177,9 +178,10 @@ class SSLMedSAM2Logic:
 
     # --- propagation and review ------------------------------------------------------------------------------
     def propagate(self, volume, segmentation, settings: EngineSettings, prompt_slices: list[int] | None = None,
-                  seeds=None, then: Callable[[object], None] | None = None) -> None:
+                  seeds=None, then: Callable[[object], None] | None = None, mode: str = "local") -> None:
         """SAM2 through the engine session, in the background; runFinished fires when the segmentation holds the
-        result. seeds: a (k, j, i) label map (segment i as i + 1) instead of the segmentation's own content."""
+        result. seeds: a (k, j, i) label map (segment i as i + 1) instead of the segmentation's own content.
+        mode: local (an edit re-tracks around the slices it changes) or exact (every slice again)."""
         found = problems(settings) + connection_problems(self.connection)
         if volume is None or segmentation is None:
             found.append("Choose a volume and a segmentation.")
@@ -197,7 +199,8 @@ class SSLMedSAM2Logic:
         key = (*scene_io.volume_key(volume), settings.axis, settings.modality, settings.model, settings.image_size)
         data = None if self.engine.holds(key, connection) else self._volume_bytes(volume)
         source = VolumeSource(key, f"{scene_io.file_name(volume)}.nrrd", settings.axis, settings.modality, data)
-        request = PropagationRequest(connection, settings, source, seeds, prompts)
+        request = PropagationRequest(connection, settings, source, seeds, prompts, mode, self._engine_undos)
+        self._engine_undos = 0
         self._before, self.notes = before, []
         generation = self._generation
         fresh = prompt_slices is None  # a new review on success; a failed or cancelled run keeps the old one
@@ -233,6 +236,9 @@ class SSLMedSAM2Logic:
                 scene_io.import_array(result.labels, segmentation, ids, volume)
                 self._load_review(result.confidence, fresh)
                 self.notes = [f"computed by {result.where}", *result.notes]
+                if result.retracked is not None:
+                    self.notes.append(f"re-tracked slices {slice_ranges(result.retracked)} around the changed "
+                                      "slices (Re-propagate all (exact) recomputes every slice)")
                 if then is not None:
                     then(result)
             except _EditedMeanwhile as exc:
@@ -257,11 +263,12 @@ class SSLMedSAM2Logic:
         self.reviewChanged.emit()
 
     def undo(self, volume, segmentation) -> None:
-        """Local: the next propagation replaces the session's prompts with the review's, so the engine needs no
-        undo of its own."""
+        """Undo the review's last step; a propagation's is undone in the engine session too (in the background), so
+        that the next local re-propagation starts from the result now shown."""
         saved = self.review.undo()
-        if saved is not None:
+        if saved is not None:  # the engine session goes back too, before the next propagation
             scene_io.restore(segmentation, volume, saved)
+            self._engine_undos += 1
         self.reviewChanged.emit()
 
     # --- few-shot --------------------------------------------------------------------------------------------
@@ -352,6 +359,17 @@ class SSLMedSAM2Logic:
         if self.refine is None or self.refine.workspace != Path(workspace):
             self.refine = RefineControl(workspace)
         return self.refine.cancel()
+
+
+def slice_ranges(slices) -> str:
+    """7, 8, 9, 11 -> '7-9, 11' ('none' when empty)."""
+    runs: list[list[int]] = []
+    for z in sorted(slices):
+        if runs and z == runs[-1][-1] + 1:
+            runs[-1].append(z)
+        else:
+            runs.append([z])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in runs) or "none"
 
 
 def _edited(before: dict, now: dict) -> bool:

@@ -51,6 +51,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         u.cancelButton.connect("clicked()", self.logic.cancel)
         u.cancelStudyRunButton.connect("clicked()", self.logic.cancel)
         u.repropagateButton.connect("clicked()", self.onRepropagate)
+        u.exactButton.connect("clicked()", self.onRepropagateExact)
         u.acceptButton.connect("clicked()", self.onAccept)
         u.rejectButton.connect("clicked()", self.onReject)
         u.undoButton.connect("clicked()", self.onUndo)
@@ -197,13 +198,14 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             settings.allow_download = True
         return settings
 
-    def _start(self, prompt_slices=None) -> None:
+    def _start(self, prompt_slices=None, mode: str = "local") -> None:
         def start() -> None:
             settings = self.settings()  # imports the engine: inside the guard, after the dependency check
             if settings is None:
                 return
             # a fresh propagation (no prompt slices) gets a new review when it succeeds; until then the old stays
-            self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings, prompt_slices)
+            self.logic.propagate(self.parameters.inputVolume, self.parameters.segmentation, settings, prompt_slices,
+                                 mode=mode)
             self.startedRun("propagating...")
 
         run_guarded("SSLMedSAM2 could not start the propagation.", start, _show_error)
@@ -211,11 +213,14 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
     def onPropagate(self) -> None:
         self._start()
 
-    def onRepropagate(self) -> None:
+    def onRepropagate(self, mode: str = "local") -> None:
         if self.logic.review is None:
             slicer.util.errorDisplay("Propagate first; re-propagation starts from the reviewed slices.")
             return
-        self._start(self.logic.review.prompt_slices())
+        self._start(self.logic.review.prompt_slices(), mode)
+
+    def onRepropagateExact(self) -> None:
+        self.onRepropagate("exact")
 
     def onProgress(self, done: int, total: int) -> None:
         self.ui.progressBar.setMaximum(max(total, 1))
@@ -252,7 +257,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         change): the inputs and their editor, and the review's Accept, Reject and Undo, are locked."""
         if busy:
             self.ui.segmentEditorWidget.setActiveEffect(None)  # a paint stroke in progress ends here
-        for widget in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.runFewShotButton,
+        for widget in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.exactButton, self.ui.runFewShotButton,
                        self.ui.predictButton, self.ui.refineFromKeySlicesButton, self.ui.inputsCollapsibleButton,
                        self.ui.acceptButton, self.ui.rejectButton):
             widget.enabled = not busy

@@ -79,7 +79,8 @@ def test_every_route_declares_its_errors_a_typed_answer_and_the_token(spec):
     own = {("post", "/sessions"): {400}, ("get", "/sessions/{session_id}"): {404},
            ("delete", "/sessions/{session_id}"): {404}, ("post", "/sessions/{session_id}/propagate"): {400, 404},
            ("get", "/sessions/{session_id}/labels"): {400, 404}, ("get", "/sessions/{session_id}/confidence"): {404},
-           ("get", "/jobs/{job_id}"): {400, 404}, ("post", "/jobs/{job_id}/cancel"): {404}}
+           ("get", "/jobs/{job_id}"): {400, 404}, ("post", "/jobs/{job_id}/cancel"): {404},
+           ("post", "/sessions/{session_id}/undo"): {404}}
     seen = set()
     for path, method, operation in _operations(spec):
         seen.add((method, path))

@@ -17,9 +17,10 @@ AXES = ("axial", "coronal", "sagittal")
 MODALITIES = ("mri", "ct")
 WINDOWS = tuple(CT_WINDOWS)
 MODEL_NAMES = tuple(MODELS)
+MODES = ("local", "exact")  # of a propagation in a session with a result: around the corrections, or all again
 
-__all__ = ["AXES", "DEFAULT_MODEL", "DEVICES", "EngineSettings", "MAX_IMAGE_SIZE", "METHODS", "MODALITIES", "MODEL_NAMES",
-           "WINDOWS"]
+__all__ = ["AXES", "DEFAULT_MODEL", "DEVICES", "EditRule", "EngineSettings", "MAX_IMAGE_SIZE", "METHODS", "MODALITIES",
+           "MODEL_NAMES", "MODES", "WINDOWS", "check_mode"]
 
 
 @dataclass
@@ -74,3 +75,31 @@ class EngineSettings:
     def but(self, **changes) -> "EngineSettings":
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UserError(f"unknown propagation mode {mode!r}; choose local (re-track around the corrected slices) or "
+                        "exact (the whole volume again)")
+    return mode
+
+
+@dataclass(frozen=True)
+class EditRule:
+    """When a local re-propagation (propagation.local_edit) stops in a direction: at the label's next conditioning
+    slice, or after `slices` consecutive slices agreeing with the previous result (None: the model's memory
+    window, num_maskmem), agreement being a Dice of the label's masks of at least `dice`."""
+
+    slices: int | None = None
+    dice: float = 0.99
+
+    def check(self) -> "EditRule":
+        if self.slices is not None and (isinstance(self.slices, bool) or self.slices < 1):
+            raise UserError(f"edit window {self.slices}: at least 1 agreeing slice")
+        if not 0.0 < self.dice <= 1.0:
+            raise UserError(f"edit agreement {self.dice}: a Dice above 0, at most 1")
+        return self
+
+    def window(self, predictor) -> int:
+        """The agreeing slices needed with this predictor (its num_maskmem when not set)."""
+        return self.slices if self.slices is not None else int(predictor.num_maskmem)

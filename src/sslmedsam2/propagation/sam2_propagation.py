@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,68 +46,102 @@ def tracking_passes(spans: list[tuple[int, int]], length: int) -> tuple[tuple[ra
             (range(max(b for _, b in spans), -1, -1), True, lambda z: [i for i, (_, b) in enumerate(spans) if z <= b]))
 
 
-def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, progress: Progress | None = None,
-               store=None, should_stop: Callable[[], bool] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Track each label forward from its first seed and backward from its last, each pass from a fresh state.
+@dataclass
+class Passes:
+    """What tracking leaves per label and direction, on the compute device: low-resolution logits
+    (2, labels, n, S/4, S/4) (forward, backward), object-presence probabilities (2, labels, n), and which passes
+    covered each slice (labels, n, 2: forward, backward) on the host. Objects are `labels` in order."""
 
-    Returns low-resolution logits (objects, n, S/4, S/4) averaged where both passes exist, object-presence
-    probabilities (objects, n), forward/backward agreement (objects, n) and which passes covered each slice
-    (objects, n, 2) as booleans (forward, backward). Objects are `seeds.labels` in order.
-    With a FeatureStore (`store`), every slice not in it yet is encoded first, once, and both passes read the
-    store; without one, sam2 encodes each frame as a pass reaches it. `should_stop` is asked after every step;
-    when it answers True the run raises Cancelled.
-    """
-    n = len(frames)
-    spans = [(min(s), max(s)) for s in seeds.seed_slices().values()]
-    passes = tracking_passes(spans, n)
-    keys = [("slice", z) for z in range(n)]
-    missing = 0 if store is None else sum(store.get(key) is None for key in keys)
-    if progress is not None:
-        progress.reset(total=missing + sum(len(order) for order, _, _ in passes))
+    logits: torch.Tensor
+    presence: torch.Tensor
+    covered: np.ndarray
+    labels: list[int]
 
+    @classmethod
+    def empty(cls, labels: list[int], n: int, low: int, device: torch.device) -> "Passes":
+        return cls(torch.zeros(2, len(labels), n, low, low, device=device), torch.zeros(2, len(labels), n, device=device),
+                   np.zeros((len(labels), n, 2), dtype=bool), list(labels))
+
+    def record(self, rows: list[tuple[int, int, bool]], masks: torch.Tensor, scores: torch.Tensor) -> None:
+        """A step's outputs, written with one operation each (rows: (object, slice, reverse))."""
+        objects, n, low = self.logits.shape[1], self.logits.shape[2], self.logits.shape[-1]
+        record_outputs(self.logits.view(-1, low, low), self.presence.view(-1),
+                       [(int(reverse) * objects + obj) * n + z for obj, z, reverse in rows], masks, scores)
+        for obj, z, reverse in rows:
+            self.covered[obj, z, int(reverse)] = True
+
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return merge_passes(self.logits, self.presence, torch.from_numpy(self.covered))
+
+
+def prepare_state(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, store=None,
+                  on_chunk: Callable[[int], None] | None = None) -> dict:
+    """A tracking state of the volume with every seed as a conditioning frame of its label; with a FeatureStore,
+    every slice not in it yet is encoded first, once, and tracking reads the store (batched steps)."""
+    state = predictor.init_state_from_frames(frames, frames.height, frames.width)
+    if store is not None:
+        from sslmedsam2.propagation.features import encode_chunk
+
+        keys = [("slice", z) for z in range(len(frames))]
+        store.encode(predictor, frames, keys, encode_chunk(predictor.device, predictor.image_size), on_chunk=on_chunk)
+        state["feature_store"], state["frame_keys"] = store, keys
+    for label, slices in seeds.seed_slices().items():
+        for z in slices:
+            predictor.add_new_mask(state, z, label, seeds.labels_map[z] == label)
+    if store is not None:
+        predictor.propagate_in_video_preflight(state)
+    return state
+
+
+def stepper(progress: Progress | None, should_stop: Callable[[], bool] | None) -> Callable[[int], None]:
+    """What a step reports: its count of frames to `progress`, then the stop request as Cancelled."""
     def step(count: int = 1) -> None:
         if progress is not None:
             progress.update(count)
         if should_stop is not None and should_stop():
             raise Cancelled()
+    return step
 
-    low, device = predictor.image_size // 4, predictor.device
+
+def track_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, progress: Progress | None = None,
+                 store=None, should_stop: Callable[[], bool] | None = None) -> Passes:
+    """Track each label forward from its first seed and backward from its last, each pass from a fresh state.
+
+    With a FeatureStore (`store`), every slice not in it yet is encoded first, once, and both passes of every label
+    advance together, one batched step at a time; without one, sam2 encodes each frame as a pass reaches it.
+    `should_stop` is asked after every step; when it answers True the run raises Cancelled.
+    """
+    n = len(frames)
+    spans = [(min(s), max(s)) for s in seeds.seed_slices().values()]
+    passes = tracking_passes(spans, n)
+    missing = 0 if store is None else sum(store.get(("slice", z)) is None for z in range(n))
+    if progress is not None:
+        progress.reset(total=missing + sum(len(order) for order, _, _ in passes))
+    step = stepper(progress, should_stop)
     # each pass's outputs, kept on the compute device: no step waits for a copy to the host; one copy at the end
-    per_pass = torch.zeros(2, len(spans), n, low, low, device=device)
-    presence = torch.zeros(2, len(spans), n, device=device)
-    covered = np.zeros((len(spans), n, 2), dtype=bool)  # host bookkeeping, known without the GPU
-
-    def record(rows: list[tuple[int, int, bool]], masks: torch.Tensor, scores: torch.Tensor) -> None:
-        """A step's outputs, written with one operation each (rows: (object, slice, reverse))."""
-        record_outputs(per_pass.view(-1, low, low), presence.view(-1),
-                       [(int(reverse) * len(spans) + obj) * n + z for obj, z, reverse in rows], masks, scores)
-        for obj, z, reverse in rows:
-            covered[obj, z, int(reverse)] = True
-
+    out = Passes.empty(seeds.labels, n, predictor.image_size // 4, predictor.device)
     with torch.inference_mode(), autocast_for(predictor.device):
-        state = predictor.init_state_from_frames(frames, frames.height, frames.width)
-        if store is not None:
-            from sslmedsam2.propagation.features import encode_chunk
-
-            store.encode(predictor, frames, keys, encode_chunk(predictor.device, predictor.image_size),
-                         on_chunk=step)
-            state["feature_store"], state["frame_keys"] = store, keys
-        for label, slices in seeds.seed_slices().items():
-            for z in slices:
-                predictor.add_new_mask(state, z, label, seeds.labels_map[z] == label)
+        state = prepare_state(predictor, frames, seeds, store, on_chunk=step)
         if store is not None:  # every label and both passes advance together, one batched step at a time
             from sslmedsam2.propagation.batched import run_tracks
 
-            predictor.propagate_in_video_preflight(state)
-            run_tracks(predictor, state, passes, on_outputs=record, on_step=step)
+            run_tracks(predictor, state, passes, on_outputs=out.record, on_step=step)
         else:
             for order, reverse, objects in passes:
                 predictor.forget_tracking(state)
                 for z, active, masks, scores in predictor.track(state, order, reverse=reverse, objects=objects):
-                    record([(obj, z, reverse) for obj in active], masks, scores)
+                    out.record([(obj, z, reverse) for obj in active], masks, scores)
                     step()
-    return merge_passes(per_pass, presence, torch.from_numpy(covered))
+    return out
+
+
+def run_passes(predictor: SlicePredictor, frames: VolumeFrames, seeds: Seeds, progress: Progress | None = None,
+               store=None, should_stop: Callable[[], bool] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """track_passes, merged: low-resolution logits (objects, n, S/4, S/4) averaged where both passes exist,
+    object-presence probabilities (objects, n), forward/backward agreement (objects, n) and which passes covered
+    each slice (objects, n, 2). Objects are `seeds.labels` in order."""
+    return track_passes(predictor, frames, seeds, progress, store, should_stop).merged()
 
 
 def merge_passes(per_pass: torch.Tensor, presence: torch.Tensor, covered: torch.Tensor
@@ -130,17 +165,20 @@ FUSE_CHUNK = 16
 
 
 def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, covered: torch.Tensor,
-         seeds: Seeds, height: int, width: int) -> Propagation:
+         seeds: Seeds, height: int, width: int, targets: list[int] | None = None) -> Propagation:
     """Upsample, let the highest score win where labels overlap, restore the seeds, score every slice. Runs where
-    `logits` lie (the GPU after a GPU propagation): only the label map and the per-slice figures come to the host."""
+    `logits` lie (the GPU after a GPU propagation): only the label map and the per-slice figures come to the host.
+    `targets`: only these slices (the label map is zero elsewhere, and only their rows are made)."""
     labels = seeds.labels
     n = logits.shape[1]
+    targets = list(range(n)) if targets is None else sorted(targets)
     lut = torch.tensor([0, *labels], device=logits.device)
     dtype = np.uint8 if max(labels) < 256 else np.uint16
     out = np.zeros((n, height, width), dtype=dtype)
     certainty = torch.ones(len(labels), n, device=logits.device)
-    for start in range(0, n, FUSE_CHUNK):
-        part = slice(start, min(start + FUSE_CHUNK, n))
+    for start in range(0, len(targets), FUSE_CHUNK):
+        chunk = targets[start:start + FUSE_CHUNK]
+        part = slice(chunk[0], chunk[-1] + 1) if chunk[-1] - chunk[0] + 1 == len(chunk) else chunk
         # bilinear, as SAM2 resizes its low-resolution masks to the video size
         up = F.interpolate(logits[:, part].float(), size=(height, width), mode="bilinear", align_corners=False)
         # made in the map's type on the device: a quarter (uint8) of the int64 bytes cross to the host
@@ -158,7 +196,7 @@ def fuse(logits: torch.Tensor, presence: torch.Tensor, agreement: torch.Tensor, 
     for i, label in enumerate(labels):
         drawn = set(seed_slices[label])
         counts = (out == label).sum(axis=(1, 2))
-        for z in range(n):
+        for z in targets:
             voxels = int(counts[z])
             if z in drawn:
                 rows.append(SliceConfidence(z, label, "seed", True, voxels, 1.0, 1.0, 1.0, 1.0))

@@ -154,10 +154,15 @@ class Client:
     def close_session(self, session_id: str) -> None:
         self.request("DELETE", f"/sessions/{session_id}", timeout=30)
 
-    def propagate(self, session_id: str, slices: dict[int, np.ndarray], replace: bool = True) -> dict:
+    def propagate(self, session_id: str, slices: dict[int, np.ndarray], replace: bool = True,
+                  mode: str = "local") -> dict:
         entries = [slice_entry(z, plane) for z, plane in sorted(slices.items())]
         return self.request_json("POST", f"/sessions/{session_id}/propagate",
-                                 json={"slices": entries, "replace": replace})
+                                 json={"slices": entries, "replace": replace, "mode": mode})
+
+    def undo(self, session_id: str) -> dict:
+        """Back to the session's previous result: {result, labels, can_undo}."""
+        return self.request_json("POST", f"/sessions/{session_id}/undo", timeout=60)
 
     def job(self, job_id: str, wait: float = 0.0) -> dict:
         return self.get_json(f"/jobs/{job_id}", params={"wait": wait} if wait else None, timeout=wait + 60)

@@ -24,7 +24,7 @@ from sslmedsam2.server.connections import UNREAD_ANSWER
 from sslmedsam2.server.errors import ServiceError
 from sslmedsam2.server.gate import Gate
 from sslmedsam2.server.schema import (ENCODINGS, GATE_ERRORS, JOB_LINKS, QUERY, RAW_FORMAT, RESULT_HEADER,
-                                      SESSION_LINKS, Closed, ErrorBody, Health, JobInfo, LabelArray, PropagateRequest,
+                                      SESSION_LINKS, Closed, ErrorBody, Health, JobInfo, LabelArray, PropagateRequest, Undone,
                                       ServerInfo, SessionInfo, errors, install_openapi, result_header)
 from sslmedsam2.server.service import Service
 from sslmedsam2.remote.tokens import TokenCheck
@@ -175,7 +175,12 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
               summary="Propagate from the prompt slices; answers a job to poll")
     def propagate(session_id: str, request: Request, body: PropagateRequest = Body(...)) -> JobInfo:
         slices = [s.model_dump() for s in body.slices]
-        return service.propagate(owner(request), session_id, slices, body.replace)
+        return service.propagate(owner(request), session_id, slices, body.replace, body.mode)
+
+    @app.post("/sessions/{session_id}/undo", summary="Back to the session's previous result, exactly",
+              responses=errors(404, 409), **typed)
+    def undo(session_id: str, request: Request) -> Undone:
+        return service.undo(owner(request), session_id)
 
     @app.get("/sessions/{session_id}/labels", summary="The last result's label map", response_model=None,
              responses={200: {"model": LabelArray, "headers": result_header(), "description": (

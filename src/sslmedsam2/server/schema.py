@@ -21,7 +21,7 @@ from sslmedsam2.server.errors import ServiceError
 from sslmedsam2.server.jobs import FINAL
 from sslmedsam2.server.service import LABEL_FORMATS
 from sslmedsam2.remote.wire import INSTANCE_HEADER, LABEL_DTYPES
-from sslmedsam2.settings import MODALITIES
+from sslmedsam2.settings import MODALITIES, MODES
 from sslmedsam2.volume import SliceAxis
 
 RESULT_HEADER = "X-SSLMedSAM2-Result"
@@ -33,6 +33,7 @@ BASE64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 
 ModelName = Enum("ModelName", {name: name for name in MODELS}, type=str)
 JobState = Enum("JobState", {state: state for state in ("queued", "running", *FINAL)}, type=str)
+Mode = Enum("Mode", {mode: mode for mode in MODES}, type=str)
 LabelDtype = Enum("LabelDtype", {dtype: dtype for dtype in LABEL_DTYPES}, type=str)
 
 
@@ -117,6 +118,10 @@ class JobInfo(BaseModel):
     seconds: float | None = Field(description="running time; null until started")
     result: int | None = Field(None, ge=1, description="done only: the session's result counter it made")
     labels: list[int] | None = Field(None, description="done only: the labels found")
+    mode: Mode | None = Field(None, description="done only: local (re-tracked around the corrected slices) or "
+                              "exact (every slice tracked anew)")
+    retracked: list[int] | None = Field(None, description="done only, local: the slices re-tracked; the others "
+                                        "kept their previous result")
 
 
 class SessionInfo(BaseModel):
@@ -138,6 +143,7 @@ class SessionInfo(BaseModel):
     image_size: int
     prompt_slices: list[int] = Field(description="slices holding the prompts of the last result")
     result: int = Field(ge=0, description="a counter: 0 before the first result, +1 at each")
+    can_undo: bool = Field(description="whether POST /sessions/{id}/undo has an earlier result to go back to")
     labels: list[int]
     job: JobInfo | None = Field(description="the current or last job")
     feature_bytes: int = Field(ge=0)
@@ -174,6 +180,15 @@ class PropagateRequest(BaseModel):
                                     "seed of that label there")
     replace: bool = Field(True, description="true: these slices are the prompts; false: they update the "
                           "session's prompts (an all-zero plane removes that slice)")
+    mode: str = Field("local", description="local (default): an edit re-tracks around the slices it changes; "
+                      "exact: every slice again (what a cold propagate computes). A first propagation, a removed "
+                      "prompt or another set of labels is always exact", json_schema_extra=one_of(MODES))
+
+
+class Undone(BaseModel):
+    result: int = Field(ge=1, description="the session's result counter of the result restored")
+    labels: list[int]
+    can_undo: bool
 
 
 _SIZES = [size for size in range(1, MAX_IMAGE_SIZE + 1) if image_size_problem(size) is None]  # the engine's rule

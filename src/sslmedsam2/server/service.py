@@ -30,6 +30,7 @@ from sslmedsam2.labelmap.confidence import write_confidence
 from sslmedsam2.session.base import SessionResult
 from sslmedsam2.session.local import LocalSession
 from sslmedsam2.session.prompts import merged, seed_map
+from sslmedsam2.settings import check_mode
 from sslmedsam2.server import prompts as prompt_rules
 from sslmedsam2.server.errors import Conflict, NotFound, SessionGone
 from sslmedsam2.server.jobs import Job, JobRunner
@@ -256,9 +257,11 @@ class Service:
         shutil.rmtree(session.folder, ignore_errors=True)
 
     # --- propagation --------------------------------------------------------------------------------------------
-    def propagate(self, owner: str, session_id: str, slices: list[dict], replace: bool = True) -> dict:
+    def propagate(self, owner: str, session_id: str, slices: list[dict], replace: bool = True,
+                  mode: str = "local") -> dict:
         """Queue a propagation from the session's prompts (those of its last result) updated by, or replaced with,
-        this request's slices; returns the job."""
+        this request's slices (`mode`: see LocalSession.propagate); returns the job."""
+        check_mode(mode)
         session = self._session(owner, session_id)
         update = prompt_rules.decode_slices(slices, session.shape)
         with session.lock:
@@ -267,10 +270,11 @@ class Service:
                                "or cancel it")
             seed_map(merged(session.engine.prompts, update, replace), session.shape)  # bad prompts: 400 now
             session.job = self.runner.submit(Job("propagate", owner, session_id,
-                                                 lambda job: self._run_propagation(session, update, replace, job)))
+                                                 lambda job: self._run_propagation(session, update, replace, mode,
+                                                                                   job)))
             return session.job.snapshot()
 
-    def _run_propagation(self, session: Session, update: dict, replace: bool, job: Job) -> dict:
+    def _run_propagation(self, session: Session, update: dict, replace: bool, mode: str, job: Job) -> dict:
         """On the worker thread: the model, room for this volume's features, then the session's propagation."""
         from sslmedsam2.propagation.features import frame_feature_bytes
 
@@ -282,7 +286,7 @@ class Service:
         if engine.feature_bytes() < need:  # none yet, or part of them (a cancelled run, an eviction)
             self._make_room(session, need)
         try:
-            result = self._propagate_engine(session, update, replace, job)
+            result = self._propagate_engine(session, update, replace, mode, job)
         finally:
             with self._lock:
                 session.feature_bytes, session.features_on = engine.feature_bytes(), engine.features_on()
@@ -290,12 +294,26 @@ class Service:
             raise SessionGone("the session was closed while it propagated; its result is discarded")
         with session.lock:
             session.outputs = {}
-        return {"result": result.number, "labels": result.labels_seeded}
+        return {"result": result.number, "labels": result.labels_seeded, "mode": result.mode,
+                "retracked": None if result.retracked is None else list(result.retracked)}
 
-    def _propagate_engine(self, session: Session, update: dict, replace: bool, job: Job) -> SessionResult:
+    def undo(self, owner: str, session_id: str) -> dict:
+        """Back to the session's previous result (and prompts), exactly; 409 while it propagates or when there is
+        nothing to undo."""
+        session = self._session(owner, session_id)
+        with session.lock:
+            if session.busy:
+                raise Conflict(f"session {session_id!r} is propagating (job {session.job.id}); wait for it first")
+            if not session.engine.can_undo:
+                raise Conflict(f"session {session_id!r} has no earlier result to go back to")
+            result = session.engine.undo()
+            session.outputs = {}
+        return {"result": result.number, "labels": result.labels_seeded, "can_undo": session.engine.can_undo}
+
+    def _propagate_engine(self, session: Session, update: dict, replace: bool, mode: str, job: Job) -> SessionResult:
         engine = session.engine
         try:
-            return engine.propagate(update, replace, progress=job, should_stop=job.should_stop)
+            return engine.propagate(update, replace, progress=job, should_stop=job.should_stop, mode=mode)
         except Exception as exc:
             if out_of_memory(exc) != "gpu" or not (engine.features_on() or "").startswith("cuda"):
                 raise
@@ -306,7 +324,7 @@ class Service:
         self._make_room(session, self.budget.limit + 1)
         engine.features_to_main_memory()
         torch.cuda.empty_cache()
-        return engine.propagate(update, replace, progress=job, should_stop=job.should_stop)
+        return engine.propagate(update, replace, progress=job, should_stop=job.should_stop, mode=mode)
 
     def _make_room(self, session: Session | None, need: int) -> None:
         with self._lock:

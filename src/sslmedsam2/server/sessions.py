@@ -47,7 +47,7 @@ class Session:
         return {"session": self.id, "name": self.name, "slices": self.shape[0], "height": self.shape[1],
                 "width": self.shape[2], **self.volume.grid.describe(), "model": self.model,
                 "image_size": self.image_size, "prompt_slices": sorted(self.engine.prompts),
-                "result": 0 if result is None else result.number,
+                "result": 0 if result is None else result.number, "can_undo": self.engine.can_undo,
                 "labels": [] if result is None else result.labels_seeded,
                 "job": None if self.job is None else self.job.snapshot(), "feature_bytes": self.feature_bytes,
                 "features_on": self.features_on, "idle_s": round(time.monotonic() - self.last_used, 1)}

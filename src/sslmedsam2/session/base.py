@@ -23,6 +23,8 @@ class SessionResult:
     mark: str  # the provenance id of the files rendered from it (label map and table, one pair)
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default=())  # what the user should know (a server restarted, say)
+    mode: str = "exact"  # exact: every slice tracked anew; local: only around the corrected slices
+    retracked: tuple[int, ...] | None = None  # local: the slices re-tracked (the rest kept their previous result)
 
     @property
     def labels_present(self) -> list[int]:

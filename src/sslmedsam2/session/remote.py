@@ -16,6 +16,7 @@ from sslmedsam2.provenance import new_result_id, text_mark
 from sslmedsam2.remote.client import Client, ServerError, SessionGone
 from sslmedsam2.session.base import SessionResult
 from sslmedsam2.session.prompts import merged
+from sslmedsam2.settings import check_mode
 from sslmedsam2.volume.slices import SliceGrid
 
 
@@ -52,6 +53,7 @@ class RemoteSession:
         self.client, self._data, self.name, self.options = client, data, name, options
         self.prompts: dict[int, np.ndarray] = {}
         self.result: SessionResult | None = None
+        self._history: list[dict[int, np.ndarray]] = []  # the prompts of each earlier result the server keeps
         self.info: dict = {}
         self.instance: str | None = None
         self._open()
@@ -85,15 +87,16 @@ class RemoteSession:
         return exc if isinstance(exc, SessionGone) else None
 
     def propagate(self, update: dict[int, np.ndarray], replace: bool = True, progress: Progress | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> SessionResult:
+                  should_stop: Callable[[], bool] | None = None, mode: str = "local") -> SessionResult:
         """See EngineSession.propagate; a lost session is opened again once (the volume sent again)."""
+        check_mode(mode)
         started = time.perf_counter()
         prompts = merged(self.prompts, update, replace)
         notes: list[str] = []
         send, again = update, replace
         for attempt in (1, 2):
             try:
-                labels, number, text = self._run(send, again, progress, should_stop)
+                labels, number, text, done = self._run(send, again, mode, progress, should_stop)
                 break
             except ServerError as exc:
                 gone = self._gone(exc)
@@ -105,23 +108,50 @@ class RemoteSession:
                 self._open()
                 send, again = prompts, True  # the new session knows no prompt yet
         rows = parse_confidence(text)
+        retracked = done.get("retracked")
         result = SessionResult(labels, rows, number, text_mark(text).result or new_result_id(),
-                               time.perf_counter() - started, tuple(notes))
+                               time.perf_counter() - started, tuple(notes), done.get("mode") or "exact",
+                               None if retracked is None else tuple(retracked))
         if labels.shape != self.shape:
             raise ServerError(f"the server answered a label map of shape {labels.shape} for a volume of {self.shape}; "
                               "is its sslmedsam2 version compatible?")
+        if self.result is not None and not notes:  # a reopened session has no earlier result to go back to
+            self._history.append(self.prompts)
+        elif notes:
+            self._history.clear()
         self.prompts, self.result = prompts, result
         return result
 
-    def _run(self, slices: dict[int, np.ndarray], replace: bool, progress, should_stop) -> tuple[np.ndarray, int, str]:
-        job = self.client.propagate(self.id, slices, replace)
+    def _run(self, slices: dict[int, np.ndarray], replace: bool, mode: str, progress,
+             should_stop) -> tuple[np.ndarray, int, str, dict]:
+        job = self.client.propagate(self.id, slices, replace, mode)
         try:
-            self.client.wait(job["job"], progress, should_stop=should_stop)
+            done = self.client.wait(job["job"], progress, should_stop=should_stop)
         except KeyboardInterrupt:
             self.client.cancel(job["job"])
             raise
         labels, number = self.client.labels(self.id)
-        return labels, number, self.client.confidence(self.id)
+        return labels, number, self.client.confidence(self.id), done
+
+    def undo(self) -> SessionResult:
+        """Back to the previous result on the server, exactly (prompts too); the server's one-line refusal when
+        there is none (or the session was lost: a restarted server keeps no history)."""
+        if not self._history:
+            from sslmedsam2.errors import UserError
+
+            raise UserError("nothing to undo: this session has no earlier result")
+        answer = self.client.undo(self.id)
+        labels, number = self.client.labels(self.id)
+        text = self.client.confidence(self.id)
+        self.prompts = self._history.pop()
+        if not answer.get("can_undo"):  # the server keeps fewer steps than were made
+            self._history.clear()
+        self.result = SessionResult(labels, parse_confidence(text), number, text_mark(text).result or new_result_id())
+        return self.result
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._history)
 
     def close(self) -> None:
         """Delete the session and its data on the server (a server already gone is fine)."""
