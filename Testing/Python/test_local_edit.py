@@ -178,3 +178,30 @@ def test_a_local_edit_through_a_server_equals_the_same_edit_here(case, predictor
                 client.propagate(there.id, edit, replace=False, mode="fast")
             assert refused.value.status == 400 and "\n" not in str(refused.value)
         client.close()
+
+
+def test_the_servers_edit_rule_comes_from_its_command_line(case, tiny_checkpoint, tmp_path):
+    """serve --edit-window/--edit-agreement reach every session: with a window of 2 that any mask agrees with, an
+    unchanged slice re-tracks 2 slices each way."""
+    from sslmedsam2.cli.command import build_parser
+    from sslmedsam2.remote.client import Client
+    from sslmedsam2.server.main import serve_in_thread, settings_from
+    from sslmedsam2.session.remote import RemoteSession
+
+    volume, labels, seeds = case
+    image, _ = synthetic_case(shape=SHAPE)
+    path = tmp_path / "case.nii.gz"
+    sitk.WriteImage(to_image(image), str(path))
+    args = build_parser().parse_args(["serve", "--port", "0", "--device", "cpu", "--model", "sam2.1-tiny",
+                                      "--checkpoint", str(tiny_checkpoint), "--image-size", str(TINY_SIZE),
+                                      "--edit-window", "2", "--edit-agreement", "1e-9"])
+    settings = settings_from(args)
+    assert settings.edit_rule == EditRule(slices=2, dice=1e-9)
+    settings.workdir = tmp_path
+    with serve_in_thread(settings) as (url, _):
+        client = Client(url)
+        with RemoteSession(client, path.read_bytes(), path.name, model="sam2.1-tiny", image_size=TINY_SIZE) as there:
+            first = there.propagate({z: seeds[z] for z in (6, 16)})
+            after = there.propagate({11: _label_only(first.labels[11], 1)}, replace=False)
+            assert after.retracked == (9, 10, 11, 12, 13)
+        client.close()

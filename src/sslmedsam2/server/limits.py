@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sslmedsam2.memory import available_memory
-from sslmedsam2.settings import EngineSettings
+from sslmedsam2.settings import EditRule, EngineSettings
 from sslmedsam2.errors import UserError
 from sslmedsam2.server.errors import OutOfMemory, TooLarge
 
@@ -40,6 +40,7 @@ class ServerSettings:
     upload_wait_s: float = 120.0  # how long an upload waits for its turn before it is refused (409)
     header_timeout_s: float = 10.0  # a request's headers must arrive within this (from connecting or the last answer)
     body_timeout_s: float = 60.0  # a request body that sends nothing for this long is dropped (408)
+    edit_rule: EditRule = EditRule()  # when an edit's local re-tracking stops (--edit-window, --edit-agreement)
 
     @property
     def per_token_sessions(self) -> int:
@@ -56,6 +57,7 @@ class ServerSettings:
 
     def check(self) -> None:
         self.engine().check()
+        self.edit_rule.check()
         if self.max_sessions < 1:
             raise UserError("--max-sessions must be at least 1")
         if self.max_sessions_per_token is not None and not 1 <= self.max_sessions_per_token <= self.max_sessions:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sslmedsam2.errors import UserError
 from sslmedsam2.server.limits import MB, ServerSettings, parse_gb
+from sslmedsam2.settings import EditRule
 
 DEFAULT_PORT = 8765
 
@@ -69,6 +70,7 @@ def settings_from(args: argparse.Namespace) -> ServerSettings:
         max_sessions=args.max_sessions, max_sessions_per_token=args.max_sessions_per_token,
         idle_timeout_s=args.idle_timeout * 60.0,
         max_request_bytes=int(args.max_request_mb * MB), compile=args.compile,
+        edit_rule=EditRule(slices=args.edit_window, dice=args.edit_agreement),
         tokens=read_server_tokens(args.token_file) if args.token_file else [])
 
 
@@ -175,6 +177,12 @@ def add_serve_command(sub, add_model_options: Callable[[argparse.ArgumentParser]
                    help="close a session (and delete its data) after this long unused (default 30)")
     s.add_argument("--max-request-mb", type=float, default=1024.0, help="largest request (an image upload) in MB "
                    "(default 1024)")
+    s.add_argument("--edit-window", type=int, metavar="SLICES", help="an edit's local re-tracking stops after this "
+                   "many consecutive slices agree with the previous result (default: the model's memory window, 7 "
+                   "for SAM2)")
+    s.add_argument("--edit-agreement", type=float, default=0.99, metavar="DICE", help="the Dice of a slice's mask "
+                   "with the previous result that counts as agreeing (default 0.99); 1 re-tracks until masks match "
+                   "exactly")
     s.add_argument("--exit-with-stdin", action="store_true", help="also stop (and delete every session's data) when "
                    "standard input closes: for a program that starts the server and may end without stopping it")
     add_model_options(s)

@@ -177,7 +177,7 @@ class Service:
             from sslmedsam2.propagation.features import frame_feature_bytes
 
             self.budget.check_fits(frame_feature_bytes(size) * volume.shape[0], name)
-            engine = LocalSession(volume, build=lambda: self._predictor(model, size))
+            engine = LocalSession(volume, build=lambda: self._predictor(model, size), rule=self.settings.edit_rule)
             session = Session(session_id, owner, name, folder, axis, model, size, intensity, volume, engine)
             with self._lock:
                 self._sessions[session_id] = session
