@@ -1,13 +1,24 @@
 """SSLMedSAM2: draw a few slices, SAM2 propagates them, review slice by slice, refine with nnU-Net.
 
-The module is thin: the panel lives in SSLMedSAM2Lib, the work in the engine package `sslmedsam2`.
+The module is thin: the panel lives in SSLMedSAM2Lib, the work in the engine package `sslmedsam2`. This file loads
+in every Slicer (Python 3.9 syntax): a Slicer older than 5.10 gets one message and nothing else.
 """
 
 from __future__ import annotations
 
+import logging
+
+import qt
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+
+from SSLMedSAM2Lib.compatibility import CONTRIBUTORS, unsupported_reason
+
+
+def unsupported() -> str | None:
+    """Why this Slicer cannot run the module (too old, or its Python older than the engine's), else None."""
+    return unsupported_reason((int(slicer.app.majorVersion), int(slicer.app.minorVersion)))
 
 
 class SSLMedSAM2(ScriptedLoadableModule):
@@ -16,13 +27,17 @@ class SSLMedSAM2(ScriptedLoadableModule):
         self.parent.title = "SSLMedSAM2"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["SSLMedSAM2 developers"]
+        self.parent.contributors = [CONTRIBUTORS]
         self.parent.helpText = (
             "Draw a structure on a few slices; SAM2 propagates it through the volume. Review slice by slice "
             "(least confident first), accept, reject or correct, re-propagate, and refine a study with nnU-Net "
             "in the background. Few-shot pseudo-labels from labelled support volumes need no drawing at all.")
         self.parent.acknowledgementText = (
             "SSL-MedSAM2 (MICCAI 2025 CARE-LiSeg), SAM 2 (Meta), MedSAM2 (Wang lab), nnU-Net (DKFZ).")
+        reason = unsupported()
+        if reason:  # said once, when Slicer loads the module; the panel shows it too
+            logging.warning(reason)
+            self.parent.helpText = f"{reason}\n\n{self.parent.helpText}"
 
 
 class SSLMedSAM2Widget(ScriptedLoadableModuleWidget):
@@ -32,6 +47,13 @@ class SSLMedSAM2Widget(ScriptedLoadableModuleWidget):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        reason = unsupported()
+        if reason:  # the panel is this one message: nothing is imported, nothing installed
+            label = qt.QLabel(reason)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            self.layout.addStretch(1)
+            return
         from SSLMedSAM2Lib.widget import SSLMedSAM2PanelWidget
 
         ui_widget = slicer.util.loadUI(self.resourcePath("UI/SSLMedSAM2.ui"))
@@ -43,11 +65,13 @@ class SSLMedSAM2Widget(ScriptedLoadableModuleWidget):
         self.panel.setParameterNode(SSLMedSAM2Logic().getParameterNode())
 
     def enter(self) -> None:
-        self.panel.setParameterNode(SSLMedSAM2Logic().getParameterNode())
-        self.panel.enter()
+        if self.panel is not None:
+            self.panel.setParameterNode(SSLMedSAM2Logic().getParameterNode())
+            self.panel.enter()
 
     def exit(self) -> None:
-        self.panel.exit()
+        if self.panel is not None:
+            self.panel.exit()
 
     def cleanup(self) -> None:
         if self.panel is not None:
@@ -64,11 +88,19 @@ class SSLMedSAM2Logic(ScriptedLoadableModuleLogic):
 
 
 class SSLMedSAM2Test(ScriptedLoadableModuleTest):
+    """Passes with a logged reason where the engine cannot run (never a SkipTest: "Reload and Test" and SelfTests
+    call runTest() directly and would show it as an error); propagates for real where it can."""
+
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
+        reason = unsupported()
+        if reason:
+            logging.info(f"SSLMedSAM2 self-test passed without running: {reason}")
+            self.delayDisplay(reason)
+            return
         from SSLMedSAM2Lib.testing import test_propagation_on_synthetic_volume
 
         test_propagation_on_synthetic_volume(self)

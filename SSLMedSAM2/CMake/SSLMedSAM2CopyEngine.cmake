@@ -16,3 +16,11 @@ function(sslmedsam2_copy_engine source_dir destination_dir)
     configure_file(${source_dir}/${_engine_file} ${destination_dir}/${_engine_file} COPYONLY)
   endforeach()
 endfunction()
+
+# sslmedsam2_copy_pyproject(<pyproject.toml> <destination_file>)
+#
+# Copies the engine's pyproject.toml (its requires-python and dependencies: what the module checks and installs)
+# to where the module looks for it beside the engine package (SSLMedSAM2Lib/compatibility.py, pyproject_path).
+function(sslmedsam2_copy_pyproject source_file destination_file)
+  configure_file(${source_file} ${destination_file} COPYONLY)
+endfunction()

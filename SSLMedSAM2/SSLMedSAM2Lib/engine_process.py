@@ -13,6 +13,21 @@ from SSLMedSAM2Lib.engine_output import EngineOutput
 from SSLMedSAM2Lib.launch import engine_command, engine_environment
 from SSLMedSAM2Lib.signal import Signal
 
+
+def streaming_process(environment: dict[str, str], on_output, on_finished, on_error) -> "qt.QProcess":
+    """A QProcess not yet started, in exactly `environment`, stdout and stderr merged; its readyRead, finished and
+    errorOccurred signals call the three slots."""
+    process = qt.QProcess()
+    process.setProcessChannelMode(qt.QProcess.MergedChannels)
+    qt_environment = qt.QProcessEnvironment()
+    for key, value in environment.items():
+        qt_environment.insert(key, value)
+    process.setProcessEnvironment(qt_environment)
+    process.connect("readyRead()", on_output)
+    process.connect("finished(int,QProcess::ExitStatus)", on_finished)
+    process.connect("errorOccurred(QProcess::ProcessError)", on_error)
+    return process
+
 KILL_AFTER_MS = 5000
 
 
@@ -36,16 +51,8 @@ class EngineProcess:
         if self.running:
             raise RuntimeError("an engine command is already running")
         self._output, self._cancelled = EngineOutput(), False
-        process = qt.QProcess()
-        process.setProcessChannelMode(qt.QProcess.MergedChannels)
-        environment = qt.QProcessEnvironment()
-        for key, value in engine_environment().items():
-            environment.insert(key, value)
-        process.setProcessEnvironment(environment)
-        process.connect("readyRead()", self._on_output)
-        process.connect("finished(int,QProcess::ExitStatus)", self._on_finished)
-        process.connect("errorOccurred(QProcess::ProcessError)", self._on_error)
-        self._process = process
+        process = self._process = streaming_process(engine_environment(), self._on_output, self._on_finished,
+                                                    self._on_error)
         self._program, program_arguments = engine_command(arguments)
         process.start(self._program, program_arguments)
 

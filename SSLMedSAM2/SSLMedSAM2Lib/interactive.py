@@ -211,7 +211,7 @@ class InteractiveEngine:
             started, died = self.local.starts, self.local.starts and not self.local.alive()
             why = self.local.failure() if died else None  # its log is deleted when the new one starts
             url = self.local.ensure(request.settings, reporter.message, reporter.should_stop, _health,
-                                    reporter.progress)
+                                    reporter.progress, connection.command)
             if died and self.local.starts > started:
                 notes.append("the local engine had stopped" + (f" ({why})" if why else "")
                              + "; it was started again and the volume sent again")

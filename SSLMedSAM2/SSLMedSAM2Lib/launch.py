@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -44,6 +45,52 @@ def engine_environment() -> dict[str, str]:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(source), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# Slicer's own Python settings: an engine in another Python environment (the engine command) must not inherit them
+SLICER_PYTHON_VARIABLES = ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONSTARTUP", "PYTHONEXECUTABLE")
+_startup_environment: Callable[[], Mapping[str, str]] = lambda: os.environ
+
+
+def set_startup_environment(source: Callable[[], Mapping[str, str]]) -> None:
+    """Where the environment Slicer was started in comes from (inside Slicer: slicer.util.startupEnvironment)."""
+    global _startup_environment
+    _startup_environment = source
+
+
+def external_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of an engine from another Python environment (the engine command): the one Slicer was started
+    in (without the launcher's library paths), minus any Python setting, unbuffered."""
+    environment = {k: v for k, v in (_startup_environment() if base is None else base).items()
+                   if k not in SLICER_PYTHON_VARIABLES}
+    environment["PYTHONUNBUFFERED"] = "1"
+    return environment
+
+
+def command_problem(command: str) -> str | None:
+    """What is wrong with an engine command (the `sslmedsam2` of another Python environment), or None."""
+    path = Path(command)
+    if not path.is_file():
+        return (f"Engine command {command}: no such file. Give the sslmedsam2 program of the Python environment that "
+                "has the engine (bin/sslmedsam2, or Scripts\\sslmedsam2.exe on Windows).")
+    if os.name != "nt" and not os.access(path, os.X_OK):
+        return f"Engine command {command} is not executable (chmod +x it, or give that environment's sslmedsam2)."
+    return None
+
+
+def external_models(command: str, timeout: float = 120.0) -> dict:
+    """`COMMAND models --json`: the engine command's models and its own weights cache (whether each is there)."""
+    import json
+
+    try:
+        done = subprocess.run([command, "models", "--json"], capture_output=True, text=True, timeout=timeout,
+                              env=external_environment(), stdin=subprocess.DEVNULL, **child_options())
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"the engine command {command} did not run: {exc}") from exc
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise RuntimeError(f"the engine command {command} failed: {last}")
+    return json.loads(done.stdout)
 
 
 def python_interpreter(executable: str | None = None) -> str:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,18 +18,19 @@ import qt
 import slicer
 
 from SSLMedSAM2Lib import scene_io, study_io
-from SSLMedSAM2Lib.dependencies import describe, plan_install
 from SSLMedSAM2Lib.engine_process import EngineProcess
 from SSLMedSAM2Lib.geometry import put_in_frame_of
 from SSLMedSAM2Lib.interactive import EngineWorker, InteractiveEngine, PropagationRequest, VolumeSource, user_message
-from SSLMedSAM2Lib.launch import import_engine
+from SSLMedSAM2Lib.launch import external_models, import_engine, set_startup_environment
 from SSLMedSAM2Lib.parameters import (Connection, EngineSettings, connection_problems, problems, pseudolabel_command,
                                       refine_command)
 from SSLMedSAM2Lib.prediction import StudyModelRuns
 from SSLMedSAM2Lib.refine_control import RefineControl
+from SSLMedSAM2Lib.requirements import Environment, RequirementsMissing, local_engine_refusal, project, under_rosetta
 from SSLMedSAM2Lib.server_process import shared_server, stop_shared_server
 from SSLMedSAM2Lib.signal import Signal
 from SSLMedSAM2Lib.study_seeds import label_map, slices_with_labels
+from SSLMedSAM2Lib.temporary import TEMPORARY
 
 PUMP_MS = 25  # how often the main thread takes the worker's news (and yields it the GIL) while it works
 CLOSE_WAIT_S = 5.0  # at exit, how long the engine session's close may take (a remote server that does not answer)
@@ -45,13 +43,29 @@ class _EditedMeanwhile(Exception):
     pass
 
 
+def _at_exit() -> None:
+    stop_shared_server()
+    TEMPORARY.remove_all()  # exported patient images and results in temporary folders
+
+
 def _stop_server_at_exit() -> None:
-    """Once per Slicer session: the local engine stops with Slicer (its stdin pipe also closes if Slicer dies)."""
+    """Once per Slicer session: the local engine stops with Slicer (its stdin pipe also closes if Slicer dies), and
+    the temporary folders go. An engine command runs in the environment Slicer was started in."""
     global _EXIT_HOOKED
     if not _EXIT_HOOKED:
-        slicer.app.connect("aboutToQuit()", stop_shared_server)
-        atexit.register(stop_shared_server)
+        slicer.app.connect("aboutToQuit()", _at_exit)
+        atexit.register(_at_exit)
+        set_startup_environment(slicer.util.startupEnvironment)
         _EXIT_HOOKED = True
+
+
+def local_refusal() -> str | None:
+    """Why the engine cannot run in Slicer's own Python on this computer (macOS x86_64), or None."""
+    try:
+        torch = project().requirement("torch")
+    except RequirementsMissing as exc:
+        return str(exc)
+    return local_engine_refusal(Environment(rosetta=under_rosetta()), torch)
 
 
 class SSLMedSAM2Logic:
@@ -67,6 +81,8 @@ class SSLMedSAM2Logic:
         self.process.message.connect(self.message.emit)
         self.review = None  # sslmedsam2.study.review_session.ReviewSession of the current segmentation
         self.fewshot_query_nodes: dict[str, object] = {}  # exported query file name -> its scene volume
+        self.fewshot_output: Path | None = None  # a few-shot run's temporary output folder (none chosen)
+        self._refusal: list[str | None] = []  # local_refusal(), once
         self.study_model = StudyModelRuns(self)  # "Segment with the study's model" and its key-slice refinement
         self.notes: list[str] = []  # what the user should know about the last run (a restarted engine, say)
         self.reviewChanged = Signal()
@@ -90,47 +106,43 @@ class SSLMedSAM2Logic:
     def busy(self) -> bool:
         return self.process.running or self.worker.busy
 
-    # --- dependencies and weights ----------------------------------------------------------------------------
-    def missing_dependencies(self) -> str:
-        return describe(plan_install())
-
-    def install_dependencies(self) -> None:
-        """On the main thread, as Slicer requires; pins Slicer's numpy, SimpleITK and torch."""
-        plan = plan_install()
-        if plan.torch_missing:
-            import PyTorchUtils  # the PyTorch extension (EXTENSION_DEPENDS)
-
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.5.1") is None:
-                raise RuntimeError("PyTorch was not installed")
-            plan = plan_install()
-        constraints = Path(slicer.util.tempDirectory("SSLMedSAM2-pip")) / "constraints.txt"
-        constraints.write_text(plan.constraints)
-        os.environ["SAM2_BUILD_CUDA"] = "0"  # sam2's optional CUDA extension needs a compiler; SAM2 runs without it
-        for call in plan.pip_calls(str(constraints)):
-            slicer.util.pip_install(call[1:])  # pip_install adds "install" itself
-        if describe(plan_install()):
-            raise RuntimeError("some packages are still missing after the installation: " + describe(plan_install()))
-
+    # --- weights and the engine's status ----------------------------------------------------------------------
     def weights_to_download(self, settings: EngineSettings, local_job: bool = False) -> str:
         """A sentence asking to download the model's weights, or "" when a file is already at hand (or a remote
         engine propagates with its own). local_job: for a run on this machine whatever the engine (few-shot,
         refinement)."""
         if settings.checkpoint or (self.connection.engine == "remote" and not local_job):
             return ""
-        import_engine()
-        from sslmedsam2.models import get_model
-        from sslmedsam2.models.cache import cached_path, is_cached
+        if self.connection.command and not local_job:  # the engine command's own cache, as it reports it
+            listed = {m["name"]: m for m in external_models(self.connection.command)["models"]}
+            model = listed.get(settings.model)
+            if model is None or model["cached"]:
+                return ""
+            size, url, path = model["size_mb"] * 1e6, model["url"], model["path"]
+        else:
+            import_engine()
+            from sslmedsam2.models import get_model
+            from sslmedsam2.models.cache import cached_path, is_cached
 
-        spec = get_model(settings.model)
-        if is_cached(spec):
-            return ""
-        return (f"The {spec.name} weights ({spec.size_bytes / 1e6:.0f} MB) are not on this computer. Download them from "
-                f"{spec.url} into {cached_path(spec)} (checked against their SHA256)? Or choose a local checkpoint file "
-                f"in 'Models and dependencies'.")
+            spec = get_model(settings.model)
+            if is_cached(spec):
+                return ""
+            size, url, path = spec.size_bytes, spec.url, cached_path(spec)
+        return (f"The {settings.model} weights ({size / 1e6:.0f} MB) are not on this computer. Download them from "
+                f"{url} into {path} (checked against their SHA256)? Or choose a local checkpoint file in 'Models and "
+                f"dependencies'.")
+
+    def local_refusal(self) -> str | None:
+        """Why the engine cannot run in Slicer's own Python on this computer (macOS x86_64), or None; asked once."""
+        if not self._refusal:
+            self._refusal.append(local_refusal())
+        return self._refusal[0]
 
     def engine_status(self) -> str:
         if self.connection.engine == "remote":
             return f"remote engine at {self.connection.url or '(no address yet)'}"
+        if not self.connection.command and self.local_refusal() and not self.engine.local.alive():
+            return self.local_refusal()
         return self.engine.local.describe()
 
     # --- running things --------------------------------------------------------------------------------------
@@ -162,10 +174,12 @@ class SSLMedSAM2Logic:
         self.worker.submit(lambda reporter: self.engine.close(), lambda result, error: None)
 
     def scene_closed(self) -> None:
-        """Results of runs started before a scene close have nowhere to go; the open session is closed too."""
+        """Results of runs started before a scene close have nowhere to go; the open session is closed too, and a
+        few-shot run's temporary output is deleted."""
         self._generation += 1
         self.review = None
         self.study_model.drop()
+        self._drop_fewshot_output()
         self._close_session()
         self._pump.start()
 
@@ -173,6 +187,7 @@ class SSLMedSAM2Logic:
         """Slicer exits or the module is torn down: the session on a remote engine must not outlive it (the local
         engine stops with Slicer anyway). Waits a few seconds at most for the close."""
         self.study_model.drop()
+        self._drop_fewshot_output()
         self._close_session()
         self.worker.close(timeout=CLOSE_WAIT_S)
 
@@ -214,11 +229,11 @@ class SSLMedSAM2Logic:
 
     @staticmethod
     def _volume_bytes(volume) -> bytes:
-        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-"))
+        folder = TEMPORARY.make("SSLMedSAM2-")
         try:
             return scene_io.export_volume(volume, folder / "image.nrrd", compressed=False).read_bytes()
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            TEMPORARY.remove(folder)
 
     def _on_propagated(self, generation: int, connection: Connection, target, result, error) -> None:
         if generation != self._generation:
@@ -274,25 +289,47 @@ class SSLMedSAM2Logic:
     # --- few-shot --------------------------------------------------------------------------------------------
     def run_few_shot(self, settings: EngineSettings, support_images: str, support_labels: str, queries: str,
                      output: str, insertions: int, supports: int, support_nodes=(), query_nodes=()) -> str:
-        """Folders when given, else the checked scene nodes (exported to a temporary folder); returns the output."""
+        """Folders when given, else the checked scene nodes, exported to temporary folders that are deleted when the
+        run ends; without an output folder, one in the temporary folder, deleted with the next few-shot run, at
+        scene close or at exit (its results are loaded into the scene). Returns the output folder."""
         found = problems(settings)
         self.check_idle()
         self.fewshot_query_nodes = {}
-        if not (study_io.chosen(support_images) and study_io.chosen(support_labels)) and support_nodes:
-            support_images, support_labels = study_io.export_supports(list(support_nodes), found)
-        if not study_io.chosen(queries) and query_nodes:
-            queries = study_io.export_queries(list(query_nodes), self.fewshot_query_nodes)
-        found += [f"Choose the {what} (folder or scene nodes)." for what, path in
-                  (("support images", support_images), ("support labels", support_labels), ("query images", queries))
-                  if not study_io.chosen(path)]
-        if found:
-            raise ValueError(" ".join(found))
+        exports: list[Path] = []
+        try:
+            if not (study_io.chosen(support_images) and study_io.chosen(support_labels)) and support_nodes:
+                exports.append(TEMPORARY.make("SSLMedSAM2-supports-"))
+                support_images, support_labels = study_io.export_supports(list(support_nodes), found, exports[-1])
+            if not study_io.chosen(queries) and query_nodes:
+                exports.append(TEMPORARY.make("SSLMedSAM2-queries-"))
+                queries = study_io.export_queries(list(query_nodes), self.fewshot_query_nodes, exports[-1])
+            found += [f"Choose the {what} (folder or scene nodes)." for what, path in
+                      (("support images", support_images), ("support labels", support_labels),
+                       ("query images", queries)) if not study_io.chosen(path)]
+            if found:
+                raise ValueError(" ".join(found))
+        except BaseException:
+            TEMPORARY.remove(*exports)
+            raise
+        self._drop_fewshot_output()
         if not study_io.chosen(output):
-            output = tempfile.mkdtemp(prefix="SSLMedSAM2-fewshot-")
+            self.fewshot_output = TEMPORARY.make("SSLMedSAM2-fewshot-")
+            output = str(self.fewshot_output)
+
+        def then(error: str) -> None:
+            TEMPORARY.remove(*exports)  # the exported patient images: the run is over
+            if error:
+                self._drop_fewshot_output()
+            self.runFinished.emit(error)
+
         self.notes = []
         self.run_command(pseudolabel_command(settings, support_images, support_labels, queries, output, insertions,
-                                              supports), self.runFinished.emit)
+                                              supports), then)
         return output
+
+    def _drop_fewshot_output(self) -> None:
+        TEMPORARY.remove(self.fewshot_output)
+        self.fewshot_output = None
 
     least_trustworthy = staticmethod(study_io.least_trustworthy)
 

@@ -40,10 +40,11 @@ class SSLMedSAM2ParameterNode:
     engine: Annotated[str, Choice(list(ENGINES))] = "local"
     serverUrl: str = ""
     serverTokenFile: Path
+    engineCommand: Path
 
     def engine_settings(self, allow_download: bool = False) -> EngineSettings:
         return EngineSettings(model=self.model, checkpoint=_path(self.checkpoint), image_size=self.imageSize,
                               device=self.device, axis=self.axis, modality=self.modality, allow_download=allow_download)
 
     def connection(self) -> Connection:
-        return Connection(self.engine, self.serverUrl.strip(), _path(self.serverTokenFile))
+        return Connection(self.engine, self.serverUrl.strip(), _path(self.serverTokenFile), _path(self.engineCommand))

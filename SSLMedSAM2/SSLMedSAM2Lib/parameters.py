@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from SSLMedSAM2Lib.launch import import_engine
+from SSLMedSAM2Lib.launch import command_problem, import_engine
+from SSLMedSAM2Lib.requirements import CLIENT, ENGINE
 
 import_engine()
 from sslmedsam2 import settings as engine_settings  # noqa: E402 (the engine's lists and rules: no copies here)
+from sslmedsam2.remote.addresses import is_loopback  # noqa: E402
 
 MODELS = engine_settings.MODEL_NAMES
 DEVICES = engine_settings.DEVICES
@@ -41,11 +44,33 @@ class EngineSettings:
 
 @dataclass
 class Connection:
-    """Where Propagate runs: a `sslmedsam2 serve` the module starts on this machine, or one at a URL."""
+    """Where Propagate runs: a `sslmedsam2 serve` the module starts on this machine (in Slicer's Python, or from the
+    engine command: another Python environment's sslmedsam2), or one at a URL."""
 
     engine: str = "local"
     url: str = ""  # remote: http://HOST:PORT (an SSH tunnel's http://127.0.0.1:PORT, say)
     token_file: str = ""  # remote: a file holding the server's access token (none for a tunnel to a loopback server)
+    command: str = ""  # local: the sslmedsam2 program of another Python environment ("": Slicer's own Python)
+
+    @property
+    def need(self) -> str:
+        """What Slicer's Python needs for Propagate: the thin client, unless the engine runs in Slicer's Python."""
+        return CLIENT if self.engine == "remote" or self.command else ENGINE
+
+
+def plain_http_warning(url: str) -> str:
+    """The reason to confirm a remote engine's address once ("" when there is none): plain http beyond this
+    computer sends the volume and the token unencrypted."""
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname or ""
+    except ValueError:
+        return ""
+    if parts.scheme != "http" or not host or is_loopback(host):
+        return ""
+    return (f"The remote engine {parts.scheme}://{parts.netloc} is reached over plain http: the patient's images, the "
+            "results and the access token cross the network unencrypted, readable by anyone on the way. Use an SSH "
+            "tunnel (http://127.0.0.1:PORT, see docs/server.md) or https. Use this address anyway?")
 
 
 def connection_problems(connection: Connection) -> list[str]:
@@ -53,7 +78,8 @@ def connection_problems(connection: Connection) -> list[str]:
     if connection.engine not in ENGINES:
         return [f"Unknown engine {connection.engine!r}; choose local or remote."]
     if connection.engine == "local":
-        return []
+        problem = command_problem(connection.command) if connection.command else None
+        return [problem] if problem else []
     found = []
     if not connection.url.startswith(("http://", "https://")) or len(connection.url.split("//", 1)[1]) < 1:
         found.append("Give the remote engine's address as http://HOST:PORT (through an SSH tunnel: "

@@ -2,13 +2,11 @@
 from the best slices" (`sslmedsam2 keyslices`, then the usual propagation from those slices and the reviewer's).
 
 Both engine commands run in the logic's QProcess; the propagation goes through the logic's engine session. The
-prediction's files stay in a temporary folder until the next prediction or a scene close.
+prediction's files stay in a temporary folder until the next prediction, a scene close or Slicer's exit.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from SSLMedSAM2Lib import scene_io, study_io
 from SSLMedSAM2Lib.launch import import_engine
 from SSLMedSAM2Lib.parameters import EngineSettings, connection_problems, keyslices_command, predict_command, problems
 from SSLMedSAM2Lib.study_seeds import key_slice_prompts, label_map, label_slots, read_label_array
+from SSLMedSAM2Lib.temporary import TEMPORARY
 
 
 @dataclass
@@ -40,7 +39,7 @@ class StudyModelRuns:
 
     def drop(self) -> None:
         if self.prediction is not None:
-            shutil.rmtree(self.prediction.folder, ignore_errors=True)
+            TEMPORARY.remove(self.prediction.folder)
             self.prediction = None
 
     def predict(self, workspace: Path, volume, segmentation, device: str) -> str:
@@ -53,18 +52,18 @@ class StudyModelRuns:
         labels, axis = study_io.workspace_labels(workspace)
         logic.check_idle()
         self.drop()
-        folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-predict-"))
+        folder = TEMPORARY.make("SSLMedSAM2-predict-")
         try:
             image = scene_io.export_volume(volume, folder / "image.nrrd")
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            TEMPORARY.remove(folder)
             raise
         output = folder / "prediction.nrrd"
         generation = logic.generation
 
         def then(error: str) -> None:
             if generation != logic.generation:
-                shutil.rmtree(folder, ignore_errors=True)
+                TEMPORARY.remove(folder)
                 return logic.runFinished.emit("cancelled")
             try:
                 if not error:
@@ -72,7 +71,7 @@ class StudyModelRuns:
             except Exception as exc:  # reported in the panel
                 error = f"could not load the prediction: {exc}"
             if error:
-                shutil.rmtree(folder, ignore_errors=True)
+                TEMPORARY.remove(folder)
             logic.runFinished.emit(error)
 
         logic.notes = []

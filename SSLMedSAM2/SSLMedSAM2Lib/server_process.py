@@ -1,8 +1,10 @@
 """The module's local engine: one `sslmedsam2 serve` per Slicer session, on a free loopback port, with a random
 token in a file only this user can read. No Slicer here.
 
-It is started as the engine commands are (launch.py: the real interpreter, Slicer's environment), with a pipe on
-its standard input that nothing writes to: when Slicer exits, or crashes, the pipe closes and the server stops
+It is started as the engine commands are (launch.py: the real interpreter, Slicer's environment), or, given an
+engine command (the `sslmedsam2` of another Python environment: a native one on a Mac, where Slicer's Python cannot
+have the engine), as that program in the environment Slicer was started in; either way with a pipe on its standard
+input that nothing writes to: when Slicer exits, or crashes, the pipe closes and the server stops
 itself (`serve --exit-with-stdin`: the same graceful stop as SIGTERM, on every platform, so it deletes every
 session's data). `stop()` does the same and waits.
 """
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from SSLMedSAM2Lib.engine_output import EngineOutput
-from SSLMedSAM2Lib.launch import child_options, engine_environment, python_interpreter
+from SSLMedSAM2Lib.launch import child_options, engine_environment, external_environment, python_interpreter
 from SSLMedSAM2Lib.parameters import EngineSettings, serve_command
 from sslmedsam2.jobs import Cancelled
 
@@ -63,18 +65,20 @@ class ServerKey:
     checkpoint: str
     checkpoint_model: str  # the model the checkpoint holds ("" without a checkpoint)
     download: bool
+    command: str = ""  # the engine command ("": Slicer's own Python)
 
 
-def key_of(settings: EngineSettings) -> ServerKey:
+def key_of(settings: EngineSettings, command: str = "") -> ServerKey:
     return ServerKey(settings.device, settings.checkpoint, settings.model if settings.checkpoint else "",
-                     settings.allow_download)
+                     settings.allow_download, command)
 
 
 def needs_restart(running: ServerKey, wanted: ServerKey) -> bool:
-    """Models and image sizes are per session, so only the device, the checkpoint and a newly allowed download ask
-    for a new server (a server allowed to download serves one that is not)."""
-    return (running.device, running.checkpoint, running.checkpoint_model) != \
-        (wanted.device, wanted.checkpoint, wanted.checkpoint_model) or (wanted.download and not running.download)
+    """Models and image sizes are per session, so only the device, the checkpoint, the engine command and a newly
+    allowed download ask for a new server (a server allowed to download serves one that is not)."""
+    return (running.device, running.checkpoint, running.checkpoint_model, running.command) != \
+        (wanted.device, wanted.checkpoint, wanted.checkpoint_model, wanted.command) or \
+        (wanted.download and not running.download)
 
 
 def free_port() -> int:
@@ -102,7 +106,7 @@ class LocalServer:
     starts it, the main thread stops it at exit."""
 
     def __init__(self, launch: Callable[[list[str]], tuple[str, list[str]]] | None = None) -> None:
-        self._launch = launch or (lambda arguments: (python_interpreter(), ["-c", SERVE, *arguments]))
+        self._launch = launch  # tests: (program, arguments) for serve's arguments
         self._lock = threading.RLock()
         self.process: subprocess.Popen | None = None
         self.folder: Path | None = None
@@ -126,21 +130,24 @@ class LocalServer:
     def describe(self) -> str:
         process, url = self.process, self.url
         if process is not None and process.poll() is None:
-            return f"local engine at {url} (process {process.pid})"
+            command = self.key.command if self.key is not None else ""
+            return f"local engine at {url} (process {process.pid}" + (f", {command})" if command else ")")
         return "local engine: not running (it starts with the first propagation)"
 
     def ensure(self, settings: EngineSettings, say: Callable[[str], None], should_stop: Callable[[], bool],
-               health: Callable[[str, Path], None], progress: Callable[[int, int], None] = lambda done, total: None
-               ) -> str:
+               health: Callable[[str, Path], None], progress: Callable[[int, int], None] = lambda done, total: None,
+               command: str = "") -> str:
         """The running server's URL, starting one (or a new one for other settings) and waiting until it answers.
         `health(url, token_file)` raises while it does not. While it starts, its own lines go to `say` and its
-        bars (a weights download) to `progress`. Blocks: call it on the worker thread."""
-        wanted = key_of(settings)
+        bars (a weights download) to `progress`. command: the engine command ("": Slicer's own Python). Blocks:
+        call it on the worker thread."""
+        wanted = key_of(settings, command)
         with self._lock:
             if self.alive() and not needs_restart(self.key, wanted):
                 return self.url
             if self.alive():
-                say("the device, checkpoint or download setting changed: starting the local engine again")
+                say("the device, checkpoint, engine command or download setting changed: starting the local engine "
+                    "again")
         try:
             return self._start_and_wait(settings, wanted, say, should_stop, health, progress)
         except PortTaken:  # another program took the free port meanwhile: once more, with another
@@ -183,8 +190,8 @@ class LocalServer:
         try:
             token = write_token(folder)
             port = free_port()
-            program, arguments = self._launch(serve_command(settings, port, str(token)))
-            environment = {**engine_environment(), "SSLMEDSAM2_PRIVATE_FOLDER": str(folder)}
+            program, arguments, environment = self._program(serve_command(settings, port, str(token)), key.command)
+            environment = {**environment, "SSLMEDSAM2_PRIVATE_FOLDER": str(folder)}
             with open(folder / "serve.log", "w", encoding="utf-8") as log:
                 process = subprocess.Popen([program, *arguments], stdin=subprocess.PIPE, stdout=log,
                                            stderr=subprocess.STDOUT, env=environment, **child_options())
@@ -193,6 +200,16 @@ class LocalServer:
             raise
         self.process, self.folder, self.key, self.url = process, folder, key, f"http://127.0.0.1:{port}"
         self.starts += 1
+
+    def _program(self, arguments: list[str], command: str) -> tuple[str, list[str], dict[str, str]]:
+        """Program, arguments and environment of `sslmedsam2 serve ARGUMENTS`: the engine command as it is, in the
+        environment Slicer was started in; else Slicer's real interpreter running SERVE, in Slicer's environment."""
+        if self._launch is not None:
+            program, program_arguments = self._launch(arguments)
+            return program, program_arguments, engine_environment()
+        if command:
+            return command, arguments, external_environment()
+        return python_interpreter(), ["-c", SERVE, *arguments], engine_environment()
 
     def failure(self) -> str | None:
         """The server's own one-line error from its log, if it wrote one."""

@@ -3,12 +3,11 @@ cases added to a workspace and refined rounds found in it. Scene access only; th
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 from SSLMedSAM2Lib import scene_io
 from SSLMedSAM2Lib.launch import import_engine
+from SSLMedSAM2Lib.temporary import TEMPORARY
 
 
 def chosen(path: str) -> bool:
@@ -16,10 +15,11 @@ def chosen(path: str) -> bool:
     return bool(path) and path != "."
 
 
-def export_supports(segmentations, found: list[str]) -> tuple[str, str]:
-    """Each support segmentation with the volume it was drawn on; label values follow segment names, so that
-    "liver" has the same value in every support (the engine refuses supports whose labels differ)."""
-    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-supports-"))
+def export_supports(segmentations, found: list[str], folder: Path) -> tuple[str, str]:
+    """Each support segmentation with the volume it was drawn on, into `folder` (the caller deletes it); label values
+    follow segment names, so that "liver" has the same value in every support (the engine refuses supports whose
+    labels differ)."""
+    folder = Path(folder)
     (folder / "images").mkdir()
     (folder / "labels").mkdir()
     names = sorted({seg.GetSegmentation().GetSegment(sid).GetName()
@@ -42,9 +42,9 @@ def export_supports(segmentations, found: list[str]) -> tuple[str, str]:
     return str(folder / "images"), str(folder / "labels")
 
 
-def export_queries(volumes, nodes: dict[str, object]) -> str:
-    """The query volumes into a temporary folder; `nodes` learns which file is which scene volume."""
-    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-queries-"))
+def export_queries(volumes, nodes: dict[str, object], folder: Path) -> str:
+    """The query volumes into `folder` (the caller deletes it); `nodes` learns which file is which scene volume."""
+    folder = Path(folder)
     for volume in volumes:
         name = f"{scene_io.file_name(volume)}.nrrd"
         scene_io.export_volume(volume, folder / name)
@@ -70,7 +70,7 @@ def add_to_study(workspace: Path, volume, segmentation, axis: str, states) -> st
         names = [segmentation.GetSegmentation().GetSegment(sid).GetName() for sid in ids]
         init_workspace(workspace, {name: i + 1 for i, name in enumerate(names)}, axis=axis)
     ws = Workspace.open(workspace)
-    folder = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-study-"))
+    folder = TEMPORARY.make("SSLMedSAM2-study-")
     try:
         image = scene_io.export_volume(volume, folder / "image.nrrd")
         labels, _ = scene_io.export_segments(segmentation, volume, folder / "labels.nrrd")
@@ -82,7 +82,7 @@ def add_to_study(workspace: Path, volume, segmentation, axis: str, states) -> st
         # the review states go in with the case, in the same locked change of the workspace
         add_case(ws, image, pseudo=labels, case_id=case_id, states=None if states is None else list(states))
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        TEMPORARY.remove(folder)
     return case_id
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import qt
 import slicer
 
-from SSLMedSAM2Lib.dependencies import run_guarded
+from SSLMedSAM2Lib.requirements import CLIENT, ENGINE
 
 REFINE_POLL_MS = 1000
 
@@ -56,7 +56,7 @@ class StudyPanel:
                 p.axis = axis  # the prediction's confidence table and review are along the workspace's axis
             self.panel.startedRun(f"segmenting with the study's model ({axis} slices)...", self._afterPredict)
 
-        run_guarded("SSLMedSAM2 could not start the prediction.", start, _show_error)
+        self.panel.install.guarded("SSLMedSAM2 could not start the prediction.", start, _show_error, ENGINE)
 
     def _afterPredict(self) -> None:
         prediction = self.logic.study_model.prediction
@@ -73,7 +73,7 @@ class StudyPanel:
             self.logic.study_model.refine_from_key_slices(p.inputVolume, p.segmentation, settings)
             self.panel.startedRun("choosing the prediction's best slices...", self.panel.onLowestConfidence)
 
-        run_guarded("SSLMedSAM2 could not refine from the key slices.", start, _show_error)
+        self.panel.install.guarded("SSLMedSAM2 could not refine from the key slices.", start, _show_error, ENGINE)
 
     # --- cases and the refinement job --------------------------------------------------------------------------
     def onAddToStudy(self) -> None:
@@ -86,7 +86,8 @@ class StudyPanel:
             case = self.logic.add_to_study(workspace, p.inputVolume, p.segmentation, p.axis)
             self.ui.refineStatusLabel.setText(f"added case {case} to {workspace}")
 
-        run_guarded("SSLMedSAM2 could not add the case to the study.", add, _show_error)
+        # writes the workspace only (numpy, SimpleITK): the thin client is enough
+        self.panel.install.guarded("SSLMedSAM2 could not add the case to the study.", add, _show_error, CLIENT)
 
     def onRefine(self) -> None:
         workspace = self._workspace()
@@ -103,13 +104,18 @@ class StudyPanel:
             self.logic.start_refine(workspace, p.rounds, p.quick, p.warmStart, p.device, sam2=sam2)
             self._follow(workspace, fresh=True)
 
-        run_guarded("SSLMedSAM2 could not start the refinement.", start, _show_error)
+        self.panel.install.guarded("SSLMedSAM2 could not start the refinement.", start, _show_error, ENGINE)
 
     def reattachRefine(self) -> None:
-        """Opening the module (or Slicer) while a job runs: follow it again."""
+        """Opening the module (or Slicer) while a job runs: follow it again (its monitor needs the engine in Slicer's
+        Python: without it, the job is not followed here)."""
         path = self.panel.parameters.workspace
         if self._monitor is not None or not path or str(path) in ("", "."):
             return  # already following (entering the module again), or no workspace
+        try:
+            self.panel.install.check(ENGINE)
+        except Exception:  # the thin client only (a Mac, a remote engine): the dialogs say so on a click
+            return
         if self.logic.refine_status(Path(path)).get("state") == "running":
             self._follow(Path(path), fresh=False)
 
@@ -121,7 +127,8 @@ class StudyPanel:
     def _stopFollowing(self, text: str) -> None:
         self._timer.stop()
         self._monitor = None
-        self.ui.refineButton.enabled, self.ui.cancelRefineButton.enabled = True, False
+        self.ui.refineButton.enabled = self.panel.available("refineButton")
+        self.ui.cancelRefineButton.enabled = False
         if text:
             self.ui.refineStatusLabel.setText(text)
 
@@ -166,4 +173,4 @@ class StudyPanel:
             self.panel.parameters.inputVolume, self.panel.parameters.segmentation = volume, segmentation
             self.ui.refineStatusLabel.setText(f"loaded {case} from {round_name} for review")
 
-        run_guarded("SSLMedSAM2 could not load the refined pseudo-labels.", load, _show_error)
+        self.panel.install.guarded("SSLMedSAM2 could not load the refined pseudo-labels.", load, _show_error, CLIENT)

@@ -1,14 +1,17 @@
 """The module's self-test in Slicer: the real logic on a synthetic volume with a tiny random-weight SAM2, through the
 module's local engine (a `sslmedsam2 serve` it starts, as Propagate does).
 
-It runs from the build tree too (ctest), where CMakeLists copies the engine beside the module. A Slicer without
-torch or sam2 (a dashboard's) checks that the engine is found and runs, then skips the SAM2 part with a message.
+It runs from the build tree too (ctest), where CMakeLists copies the engine beside the module. A Slicer where the
+engine cannot run (a dashboard's, without torch; macOS x86_64) checks that the engine package is found and runs,
+then logs why the SAM2 part does not run and passes: ctest, "Reload and Test" and the SelfTests module (which call
+runTest() directly, where a unittest.SkipTest would be an error) all see a pass. Its processes open no window on
+Windows.
 """
 
 from __future__ import annotations
 
+import logging
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,9 +19,10 @@ import numpy as np
 import slicer
 
 from SSLMedSAM2Lib.dependencies import self_test_skip_reason
-from SSLMedSAM2Lib.launch import engine_environment, engine_source, python_interpreter
+from SSLMedSAM2Lib.launch import child_options, engine_environment, engine_source, python_interpreter
 from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
 from SSLMedSAM2Lib.parameters import EngineSettings
+from SSLMedSAM2Lib.temporary import TEMPORARY
 
 _MAKE_CHECKPOINT = """
 import sys, torch
@@ -53,22 +57,34 @@ def check_engine_is_found(test) -> None:
     (not the PythonSlicer launcher, so that Cancel reaches the engine) runs it."""
     test.assertIsNotNone(engine_source(), "the engine package sslmedsam2 is not beside the module")
     done = subprocess.run([python_interpreter(), "-c", "import sslmedsam2; print(sslmedsam2.__file__)"],
-                          capture_output=True, text=True, env=engine_environment())
+                          capture_output=True, text=True, env=engine_environment(), stdin=subprocess.DEVNULL,
+                          **child_options())
     test.assertEqual(done.returncode, 0, done.stderr)
     test.assertTrue(Path(done.stdout.strip()).resolve().is_relative_to(engine_source().resolve()), done.stdout)
 
 
-def test_propagation_on_synthetic_volume(test) -> None:
+def test_propagation_on_synthetic_volume(test) -> str | None:
+    """The self-test; returns why the SAM2 part did not run (logged, and shown), or None when it ran."""
     test.delayDisplay("Checking that the engine is found")
     check_engine_is_found(test)
     reason = self_test_skip_reason()
     if reason:
-        test.delayDisplay(reason)
-        test.skipTest(reason)
+        message = f"SSLMedSAM2 self-test passed without the SAM2 propagation: {reason}"
+        logging.info(message)
+        test.delayDisplay(message)
+        return reason
+    folder = TEMPORARY.make("SSLMedSAM2-test-")
+    try:
+        _propagate(test, folder / "tiny.pt")
+    finally:
+        TEMPORARY.remove(folder)
+    return None
+
+
+def _propagate(test, checkpoint: Path) -> None:
     test.delayDisplay("Building a random-weight SAM2.1 Hiera-T checkpoint")
-    checkpoint = Path(tempfile.mkdtemp(prefix="SSLMedSAM2-test-")) / "tiny.pt"
     subprocess.run([python_interpreter(), "-c", _MAKE_CHECKPOINT, str(checkpoint)], check=True,
-                   env=engine_environment())
+                   env=engine_environment(), stdin=subprocess.DEVNULL, **child_options())
 
     shape = (20, 48, 48)
     labels = np.zeros(shape, np.uint8)

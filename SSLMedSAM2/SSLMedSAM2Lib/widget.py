@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import qt
 import slicer
@@ -15,18 +16,28 @@ import vtk
 from slicer.util import VTKObservationMixin
 
 from SSLMedSAM2Lib import scene_io
-from SSLMedSAM2Lib.dependencies import run_guarded
 from SSLMedSAM2Lib.editor import EmbeddedEditor
+from SSLMedSAM2Lib.install_panel import InstallPanel
 from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
 from SSLMedSAM2Lib.parameter_node import SSLMedSAM2ParameterNode
+from SSLMedSAM2Lib.parameters import plain_http_warning
+from SSLMedSAM2Lib.requirements import ENGINE
 from SSLMedSAM2Lib.study_panel import StudyPanel
 
+# What runs in Slicer's own Python whatever the engine: off, with the reason as tooltip, where it cannot (macOS x86_64)
+IN_SLICER_ONLY = ("runFewShotButton", "predictButton", "refineFromKeySlicesButton", "refineButton")
 SHORTCUTS = {"Alt+A": "onAccept", "Alt+R": "onReject", "Alt+N": "onNextUnreviewed", "Alt+P": "onPreviousUnreviewed",
              "Alt+L": "onLowestConfidence"}
 
 
 def _show_error(text: str, details: str) -> None:
     slicer.util.errorDisplay(text, detailedText=details)
+
+
+def slicer_dialogs() -> SimpleNamespace:
+    """slicer.util's dialogs, as the install section calls them."""
+    return SimpleNamespace(errorDisplay=slicer.util.errorDisplay, confirmOkCancelDisplay=slicer.util.confirmOkCancelDisplay,
+                           restart=slicer.util.restart)
 
 
 class SSLMedSAM2PanelWidget(VTKObservationMixin):
@@ -42,6 +53,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self._importing = False  # our own Undo writes the segmentation: not a person's edit
         self._running = False  # a run is under way, from its start until its result is in (or it failed)
         self._afterSuccess = None  # what the panel does once the current run succeeded
+        self._confirmedUrls: set[str] = set()  # plain-http remote engines the user accepted (once per session)
         self.logic.progress.connect(self.onProgress)
         self.logic.message.connect(self.showStatus)
         self.logic.runFinished.connect(self.onRunFinished)
@@ -60,8 +72,12 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         u.lowestConfidenceButton.connect("clicked()", self.onLowestConfidence)
         u.sliceTable.connect("cellDoubleClicked(int,int)", lambda row, column: self.jumpTo(int(u.sliceTable.item(row, 0).text())))
         u.runFewShotButton.connect("clicked()", self.onRunFewShot)
-        u.installButton.connect("clicked()", self.onInstall)
+        self.install = InstallPanel(ui, slicer_dialogs(), lambda: self.logic.connection.need, self._busy)
         self.study = StudyPanel(self)
+        self.refusal = self.logic.local_refusal()  # the platform cannot run the engine in Slicer's Python
+        for name in IN_SLICER_ONLY if self.refusal else ():
+            getattr(ui, name).enabled = False
+            getattr(ui, name).toolTip = self.refusal
         self._inputs = (None, None)
         self._fewShot = ""
         self.editor = EmbeddedEditor(ui.segmentEditorWidget, slicer.mrmlScene,
@@ -96,7 +112,11 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             self.onSegmentationChanged()
         self.logic.connection = self.parameters.connection()
         remote = self.parameters.engine == "remote"
-        self.ui.serverUrlLineEdit.enabled = self.ui.serverTokenFilePathLineEdit.enabled = remote
+        for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.serverTokenFileLabel,
+                       self.ui.serverTokenFilePathLineEdit):
+            widget.visible = remote  # the engine's own fields only: a server elsewhere, or one started here
+        for widget in (self.ui.engineCommandLabel, self.ui.engineCommandPathLineEdit):
+            widget.visible = not remote
         self.ui.engineStatusLabel.setText(self.logic.engine_status())
 
     def onSceneStartClose(self, *_) -> None:
@@ -198,8 +218,21 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             settings.allow_download = True
         return settings
 
+    def _confirmPlainHttp(self) -> bool:
+        """A remote engine beyond this computer over plain http: the user confirms once, knowing why."""
+        connection = self.logic.connection
+        warning = plain_http_warning(connection.url) if connection.engine == "remote" else ""
+        if not warning or connection.url in self._confirmedUrls:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(warning, "SSLMedSAM2: unencrypted connection"):
+            return False
+        self._confirmedUrls.add(connection.url)
+        return True
+
     def _start(self, prompt_slices=None, mode: str = "local") -> None:
         def start() -> None:
+            if not self._confirmPlainHttp():
+                return
             settings = self.settings()  # imports the engine: inside the guard, after the dependency check
             if settings is None:
                 return
@@ -208,7 +241,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
                                  mode=mode)
             self.startedRun("propagating...")
 
-        run_guarded("SSLMedSAM2 could not start the propagation.", start, _show_error)
+        self.install.guarded("SSLMedSAM2 could not start the propagation.", start, _show_error)
 
     def onPropagate(self) -> None:
         self._start()
@@ -257,9 +290,11 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         change): the inputs and their editor, and the review's Accept, Reject and Undo, are locked."""
         if busy:
             self.ui.segmentEditorWidget.setActiveEffect(None)  # a paint stroke in progress ends here
-        for widget in (self.ui.propagateButton, self.ui.repropagateButton, self.ui.exactButton, self.ui.runFewShotButton,
-                       self.ui.predictButton, self.ui.refineFromKeySlicesButton, self.ui.inputsCollapsibleButton,
-                       self.ui.acceptButton, self.ui.rejectButton):
+        installing = self.install.installing  # an install keeps the engine buttons off until it ends
+        for name in ("propagateButton", "repropagateButton", "exactButton", "runFewShotButton", "predictButton",
+                     "refineFromKeySlicesButton"):
+            getattr(self.ui, name).enabled = not busy and not installing and self.available(name)
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.acceptButton, self.ui.rejectButton):
             widget.enabled = not busy
         review = self.logic.review
         self.ui.undoButton.enabled = not busy and review is not None and review.can_undo
@@ -267,6 +302,10 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         self.showStatus(text)
         if busy:
             self.ui.progressBar.setValue(0)
+
+    def available(self, name: str) -> bool:
+        """Whether this platform can run what the button does at all (see IN_SLICER_ONLY)."""
+        return not (self.refusal and name in IN_SLICER_ONLY)
 
     def _busy(self) -> bool:
         """A run is under way, the import of its result included."""
@@ -364,7 +403,7 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
                 self.ui.queryVolumesSelector.checkedNodes())
             self.startedRun("few-shot pseudo-labels...")
 
-        run_guarded("SSLMedSAM2 could not start the few-shot run.", start, _show_error)
+        self.install.guarded("SSLMedSAM2 could not start the few-shot run.", start, _show_error, ENGINE)
 
     def _loadFewShotResult(self) -> None:
         output = Path(self._fewShot)
@@ -376,17 +415,6 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         image = Path(queries) / name if queries and str(queries) != "." else Path(name)  # a scene node otherwise
         volume, segmentation = self.logic.load_pseudo_label(image, output / name, output / f"{stem}.confidence.csv")
         self.parameters.inputVolume, self.parameters.segmentation = volume, segmentation
-        self.ui.statusLabel.setText(f"loaded {name}, the least trustworthy query (see ranking.csv for the others)")
-
-    # --- dependencies ----------------------------------------------------------------------------------------
-    def onInstall(self) -> None:
-        missing = self.logic.missing_dependencies()
-        if not missing:
-            self.ui.dependencyStatusLabel.setText("All dependencies are installed.")
-            return
-        if not slicer.util.confirmOkCancelDisplay(missing, "SSLMedSAM2: install dependencies"):
-            return
-        with slicer.util.tryWithErrorDisplay("Installing the dependencies failed; see the Python console for pip's output.",
-                                             waitCursor=True):
-            self.logic.install_dependencies()
-            self.ui.dependencyStatusLabel.setText("Dependencies installed.")
+        where = (f"{output / 'ranking.csv'}, a temporary folder deleted at scene close" if self.logic.fewshot_output
+                 else f"{output / 'ranking.csv'}")
+        self.ui.statusLabel.setText(f"loaded {name}, the least trustworthy query (the others: {where})")

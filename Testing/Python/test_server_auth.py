@@ -15,7 +15,8 @@ from sslmedsam2.cli import main
 from sslmedsam2.errors import UserError
 from sslmedsam2.remote.client import Client, ServerError, SessionGone
 from sslmedsam2.server.limits import ServerSettings
-from sslmedsam2.server.main import check_bind, is_loopback, serve_in_thread
+from sslmedsam2.remote.addresses import is_loopback
+from sslmedsam2.server.main import check_bind, serve_in_thread
 from sslmedsam2.remote.tokens import TokenCheck, read_client_token, read_server_tokens
 from sslmedsam2.session.remote import RemoteSession
 

@@ -1,6 +1,6 @@
-"""The Slicer module's Slicer-free library: signals, dependency plans and the guard every engine button runs
-through, settings, engine commands (checked against the engine's own parser) and output, the label values and
-prompts of the study's model (scene-side rules: test_slicer_scene.py; the engine session: test_slicer_engine.py)."""
+"""The Slicer module's Slicer-free library: signals, settings, engine commands (checked against the engine's own
+parser) and output, the label values and prompts of the study's model (scene-side rules: test_slicer_scene.py; the
+engine session: test_slicer_engine.py; dependencies and installs: test_slicer_install.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import pytest
 MODULE_DIR = Path(__file__).resolve().parents[2] / "SSLMedSAM2"
 sys.path.insert(0, str(MODULE_DIR))
 
-from SSLMedSAM2Lib.dependencies import (PROTECTED, MissingDependencies, plan_install,  # noqa: E402
-                                        require_dependencies, run_guarded, self_test_skip_reason)
 from SSLMedSAM2Lib.engine_output import EngineOutput  # noqa: E402
 from SSLMedSAM2Lib.parameters import (Connection, EngineSettings, connection_problems,  # noqa: E402
                                       keyslices_command, predict_command, problems, pseudolabel_command,
@@ -24,7 +22,8 @@ from SSLMedSAM2Lib.signal import Signal  # noqa: E402
 from sslmedsam2.cli.command import build_parser  # noqa: E402
 
 HEADLESS = ["signal.py", "dependencies.py", "parameters.py", "engine_output.py", "launch.py", "refine_control.py",
-            "editor.py", "markers.py", "geometry.py", "study_seeds.py", "server_process.py", "interactive.py"]
+            "editor.py", "markers.py", "geometry.py", "study_seeds.py", "server_process.py", "interactive.py",
+            "compatibility.py", "requirements.py", "temporary.py", "install_panel.py"]
 
 
 def test_headless_files_import_no_slicer():
@@ -43,21 +42,6 @@ def test_signal():
     assert seen == [(1, "x")]
     with pytest.raises(TypeError):
         signal.emit(1)
-
-
-def test_install_plan_pins_what_slicer_has_and_builds_sam2_against_torch():
-    versions = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "torch": "2.5.1", "scipy": "1.14.0", "tqdm": "4.66.0"}
-    plan = plan_install(versions.get)
-    assert "numpy==1.26.4" in plan.constraints and "SimpleITK==2.4.0" in plan.constraints
-    assert "torch==2.5.1" in plan.constraints and not plan.torch_missing
-    assert "sam2==1.1.0" in plan.missing and not any(r.startswith("scipy") for r in plan.missing)
-    calls = plan.pip_calls("/tmp/c.txt")
-    assert calls[0] == ["install", "--no-build-isolation", "-c", "/tmp/c.txt", "sam2==1.1.0"]
-    assert all(call[call.index("-c") + 1] == "/tmp/c.txt" for call in calls)
-    assert not any(p in " ".join(plan.missing) for p in PROTECTED)
-    nothing = plan_install(lambda name: "9")
-    assert not nothing.needed
-    assert plan_install(lambda name: None).torch_missing
 
 
 def test_settings_problems(tmp_path):
@@ -117,67 +101,3 @@ def test_engine_output_parser_reads_bars_messages_and_errors():
     assert update.progress == (3_150_000, 156_000_000)
     update = output.feed("sslmedsam2: error: seeds.nrrd: the seed label map has no labelled voxel\n")
     assert update.error == "seeds.nrrd: the seed label map has no labelled voxel" == output.error
-
-
-ALL_INSTALLED = {"numpy": "1.26.4", "SimpleITK": "2.4.0", "torch": "2.5.1"}.get
-
-
-def _without(*names):
-    return lambda name: None if name in names else (ALL_INSTALLED(name) or "1.0")
-
-
-def test_missing_dependencies_are_named_with_how_to_install_them():
-    with pytest.raises(MissingDependencies, match="pooch.*Check and install dependencies"):
-        require_dependencies(_without("pooch"))
-    with pytest.raises(MissingDependencies, match="PyTorch extension"):
-        require_dependencies(_without("torch"))
-    require_dependencies(_without())
-
-
-def test_every_engine_button_failure_ends_in_a_dialog():
-    """Before the dependencies are installed, Propagate built its settings outside the error display and the
-    ModuleNotFoundError (pooch) went to the Python console only."""
-    dialogs, ran = [], []
-
-    def show(text, details):
-        dialogs.append((text, details))
-
-    assert not run_guarded("SSLMedSAM2 could not start the propagation.", lambda: ran.append(1), show,
-                           _without("pooch", "sam2"))
-    assert not ran and "Check and install dependencies" in dialogs[-1][0] and "pooch" in dialogs[-1][0]
-    assert dialogs[-1][0].startswith("SSLMedSAM2 could not start the propagation.")
-
-    def imports_a_missing_package():
-        raise ModuleNotFoundError("No module named 'pooch'", name="pooch")
-
-    assert not run_guarded("Few-shot", imports_a_missing_package, show, _without())
-    assert "The Python package pooch is missing" in dialogs[-1][0] and "Check and install" in dialogs[-1][0]
-    assert "ModuleNotFoundError" in dialogs[-1][1]  # the traceback goes to the dialog's details
-
-    def bad_input():
-        raise ValueError("Choose a volume and a segmentation.")
-
-    assert not run_guarded("Propagate", bad_input, show, _without())
-    assert dialogs[-1][0] == "Propagate\n\nChoose a volume and a segmentation."
-    count = len(dialogs)
-    assert run_guarded("Propagate", lambda: ran.append(1), show, _without()) and ran == [1] and len(dialogs) == count
-
-
-def test_self_test_skips_sam2_without_torch_with_a_message():
-    reason = self_test_skip_reason(_without("torch"))
-    assert "torch" in reason and "skipped" in reason
-    assert "sam2" in self_test_skip_reason(_without("sam2"))
-    assert self_test_skip_reason(_without()) is None
-
-
-def test_install_list_matches_the_engine_requirements():
-    """The module installs what pyproject.toml requires (minus torch, from the PyTorch extension)."""
-    import re
-
-    from SSLMedSAM2Lib.dependencies import REQUIREMENTS
-
-    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
-    block = text[text.index("dependencies = ["): text.index("]", text.index("dependencies = ["))]
-    required = {re.split(r"[<>=!]", r)[0] for r in re.findall(r'"([^"]+)"', block)} - {"torch"}
-    assert {re.split(r"[<>=!]", r)[0] for r in REQUIREMENTS.values()} - {"numpy", "SimpleITK"} == \
-        required - {"numpy", "SimpleITK"}

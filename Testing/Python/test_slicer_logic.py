@@ -21,25 +21,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
+from test_slicer_fakes import qt_shim
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "SSLMedSAM2"))
 
 SEEDS = {1: [6, 11], 2: [9, 13]}
-
-
-def _qt_shim():
-    """PythonQt connects by signature string; PySide6 does the same through QObject.connect and SIGNAL."""
-    from PySide6 import QtCore
-
-    class QProcess(QtCore.QProcess):
-        def connect(self, signature: str, slot) -> bool:
-            return QtCore.QObject.connect(self, QtCore.SIGNAL(signature), slot)
-
-    class QTimer(QtCore.QTimer):
-        def connect(self, signature: str, slot) -> bool:
-            return QtCore.QObject.connect(self, QtCore.SIGNAL(signature), slot)
-
-    return types.SimpleNamespace(QProcess=QProcess, QProcessEnvironment=QtCore.QProcessEnvironment, QTimer=QTimer)
 
 
 class Volume:
@@ -79,8 +65,12 @@ def logic_module(monkeypatch, tmp_path):
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication([])
-    monkeypatch.setitem(sys.modules, "qt", _qt_shim())
-    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(app=types.SimpleNamespace(connect=lambda *a: True)))
+    monkeypatch.setitem(sys.modules, "qt", qt_shim())
+    monkeypatch.setitem(sys.modules, "slicer", types.SimpleNamespace(app=types.SimpleNamespace(connect=lambda *a: True),
+                                                                    util=types.SimpleNamespace(startupEnvironment=dict)))
+    from SSLMedSAM2Lib import launch
+
+    monkeypatch.setattr(launch, "_startup_environment", launch._startup_environment)  # the logic sets Slicer's
     monkeypatch.setitem(sys.modules, "vtk", types.SimpleNamespace())
     package = importlib.import_module("SSLMedSAM2Lib")
     for name in ("engine_process", "scene_io", "study_io", "prediction", "logic"):  # fresh, on the shims

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import faulthandler
 import math
 import os
@@ -18,19 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sslmedsam2.errors import UserError
+from sslmedsam2.remote.addresses import is_loopback
 from sslmedsam2.server.limits import MB, ServerSettings, parse_gb
 from sslmedsam2.settings import EditRule
 
 DEFAULT_PORT = 8765
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(settings: ServerSettings) -> None:
