@@ -22,6 +22,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SSLMEDSAM2_MIRROR", "http://127.0.0.1:9/")  # discard port: nothing listens
 
 
+SCHEDULER_VARIABLES = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_COUNT",
+                       "SLURM_ARRAY_TASK_STEP", "LSB_JOBINDEX", "LSB_JOBINDEX_END", "LSB_JOBINDEX_STEP", "SGE_TASK_ID",
+                       "SGE_TASK_FIRST", "SGE_TASK_LAST", "SGE_TASK_STEPSIZE", "PBS_ARRAY_INDEX", "PBS_ARRAYID")
+
+
+@pytest.fixture(autouse=True)
+def _not_an_array_job(monkeypatch):
+    """A suite run inside a scheduler's array job must not shard the commands it tests (their default shard comes
+    from these variables)."""
+    for name in SCHEDULER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _suite_itk_worker(tmp_path_factory):
     """The suite's shared ITK worker lives in a folder of its own, idles out soon, and is stopped at the end:
@@ -174,3 +187,14 @@ def server(monkeypatch):
     yield httpd, handler
     httpd.shutdown()
     httpd.server_close()
+
+
+def coloured_pixels(png: Path) -> int:
+    """How many pixels of a picture this tool drew are coloured (images and text are grey or white: a label)."""
+    from PIL import Image
+
+    from sslmedsam2.labelmap.pictures import is_our_picture
+
+    assert is_our_picture(png), png
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 40).sum())

@@ -370,7 +370,7 @@ def test_concurrent_workspace_adds_keep_every_case(tmp_path):
     image, labels = synthetic_case(shape=(6, 16, 16))
     ws = tmp_path / "ws"
     assert main(["workspace", "init", str(ws)]) == 0
-    sources = [_write(tmp_path / f"c{i}.nii.gz", image) for i in range(8)]
+    sources = [_write(tmp_path / f"c{i}.nii.gz", image + i) for i in range(8)]  # 8 images: an image is added once
     label = _write(tmp_path / "gt.nii.gz", labels)
     adds = [subprocess.Popen([sys.executable, "-m", "sslmedsam2", "workspace", "add", str(ws), "--image", str(p),
                               "--label", str(label)], stderr=subprocess.PIPE) for p in sources]

@@ -20,7 +20,7 @@ def _spec(payload=PAYLOAD):
 
 def _cache_listing(spec) -> list[str]:
     folder = cached_path(spec).parent
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock")) if folder.exists() else []
 
 
 class _Progress:

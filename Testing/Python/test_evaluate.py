@@ -39,7 +39,8 @@ def _write(path, array):
     sitk.WriteImage(to_image(array.astype(np.uint8)), str(path))
 
 
-def test_evaluate_folders_by_name_with_csv(tmp_path, capsys):
+def _two_cases(tmp_path):
+    """pred/ and gt/ with a.nii.gz (exact) and b.nii.gz (label 2 missed); returns them and the truth."""
     pred, gt = tmp_path / "pred", tmp_path / "gt"
     pred.mkdir(), gt.mkdir()
     truth = np.zeros((6, 8, 8), np.uint8)
@@ -48,6 +49,11 @@ def test_evaluate_folders_by_name_with_csv(tmp_path, capsys):
     for name in ("a.nii.gz", "b.nii.gz"):
         _write(gt / name, truth)
         _write(pred / name, truth if name == "a.nii.gz" else (truth == 1))
+    return pred, gt, truth
+
+
+def test_evaluate_folders_by_name_with_csv(tmp_path, capsys):
+    pred, gt, truth = _two_cases(tmp_path)
     _write(gt / "only_gt.nii.gz", truth)
     table = tmp_path / "scores.csv"
     assert main(["evaluate", str(pred), str(gt), "--csv", str(table)]) == 0
@@ -66,3 +72,28 @@ def test_evaluate_two_files(tmp_path, capsys):
     _write(tmp_path / "g.nii.gz", truth)
     assert main(["evaluate", str(tmp_path / "p.nii.gz"), str(tmp_path / "g.nii.gz")]) == 0
     assert "1.0000" in capsys.readouterr().out
+
+
+# --- evaluate ----------------------------------------------------------------------------------------------------
+def test_evaluate_names_labels_and_adds_mean_rows(tmp_path, capsys):
+    pred, gt, truth = _two_cases(tmp_path)
+    table = tmp_path / "scores.csv"
+    assert main(["evaluate", str(pred), str(gt), "--labels", "liver=1,spleen=2", "--csv", str(table)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("a.nii.gz") and "liver (1)" in line for line in out), out
+    means = [line.split() for line in out if line.startswith("mean")]
+    assert means[0][:6] == ["mean", "of", "2", "cases", "liver", "(1)"] and means[0][6] == "1.0000"
+    assert means[1][4:7] == ["spleen", "(2)", "0.5000"]
+    assert means[2][4:7] == ["all", "labels", "0.7500"]
+    rows = list(csv.DictReader(table_lines(table)))
+    assert [(r["label"], r["name"]) for r in rows[:2]] == [("1", "liver"), ("2", "spleen")]
+    # the names of the workspace the files lie in
+    ws = tmp_path / "ws"
+    assert main(["workspace", "init", str(ws), "--label", "head=1", "--label", "tail=2"]) == 0
+    inside = ws / "elsewhere"
+    inside.mkdir()
+    sitk.WriteImage(to_image(truth), str(inside / "p.nii.gz"))
+    capsys.readouterr()
+    assert main(["evaluate", str(inside / "p.nii.gz"), str(gt / "a.nii.gz")]) == 0
+    out = capsys.readouterr().out
+    assert "head (1)" in out and "tail (2)" in out and out.splitlines()[-1].split()[:3] == ["mean", "all", "labels"]

@@ -17,7 +17,7 @@ from conftest import TINY_SIZE, synthetic_case, table_lines, to_image
 
 from sslmedsam2.cli import main
 from sslmedsam2.fewshot.insertions import insertion_positions
-from sslmedsam2.fewshot.job import shard_of
+from sslmedsam2.cohort.shards import shard_of
 from sslmedsam2.fewshot.similarity import most_similar
 from sslmedsam2.fewshot.tracking import VideoFrames
 from sslmedsam2.fewshot.volumes import load_volume

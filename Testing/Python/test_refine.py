@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import synthetic_case, to_image
+from conftest import coloured_pixels, synthetic_case, to_image
 from scipy import ndimage
 
 from sslmedsam2.cli import main
@@ -66,7 +66,8 @@ EVENT_FIELDS = {
     "job": {"state", "message"},
     "stage": {"stage", "message"},
     "epoch": {"epoch", "epochs", "loss", "val_loss", "pseudo_dice", "eta_s"},
-    "round": {"mean_dice_change", "dice_change", "heldout_dice", "converged"},
+    "case": {"stage", "case", "index", "cases"},
+    "round": {"mean_dice_change", "dice_change", "label_change", "heldout_dice", "label_heldout", "converged"},
     "error": {"message"},
 }
 
@@ -92,9 +93,26 @@ def test_two_rounds_end_to_end_then_predict(study, capsys, tmp_path):
     assert all(0 <= e["mean_dice_change"] <= 1 and e["heldout_dice"] is not None for e in rounds)
     epochs = [e for e in events if e["event"] == "epoch" and e["round"] == 0]
     assert [e["epoch"] for e in epochs] == [1, 2] and len(epochs[0]["pseudo_dice"]) == 2
+    assert all(set(e["label_change"]) == {"a", "b"} and set(e["label_heldout"]) == {"a", "b"} for e in rounds)
+    cases = [(e["round"], e["case"], e["index"], e["cases"]) for e in events if e["event"] == "case"]
+    assert cases == [(0, "c2", 1, 2), (0, "c3", 2, 2), (1, "c2", 1, 2), (1, "c3", 2, 2)]
     status = _status(study, capsys)
     assert status["refine"]["state"] == "finished" and status["refine"]["round"] == 1
     assert (study / "refine" / "progress.png").stat().st_size > 1000
+    from sslmedsam2.labelmap.pictures import is_our_picture
+
+    for r in (0, 1):  # a picture per case and round; nnU-Net's confidence table beside each prediction
+        folder = study / "refine" / "rounds" / f"round_{r:02d}"
+        assert all(is_our_picture(folder / "overview" / f"{c}.png") for c in ("c2", "c3"))
+        assert all((folder / "predicted" / f"{c}.confidence.csv").is_file() for c in ("c2", "c3"))
+    outputs = status["refine"]["outputs"]
+    assert outputs["pseudo_labels"] == str(study / "refine" / "rounds" / "round_01" / "pseudo")
+    assert outputs["model"]["round"] == 1 and Path(outputs["model"]["checkpoint"]).is_file()
+    capsys.readouterr()
+    assert main(["workspace", "status", str(study)]) == 0
+    text = capsys.readouterr().out
+    assert "current pseudo-labels: " + str(study / "refine" / "rounds" / "round_01" / "pseudo") in text
+    assert "current model: round 1" in text and "progress plot: " in text
     # no job writes ground truth, pseudo-labels or review state
     assert before == {p: p.read_bytes() for p in (study / "cases").rglob("*") if p.is_file()}
     out = tmp_path / "predicted.nrrd"
@@ -102,6 +120,7 @@ def test_two_rounds_end_to_end_then_predict(study, capsys, tmp_path):
     image, result = sitk.ReadImage(str(tmp_path / "in" / "c3.nii.gz")), sitk.ReadImage(str(out))
     assert result.GetSize() == image.GetSize() and result.GetOrigin() == image.GetOrigin()
     assert set(np.unique(sitk.GetArrayFromImage(result))) <= {0, 1, 2}
+    assert coloured_pixels(tmp_path / "predicted.overview.png") > 0
 
 
 def test_convergence_stops_early(study, capsys):
@@ -151,18 +170,42 @@ def _wait_for(ws: Path, predicate, job: subprocess.Popen, timeout: float = 240) 
     raise AssertionError(f"timed out or the job ended (exit {job.poll()})")
 
 
-def test_sigterm_cancels_cleanly_and_the_job_resumes(study, capsys):
-    job = _start(study, "--rounds", "2", "--epochs", "6", "--convergence", "1.0")
+STOP_BOUND_S = 15.0  # from the signal to the process's end; an epoch of the schedule below lasts longer
+
+
+def _stop_within_bound(study: Path, job: subprocess.Popen, signum: int) -> str:
+    started = time.time()
+    job.send_signal(signum)
+    code = job.wait(timeout=120)
+    seconds = time.time() - started
+    err = job.stderr.read()
+    assert code == 3, err
+    assert seconds < STOP_BOUND_S, f"stopped {seconds:.1f} s after {signal.Signals(signum).name}"
+    return err
+
+
+def test_sigterm_and_sigint_stop_within_seconds_and_the_job_resumes(study, capsys):
+    """A stop signal unwinds the job from inside an epoch (no wait for its end), says how to resume, and the
+    next run continues the training from nnU-Net's last saved epoch."""
+    schedule = ["--rounds", "1", "--epochs", "2", "--iterations", "8", "--convergence", "1.0"]
+    job = _start(study, *schedule)
     _wait_for(study, lambda ev: any(e["event"] == "epoch" for e in ev), job)
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=120) == 3, job.stderr.read()
-    assert _events(study)[-1] == {**_events(study)[-1], "event": "job", "state": "cancelled"}
+    time.sleep(2.0)  # inside epoch 2
+    err = _stop_within_bound(study, job, signal.SIGTERM)
+    assert "refine cancelled (stopped by SIGTERM in round 0 (train)" in err, err
+    assert "to resume: sslmedsam2 refine " in err and "--iterations 8" in err, err
+    last = _events(study)[-1]
+    assert last["event"] == "job" and last["state"] == "cancelled" and "run refine again to resume" in last["message"]
     assert _status(study, capsys)["refine"]["state"] == "cancelled"
-    trained = max(e["epoch"] for e in _events(study) if e["event"] == "epoch")
-    assert trained < 6
-    assert main(["refine", str(study), *QUICK, "--rounds", "2", "--epochs", "6", "--convergence", "1.0"]) == 0
+    assert [e["epoch"] for e in _events(study) if e["event"] == "epoch"] == [1], "it waited for the epoch's end"
+    assert (study / "refine" / "progress.png").is_file()  # a note that no round has finished
+    job = _start(study, *schedule)  # Ctrl-C while it starts again
+    _wait_for(study, lambda ev: ev[-1]["event"] == "stage" and ev[-1]["stage"] == "train", job)
+    err = _stop_within_bound(study, job, signal.SIGINT)
+    assert "stopped by SIGINT" in err, err
+    assert main(["refine", str(study), *QUICK, *schedule]) == 0
     epochs = [e["epoch"] for e in _events(study) if e["event"] == "epoch" and e["round"] == 0]
-    assert epochs == list(range(1, 7)), "training did not continue from nnU-Net's checkpoint"
+    assert epochs == [1, 2], "training did not continue from nnU-Net's checkpoint"
     assert _status(study, capsys)["refine"]["state"] == "finished"
 
 
@@ -232,9 +275,17 @@ def test_cancel_and_follow_commands(study, capsys):
     _expect(capsys, ["refine", str(study), "--cancel"], "no refine job is running")
     job = _start(study, "--rounds", "1", "--epochs", "8", "--convergence", "1.0")
     _wait_for(study, lambda ev: ev[-1]["event"] != "job" or ev[-1]["state"] == "running", job)
+    capsys.readouterr()
     assert main(["refine", str(study), "--follow"]) == 0  # returns when the job has finished
     assert job.wait(timeout=60) == 0
-    assert "refine finished" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "refine finished" in err
+    # the run's events from its start, in the order they happened: one line each for the start, stages, round, end
+    lines = [line.split(" ", 1)[1] for line in err.splitlines() if line[:2].isdigit() and line[2:3] == ":"]
+    assert lines[0] == "refine running: resumed"
+    assert [line for line in lines if line.startswith("round 0: ")] == [
+        "round 0: training", "round 0: predicting 2 cases", "round 0: comparing with the previous pseudo-labels"]
+    assert lines[-2].startswith("round 0 done: ") and lines[-1] == "refine finished"
 
 
 def test_monitor_reads_only_complete_lines_and_the_latest_run(tmp_path):

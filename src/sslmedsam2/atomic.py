@@ -128,6 +128,22 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` the file `source` is: a hard link, or a copy where the file system has none; atomic (a
+    reader sees the old file or the new one)."""
+    target = Path(target)
+    temp = target.with_name(f"{temp_prefix(target.name)}link.tmp")
+    temp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+        os.replace(temp, target)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def write_text(target: Path, text: str) -> None:
     """Atomic; a failed write (full disk, permissions) is a UserError naming the file and leaves nothing."""
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from sslmedsam2.atomic import atomic_path
+from sslmedsam2.labelmap import pictures
 from sslmedsam2.metrics import score_labels
 from sslmedsam2.session.files import run_propagate
 from sslmedsam2.settings import EngineSettings
@@ -28,30 +28,7 @@ def sample_path(kind: str) -> Path:
 def draw_overview(image: sitk.Image, seeds: sitk.Image, result: sitk.Image, truth: sitk.Image, target: Path,
                   title: str, axis: str = AXIS, columns: int = 5) -> None:
     """Non-seed slices across the structure: manual outline (white) over the result (colour)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ax = slice_axis(image, axis)
-    arrays = [np.moveaxis(sitk.GetArrayFromImage(x), ax, 0) for x in (image, seeds, result, truth)]
-    volume, drawn, pred, gt = arrays
-    candidates = [z for z in np.flatnonzero(gt.any(axis=(1, 2))) if not drawn[z].any()]
-    picks = [candidates[i] for i in np.linspace(0, len(candidates) - 1, min(columns, len(candidates))).astype(int)]
-    fig, axes = plt.subplots(1, len(picks), figsize=(2.4 * len(picks), 3.0), squeeze=False)
-    colours = matplotlib.colors.ListedColormap(["none", "tab:orange", "tab:cyan", "tab:green", "tab:purple"])
-    for axis_, z in zip(axes[0], picks):
-        axis_.imshow(volume[z], cmap="gray")
-        axis_.imshow(np.ma.masked_equal(pred[z], 0), cmap=colours, vmin=0, vmax=4, alpha=0.55, interpolation="nearest")
-        for value in np.unique(gt[z])[1:]:
-            axis_.contour(gt[z] == value, levels=[0.5], colors="white", linewidths=0.8)
-        axis_.set_title(f"slice {z}", fontsize=9)
-        axis_.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    pictures.draw_overview(image, result, truth, target, title, axis, columns=columns, avoid=seeds)
 
 
 def run_demo(output_dir: Path, settings: EngineSettings, log: Callable[[str], None] = print,

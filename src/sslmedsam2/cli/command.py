@@ -15,6 +15,7 @@ from sslmedsam2.volume.geometry import GeometryWarning
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sslmedsam2.cli.cohort import add_cohort_command
     from sslmedsam2.cli.segment import add_segment_commands
     from sslmedsam2.cli.study import add_study_commands
     from sslmedsam2.server.main import add_serve_command
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_segment_commands(sub)
     add_study_commands(sub)
+    add_cohort_command(sub)
     add_serve_command(sub, add_model_options)
     return parser
 

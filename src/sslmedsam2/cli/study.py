@@ -1,131 +1,92 @@
-"""The study commands: `workspace init|add|status|review`, `refine`, `predict`, `keyslices`."""
+"""The study commands: `refine`, `predict`, `keyslices` (`workspace`: sslmedsam2.cli.workspace)."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sslmedsam2.cli.options import add_overwrite_option, add_uneven_option, say
 from sslmedsam2.errors import UserError
 
-if TYPE_CHECKING:
-    from sslmedsam2.study.workspace import Workspace
-
 
 class _JobBar:
-    """Draws a refine job's progress from its events, whether it runs here or in another process."""
+    """Draws a refine job's progress from its events, whether it runs here or in another process: a bar with where
+    the job is, rounds done and the time left, and a line per stage, round and ending, in the order they happened.
+    A thread redraws it every second, so its clock runs between events."""
 
     def __init__(self, refine_dir: Path, rounds: int) -> None:
         from tqdm import tqdm
 
         from sslmedsam2.refine.monitor import JobMonitor
 
-        tqdm.monitor_interval = 0  # no monitor thread in a process that nnU-Net may fork
-
+        tqdm.monitor_interval = 0  # no tqdm monitor thread: the redraws come from this object's own thread
         self.monitor = JobMonitor(refine_dir)
         self.rounds = rounds
         self.bar = tqdm(total=1000, desc="refine: starting", file=sys.stderr, dynamic_ncols=True,
                         bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, name="refine-bar", daemon=True)
+        self.ticker.start()
+
+    def _tick(self) -> None:
+        while not self.done.wait(1.0):
+            with self.lock:
+                self._redraw()
+
+    def _redraw(self) -> None:
+        self.bar.n = int(1000 * self.monitor.fraction(self.rounds))
+        self.bar.set_description_str(f"refine: {self.monitor.summary(self.rounds)}", refresh=False)
+        self.bar.refresh()
 
     def show(self, event: dict) -> None:
-        self.monitor.update(event)
-        if event["event"] == "round":
-            change = event.get("mean_dice_change")
-            held = event.get("heldout_dice")
-            self.bar.write(f"round {event['round']}: Dice vs previous pseudo-labels "
-                           f"{'n/a' if change is None else f'{change:.4f}'}"
-                           + (f", held-out Dice {held:.4f}" if held is not None else "")
-                           + (" (converged)" if event.get("converged") else ""))
-            if event.get("sources"):  # --sam2-from-nnunet
-                won = event["sources"]
-                self.bar.write(f"round {event['round']}: slices from SAM2 {won['sam2']}, nnU-Net {won['nnunet']}, "
-                               f"kept as vouched for {won['human']}")
-        elif event["event"] == "error":
-            self.bar.write(f"error: {event.get('message')}")
-        self.bar.n = int(1000 * self.monitor.fraction(self.rounds))
-        self.bar.set_description_str(f"refine: {self.monitor.describe()}")
+        with self.lock:
+            self.monitor.update(event)
+            line = _event_line(event)
+            if line:
+                self.bar.write(line, file=sys.stderr)
+            self._redraw()
 
     def close(self) -> None:
+        self.done.set()
+        self.ticker.join()
         self.bar.close()
 
 
-def cmd_workspace(args: argparse.Namespace) -> int:
-    from sslmedsam2.study.workspace import Workspace, add_case, init_workspace, parse_labels
+def _event_line(event: dict) -> str | None:
+    """What a person reads of an event: stages, rounds, errors and the job's start and end (epochs and cases are
+    the bar's); with its local time."""
+    from datetime import datetime
 
-    if args.action == "init":
-        ws = init_workspace(args.workspace, parse_labels(args.label) if args.label else None, args.axis, args.channel)
-        say(f"workspace {ws.root} created (axis {ws.axis}, labels {ws.labels or 'from the first case added'})")
-    elif args.action == "add":
-        ws = Workspace.open(args.workspace)
-        case = add_case(ws, args.image, args.label, args.pseudo, args.eval_label, args.id, args.review_from,
-                        allow_uneven=args.allow_uneven_slices)
-        say(f"added case {case.id} (ground truth: {case.has_label}, pseudo-label: {case.has_pseudo}, "
-             f"held-out label: {case.has_eval})")
-    elif args.action == "status":
-        print_status(Workspace.open(args.workspace, allow_missing=True), args.json)
-    elif args.action == "review":
-        review_slices(Workspace.open(args.workspace, allow_missing=True), args.case, args.slices, args.state)
-    return 0
-
-
-def review_slices(ws: Workspace, case_id: str, slices: str, state: str) -> None:
-    """`workspace review`: set the state of the given slices ("3,4,5") of a case's pseudo-label."""
-    from sslmedsam2.study.index import count_slices
-    from sslmedsam2.study.review import SliceState
-
-    if case_id not in ws.cases or not ws.cases[case_id].has_pseudo:
-        raise UserError(f"case {case_id!r}: not in the workspace or without a pseudo-label")
-    ws.check_complete([case_id])
     try:
-        chosen = [int(v) for v in slices.split(",")]
-    except ValueError:
-        raise UserError("--slices: a comma-separated list of slice numbers") from None
-    with ws.locked() as current:
-        states = current.review(case_id)
-        if not states:  # a pseudo-label without a review file: nobody reviewed it yet
-            states = [SliceState.UNREVIEWED] * count_slices(ws.file(case_id, "image"), ws.axis)
-        bad = [z for z in chosen if not 0 <= z < len(states)]
-        if bad:
-            raise UserError(f"slices {bad} are outside 0..{len(states) - 1}")
-        for z in chosen:
-            states[z] = SliceState(state)
-        current.set_review(case_id, states)
-    say(f"case {case_id}: slices {chosen} are {state}")
-
-
-def print_status(ws: Workspace, as_json: bool) -> None:
-    """`workspace status`: cases (review counts, missing files) and the refine job, as text or JSON."""
-    from collections import Counter
-
-    from sslmedsam2.refine.rounds import refine_status
-
-    cases = []
-    for case in sorted(ws.cases.values(), key=lambda c: c.id):
-        counts = Counter(s.value for s in ws.review(case.id))
-        cases.append({"id": case.id, "ground_truth": case.has_label, "pseudo": case.has_pseudo,
-                      "heldout": case.has_eval, "review": dict(sorted(counts.items())),
-                      "files_missing": list(case.missing)})
-    job = refine_status(ws)
-    summary = {"workspace": str(ws.root), "axis": ws.axis, "labels": ws.labels, "cases": cases,
-               "refine": {"state": job.get("state", "not started"), "round": job.get("round"), "stage": job.get("stage"),
-                          "rounds": job.get("rounds", []), "message": job.get("message", "")}}
-    if as_json:
-        print(json.dumps(summary, indent=2))
-        return
-    print(f"workspace {ws.root}: {len(cases)} cases, labels {ws.labels}, axis {ws.axis}")
-    for c in cases:
-        review = "review: " + (", ".join(f"{k} {v}" for k, v in c["review"].items()) or "-")
-        if c["files_missing"]:
-            review = f"files missing: {', '.join(c['files_missing'])}"
-        print(f"  {c['id']:<24} {'GT' if c['ground_truth'] else '  '} {'pseudo' if c['pseudo'] else '      '} "
-              f"{'held-out' if c['heldout'] else '        '}  {review}")
-    r = summary["refine"]
-    print(f"refine: {r['state']}" + (f", round {r['round']}" if r["round"] is not None else "")
-          + (f" ({r['message']})" if r["message"] else ""))
+        stamp = datetime.fromisoformat(event["time"]).astimezone().strftime("%H:%M:%S")
+    except (KeyError, TypeError, ValueError):
+        stamp = "--:--:--"
+    kind, r = event["event"], event.get("round")
+    if kind == "job":
+        message = f": {event['message']}" if event.get("message") else ""
+        return f"{stamp} refine {event['state']}{message}"
+    if kind == "stage":
+        return f"{stamp} round {r}: {event.get('message') or event.get('stage')}"
+    if kind == "round":
+        change, held = event.get("mean_dice_change"), event.get("heldout_dice")
+        text = (f"{stamp} round {r} done: Dice vs previous pseudo-labels {'n/a' if change is None else f'{change:.4f}'}"
+                + (f", held-out Dice {held:.4f}" if held is not None else "") + (" (converged)" if event.get("converged") else ""))
+        labels = event.get("label_change") or {}
+        if labels:
+            text += " [" + ", ".join(f"{name} {d:.3f}" for name, d in labels.items()) + "]"
+        if event.get("sources"):  # --sam2-from-nnunet
+            won = event["sources"]
+            text += (f"\n{stamp} round {r}: slices from SAM2 {won['sam2']}, nnU-Net {won['nnunet']}, kept as vouched "
+                     f"for {won['human']}")
+        return text
+    if kind == "error":
+        return f"{stamp} error: {event.get('message')}"
+    return None
 
 
 def _refine_options(args: argparse.Namespace):
@@ -134,7 +95,8 @@ def _refine_options(args: argparse.Namespace):
     chosen = {k: v for k, v in {"rounds": args.rounds, "configuration": args.configuration, "epochs": args.epochs,
                                 "iterations": args.iterations, "warm_start": args.warm_start or None,
                                 "warm_epochs": args.warm_epochs, "fold": args.fold, "device": args.device,
-                                "convergence": args.convergence, "ignore": args.ignore}.items() if v is not None}
+                                "convergence": args.convergence, "ignore": args.ignore,
+                                "gpus": args.gpus}.items() if v is not None}
     sam2 = {k: v for k, v in {"sam2_model": args.model, "sam2_checkpoint": str(args.checkpoint) if args.checkpoint else None,
                               "sam2_image_size": args.image_size, "sam2_download": False if args.no_download else None,
                               "key_slices": args.key_slices, "min_continuity": args.min_continuity,
@@ -143,11 +105,13 @@ def _refine_options(args: argparse.Namespace):
         raise UserError("--model, --checkpoint, --image-size, --no-download, --key-slices, --min-continuity and "
                         "--fusion set up SAM2 for --sam2-from-nnunet; add it or leave them out")
     chosen.update(sam2, **({"sam2_from_nnunet": True} if args.sam2_from_nnunet else {}))
-    return RefineOptions.quick(**chosen) if args.quick else RefineOptions(**chosen)
+    options = RefineOptions.quick(**chosen) if args.quick else RefineOptions(**chosen)
+    options.gpu_count()  # --gpus on a machine without them: refused before anything is drawn or started
+    return options
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    from sslmedsam2.refine.rounds import RefineJob, refine_status
+    from sslmedsam2.refine.rounds import RefineJob, current_outputs, refine_status
     from sslmedsam2.study.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
@@ -169,28 +133,61 @@ def cmd_refine(args: argparse.Namespace) -> int:
         state = RefineJob(ws, options, on_event=bar.show).run()
     finally:
         bar.close()
-    say(f"refine {state}; progress plot: {ws.refine_dir / 'progress.png'}")
-    return 0 if state in ("finished", "converged") else 3
+    if state == "cancelled":
+        say(f"refine cancelled ({refine_status(ws).get('message', '')}); to resume: {_resume_command(args)}")
+        return 3
+    outputs = current_outputs(ws)
+    say(f"refine {state}; pseudo-labels now in {outputs['pseudo_labels']}, progress plot {ws.refine_dir / 'progress.png'}"
+        + (f", pictures per case in {outputs['overviews']}" if outputs["overviews"] else ""))
+    return 0
+
+
+_REFINE_OPTIONS = (("rounds", "--rounds"), ("convergence", "--convergence"), ("configuration", "--configuration"),
+                   ("epochs", "--epochs"), ("iterations", "--iterations"), ("warm_start", "--warm-start"),
+                   ("warm_epochs", "--warm-epochs"), ("fold", "--fold"), ("device", "--device"),
+                   ("ignore", "--ignore"), ("gpus", "--gpus"), ("quick", "--quick"), ("sam2_from_nnunet", "--sam2-from-nnunet"),
+                   ("model", "--model"), ("checkpoint", "--checkpoint"), ("image_size", "--image-size"),
+                   ("no_download", "--no-download"), ("key_slices", "--key-slices"),
+                   ("min_continuity", "--min-continuity"), ("fusion", "--fusion"))
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes this job: the same options."""
+    words = ["sslmedsam2", "refine", str(args.workspace)]
+    for dest, flag in _REFINE_OPTIONS:
+        value = getattr(args, dest, None)
+        if value is True:
+            words.append(flag)
+        elif value not in (None, False):
+            words += [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def follow(ws, status: dict) -> int:
-    from sslmedsam2.refine.events import job_running
+    """`refine --follow`: the running job's events from the start of its run, in order, until it ends."""
+    from sslmedsam2.refine.events import job_running, read_events
 
     rounds = (status.get("options") or {}).get("rounds", 1)
     bar = _JobBar(ws.refine_dir, rounds)
     bar.monitor.attach_to_latest_run()
+
+    def drain() -> None:
+        events, bar.monitor.offset = read_events(bar.monitor.log.path, bar.monitor.offset)
+        for event in events:
+            bar.show(event)
+
     try:
         while True:
-            for event in bar.monitor.poll():
-                bar.show(event)
+            drain()
             if bar.monitor.finished:
                 break
-            current = bar.monitor.log.read_status()
-            if current.get("state") != "running" or not job_running(ws.refine_dir):
-                bar.monitor.poll()
+            if not job_running(ws.refine_dir):
+                drain()  # what the job wrote before it ended
                 if not bar.monitor.finished:
-                    bar.bar.write("the job is not running (crashed or killed?); run refine again to resume")
+                    bar.bar.write("the job is not running (crashed or killed?); run refine again to resume",
+                                  file=sys.stderr)
                     return 1
+                break
             time.sleep(0.5)
     finally:
         bar.close()
@@ -199,15 +196,39 @@ def follow(ws, status: dict) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from sslmedsam2.refine.predict import predict_image
+    from sslmedsam2.labelmap.confidence import confidence_path
+    from sslmedsam2.refine.predict import predict_image, single_picture
     from sslmedsam2.study.workspace import Workspace
 
-    from sslmedsam2.labelmap.confidence import confidence_path
-
+    if (args.image is None) == (args.input is None):
+        raise UserError("predict: give one IMAGE, or --input DIR|LIST for many (not both)")
+    if args.input is not None:
+        return _predict_cohort(args)
+    if args.shard or args.redo:
+        raise UserError("--shard and --redo go with --input")
     model = predict_image(Workspace.open(args.workspace), args.image, args.output, args.device, progress=True,
                           overwrite=args.overwrite, allow_uneven=args.allow_uneven_slices)
     say(f"segmented {args.image} with the round {model.round} model -> {args.output} "
-         f"(confidence: {confidence_path(args.output).name})")
+        f"(confidence: {confidence_path(args.output).name}, picture: {single_picture(args.output).name})")
+    return 0
+
+
+def _predict_cohort(args: argparse.Namespace) -> int:
+    from sslmedsam2.cli.cohort import Interrupted, run_shard
+    from sslmedsam2.cohort.shards import parse_shard
+    from sslmedsam2.refine.predict import PredictCohortOptions, predict_cohort
+    from sslmedsam2.study.workspace import Workspace
+
+    ws = Workspace.open(args.workspace)
+    options = PredictCohortOptions(args.input, args.output, args.device,
+                                   parse_shard(args.shard) if args.shard else None, args.redo, args.overwrite,
+                                   args.allow_uneven_slices)
+    # the case under way draws nnU-Net's own sliding-window bar under the cases bar
+    written = run_shard(lambda bars: predict_cohort(ws, options, log=bars.log, cases_bar=bars.cases, progress=True),
+                        "predict", unit=None)
+    if isinstance(written, Interrupted):
+        return written.code
+    say(f"{len(written)} cases predicted into {args.output} (`sslmedsam2 cohort status {args.output}`)")
     return 0
 
 
@@ -226,34 +247,9 @@ def cmd_keyslices(args: argparse.Namespace) -> int:
 
 
 def add_study_commands(sub) -> None:
-    w = sub.add_parser("workspace", help="create and fill a study workspace", description="A study workspace holds "
-                       "images, ground truth, pseudo-labels with per-slice review state, and refinement rounds.")
-    wsub = w.add_subparsers(dest="action", required=True, metavar="ACTION")
-    i = wsub.add_parser("init", help="create an empty workspace")
-    i.add_argument("workspace", type=Path)
-    i.add_argument("--label", action="append", metavar="NAME=VALUE", help="a structure and its label value (repeat); "
-                   "default: taken from the first case added")
-    i.add_argument("--axis", default="axial", choices=("axial", "coronal", "sagittal"), help="slice axis of review states")
-    i.add_argument("--channel", default="MRI", type=str.upper, choices=("MRI", "CT"),
-                   help="image modality for nnU-Net (MRI or CT: CT changes nnU-Net's normalisation)")
-    a = wsub.add_parser("add", help="add a case (copied into the workspace)")
-    a.add_argument("workspace", type=Path)
-    a.add_argument("--image", type=Path, required=True)
-    a.add_argument("--label", type=Path, help="ground truth (trained on, never overwritten)")
-    a.add_argument("--pseudo", type=Path, help="pseudo-label (SAM2, few-shot, or any file)")
-    a.add_argument("--eval-label", type=Path, help="held-out ground truth: only used to score rounds")
-    a.add_argument("--review-from", type=Path, help="a .confidence.csv whose seed slices become 'seed' in the review")
-    a.add_argument("--id", help="case id (default: the image file name without suffix)")
-    add_uneven_option(a)
-    s = wsub.add_parser("status", help="cases, review counts and the refine job's state")
-    s.add_argument("workspace", type=Path)
-    s.add_argument("--json", action="store_true")
-    r = wsub.add_parser("review", help="set the review state of slices of a case's pseudo-label")
-    r.add_argument("workspace", type=Path)
-    r.add_argument("case")
-    r.add_argument("--slices", required=True, help="comma-separated slice numbers along the workspace axis")
-    r.add_argument("--state", required=True, choices=("seed", "accepted", "rejected", "edited", "unreviewed"))
-    w.set_defaults(func=cmd_workspace)
+    from sslmedsam2.cli.workspace import add_workspace_command
+
+    add_workspace_command(sub)
 
     f = sub.add_parser("refine", help="iterative nnU-Net refinement of the pseudo-labels (resumable)",
                        description="Train nnU-Net v2 on ground truth + pseudo-labels, predict the cases without ground "
@@ -273,7 +269,11 @@ def add_study_commands(sub) -> None:
     f.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"))
     f.add_argument("--ignore", choices=("none", "rejected", "unreviewed"), help="pseudo-label slices exported as "
                    "nnU-Net's ignore label: rejected (default), unreviewed (unreviewed and rejected) or none")
-    f.add_argument("--quick", action="store_true", help="tiny schedule for a CPU smoke run (2 epochs x 3 iterations)")
+    f.add_argument("--gpus", metavar="N|all", help="train each round with nnU-Net's multi-GPU training on N GPUs of "
+                   "this node (all: every GPU this process sees) and spread the round's predictions over them, one "
+                   "process per GPU; refused on a machine without CUDA GPUs (docs/cluster.md)")
+    f.add_argument("--quick", action="store_true", help="tiny schedule for a CPU smoke run (2 epochs x 3 iterations; "
+                   "prediction without test-time mirroring)")
     f.add_argument("--follow", action="store_true", help="show the progress of the job running on WS, until it ends")
     f.add_argument("--cancel", action="store_true", help="ask the job running on WS to stop at its next safe point "
                    "(writes WS/refine/stop, which the job watches)")
@@ -292,10 +292,21 @@ def add_study_commands(sub) -> None:
                    "confidence: per slice, the more confident of SAM2 and nnU-Net (mean confidence over the prompted labels)")
     f.set_defaults(func=cmd_refine)
 
-    p = sub.add_parser("predict", help="segment an image with the workspace's latest refined nnU-Net")
+    p = sub.add_parser("predict", help="segment images with the workspace's latest refined nnU-Net",
+                       description="One IMAGE -> OUTPUT (and OUTPUT's name + .confidence.csv), or every image of "
+                       "--input into OUTDIR: per case the label map (the input's file name), its .confidence.csv and "
+                       ".case.json, OUTDIR/cohort.json and a status file per shard (`sslmedsam2 cohort status "
+                       "OUTDIR`). The model is loaded once; a rerun resumes (finished cases are skipped).")
     p.add_argument("workspace", type=Path)
-    p.add_argument("image", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("image", type=Path, nargs="?", help="one image (or use --input)")
+    p.add_argument("--input", type=Path, metavar="DIR|LIST", help="a folder of images, or a text file listing them "
+                   "(one path a line, relative to the file's folder; # comments): predict them all into OUTDIR")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT|OUTDIR")
+    p.add_argument("--shard", metavar="I/N", help="with --input: this job takes every N-th case (sorted by name) "
+                   "from the I-th (1-based); default: from the scheduler's array variables (docs/cluster.md), else "
+                   "every case")
+    p.add_argument("--redo", action="store_true", help="with --input: predict again the finished cases in OUTDIR "
+                   "that an earlier model predicted (without it such a folder is refused)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     add_overwrite_option(p)
     add_uneven_option(p)

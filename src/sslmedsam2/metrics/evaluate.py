@@ -68,27 +68,62 @@ def _fmt(value: float) -> str:
     return "nan" if math.isnan(value) else f"{value:.4f}"
 
 
-def scores_table(results: list[CaseScores]) -> str:
-    lines = [f"{'case':<32} {'label':>5} {'dice':>8} {'hd95_mm':>9} {'assd_mm':>9}"]
+def _mean(values: list[float]) -> float:
+    """The mean of the values that are numbers (a distance is NaN where a map has no surface); NaN when none is."""
+    numbers = [v for v in values if not math.isnan(v)]
+    return sum(numbers) / len(numbers) if numbers else math.nan
+
+
+def label_name(label: int, names: dict[int, str] | None) -> str:
+    """`anterior (1)` with a name for the value, else `1`."""
+    return f"{names[label]} ({label})" if names and label in names else str(label)
+
+
+def mean_rows(results: list[CaseScores]) -> list[tuple[str, str | int, float, float, float]]:
+    """(what, label, dice, hd95, assd): per label the mean over cases (with more than one case), then the mean over
+    every case and label ("all")."""
+    by_label: dict[int, list[LabelScores]] = {}
     for case in results:
         for s in case.scores:
-            lines.append(f"{case.case:<32} {s.label:>5} {_fmt(s.dice):>8} {_fmt(s.hd95):>9} {_fmt(s.assd):>9}")
-    by_label: dict[int, list[float]] = {}
-    for case in results:
-        for s in case.scores:
-            by_label.setdefault(s.label, []).append(s.dice)
+            by_label.setdefault(s.label, []).append(s)
+    rows: list[tuple[str, str | int, float, float, float]] = []
     if len(results) > 1:
-        for label, dices in sorted(by_label.items()):
-            lines.append(f"{'mean':<32} {label:>5} {_fmt(sum(dices) / len(dices)):>8}")
+        for label, scores in sorted(by_label.items()):
+            rows.append((f"mean of {len(scores)} cases", label, _mean([s.dice for s in scores]),
+                         _mean([s.hd95 for s in scores]), _mean([s.assd for s in scores])))
+    every = [s for scores in by_label.values() for s in scores]
+    if every:
+        what = f"mean of {len(results)} case{'s' if len(results) != 1 else ''}" if len(results) > 1 else "mean"
+        rows.append((what, "all", _mean([s.dice for s in every]), _mean([s.hd95 for s in every]),
+                     _mean([s.assd for s in every])))
+    return rows
+
+
+def scores_table(results: list[CaseScores], names: dict[int, str] | None = None) -> str:
+    """The scores as text: a row per case and label (named by `names`: value -> name), then the mean rows."""
+    width = max([5] + [len(label_name(s.label, names)) for r in results for s in r.scores])
+    lines = [f"{'case':<32} {'label':>{width}} {'dice':>8} {'hd95_mm':>9} {'assd_mm':>9}"]
+    for case in results:
+        for s in case.scores:
+            lines.append(f"{case.case:<32} {label_name(s.label, names):>{width}} {_fmt(s.dice):>8} {_fmt(s.hd95):>9} "
+                         f"{_fmt(s.assd):>9}")
+    for what, label, d, h, a in mean_rows(results):
+        shown = "all labels" if label == "all" else label_name(int(label), names)
+        lines.append(f"{what:<32} {shown:>{width}} {_fmt(d):>8} {_fmt(h):>9} {_fmt(a):>9}")
     return "\n".join(lines)
 
 
-def write_scores_csv(results: list[CaseScores], path: Path) -> None:
+def write_scores_csv(results: list[CaseScores], path: Path, names: dict[int, str] | None = None) -> None:
+    """One row per case and label: case, label (the value), dice, hd95, assd; with `names`, a column `name` after
+    `label` (empty for a value without one)."""
     buffer = io.StringIO()
     buffer.write(table_header("evaluation scores"))
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "label", "dice", "hd95", "assd"])
+    named = bool(names)
+    writer.writerow(["case", "label", *(["name"] if named else []), "dice", "hd95", "assd"])
     for case in results:
         for s in case.scores:
-            writer.writerow([case.case, s.label, _fmt(s.dice), _fmt(s.hd95), _fmt(s.assd)])
+            writer.writerow([case.case, s.label, *([names.get(s.label, "")] if named else []), _fmt(s.dice),
+                             _fmt(s.hd95), _fmt(s.assd)])
     write_text(Path(path), buffer.getvalue())
+

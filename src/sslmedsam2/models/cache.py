@@ -1,12 +1,20 @@
-"""The per-user weight cache and checked, atomic downloads into it."""
+"""The per-user weight cache and checked, atomic downloads into it.
+
+Many processes may start on an empty cache at once (the jobs of a cluster array sharing a cache folder): a download
+holds a lock file beside the weights (`.<file>.lock`, filelock: released by the OS when its process dies), so one
+process downloads and the others wait, then find the file in the cache. pooch downloads to a temporary file and
+renames it only once its SHA256 matches.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import pooch
+from filelock import FileLock, Timeout
 
 from sslmedsam2.errors import UserError
 from sslmedsam2.models.registry import ModelSpec
@@ -51,13 +59,42 @@ def manual_install_hint(spec: ModelSpec) -> str:
             f"or pass --checkpoint PATH")
 
 
-def ensure_weights(spec: ModelSpec, progress: ProgressBar | bool = False, timeout: float = 60.0) -> Path:
-    """Return the cached checkpoint, downloading it first if needed; only a file with the right SHA256 is kept."""
+def lock_path(spec: ModelSpec) -> Path:
+    """The lock a download of `spec` holds, beside its file in the cache."""
+    return cached_path(spec).with_name(f".{spec.filename}.lock")
+
+
+def ensure_weights(spec: ModelSpec, progress: ProgressBar | bool = False, timeout: float = 60.0,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """Return the cached checkpoint, downloading it first if needed; only a file with the right SHA256 is kept.
+    One process at a time downloads into a cache folder (lock_path); the others wait for it (saying so through
+    `log`) and then use its file."""
+    target = cached_path(spec)
+    if is_cached(spec):  # pooch only checks its SHA256: no lock, so a read-only shared cache serves too
+        return _download(spec, progress, timeout)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(lock_path(spec))
+        try:
+            lock.acquire(timeout=0.5)
+        except Timeout:
+            if log is not None:
+                log(f"another process is downloading {spec.name} into {target.parent}; waiting for it")
+            lock.acquire()
+    except OSError as exc:
+        raise UserError(f"{spec.name}: cannot use the weight cache {target.parent} ({exc.strerror or exc}); set "
+                        f"SSLMEDSAM2_CACHE to a writable folder, or pass --checkpoint PATH") from None
+    try:
+        return _download(spec, progress, timeout)
+    finally:
+        lock.release()
+
+
+def _download(spec: ModelSpec, progress: ProgressBar | bool, timeout: float) -> Path:
     import requests
 
     url = download_url(spec)
     target = cached_path(spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
     pooch.get_logger().setLevel("WARNING")  # we announce downloads ourselves
     downloader = pooch.HTTPDownloader(progressbar=progress, chunk_size=_CHUNK, timeout=timeout)
     try:
@@ -93,7 +130,7 @@ def find_weights(model: str | None, checkpoint: Path | None, download: bool, req
         if is_cached(spec) or download:
             if not is_cached(spec):
                 log(f"downloading {spec.name} weights ({spec.size_bytes / 1e6:.0f} MB) to {cached_path(spec)}")
-            return ensure_weights(spec, progress=progress)
+            return ensure_weights(spec, progress=progress, log=log)
         raise UserError(f"{spec.name} weights are not downloaded and downloading is off; {manual_install_hint(spec)}")
     except UserError as exc:
         if required:

@@ -5,9 +5,12 @@ WS/refine/events.jsonl: one JSON object per line, appended and flushed as things
   job        "state": "running"|"finished"|"converged"|"cancelled"|"failed", "message"
   stage      "stage": "export"|"plan"|"train"|"predict"|"sam2" (--sam2-from-nnunet)|"score", "message"
   epoch      "epoch" (1-based), "epochs", "loss", "val_loss", "pseudo_dice" (list, one per label), "eta_s"
+  case       "stage" ("predict"), "case", "index" (1-based), "cases": a case's prediction begins
   round      "mean_dice_change" (mean Dice between the new and the previous pseudo-labels), "dice_change" ({case: Dice}),
-             "heldout_dice" (mean Dice against held-out labels, or null), "converged" (bool); with --sam2-from-nnunet
-             also "sources" ({"sam2", "nnunet", "human"}: slices won, all cases) and "case_sources" ({case: ...})
+             "label_change" ({label name: mean Dice over cases}), "heldout" ({case: Dice}), "heldout_dice" (mean
+             Dice against held-out labels, or null), "label_heldout" ({label name: mean}), "converged" (bool); with
+             --sam2-from-nnunet also "sources" ({"sam2", "nnunet", "human"}: slices won, all cases) and
+             "case_sources" ({case: ...})
   error      "message"
 WS/refine/status.json: the latest state, rewritten atomically: {"state", "round", "stage", "pid", "started",
   "updated", "rounds": [{"round", "mean_dice_change", "heldout_dice"}], "options": {...}, "message"}.

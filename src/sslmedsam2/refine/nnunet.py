@@ -8,6 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,31 +102,32 @@ def _load_weights(trainer, weights: dict) -> None:
     network.load_state_dict({k[7:] if k not in own and k.startswith("module.") else k: v for k, v in weights.items()})
 
 
-def train(round_: int, configuration: str, fold: str, device, epochs: int, iterations: int, val_iterations: int,
-          on_epoch: Callable[[dict], None], should_stop: Callable[[], bool], warm_start_from: Path | None = None) -> Path:
-    """Train (or continue an interrupted training from nnU-Net's own latest checkpoint); returns the final checkpoint.
-
-    Every checkpoint it saves is published atomically with its digest in `manifest_path()`; the latest checkpoint
-    and the warm start are loaded only through `checkpoints.load_checkpoint` (digest, then weights-only)."""
-    import torch
-    from nnunetv2.paths import nnUNet_preprocessed
+def _trainer_class(configuration: str, fix: str, on_epoch: Callable[[dict], None], should_stop: Callable[[], bool]):
+    """nnU-Net's own trainer, reporting each epoch, stopping cleanly when asked (all ranks together under DDP),
+    and saving and loading its checkpoints only through sslmedsam2.refine.checkpoints."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    manifest, fix = manifest_path(), remedy(round_, configuration)
+    manifest = manifest_path()
 
     class ReportingTrainer(nnUNetTrainer):
-        """nnU-Net's own trainer, reporting each epoch, stopping cleanly when asked, and saving and loading its
-        checkpoints only through sslmedsam2.refine.checkpoints."""
-
         def on_epoch_end(self) -> None:
             super().on_epoch_end()  # logs the epoch's end, saves checkpoint_latest (save_every = 1), counts the epoch
             log = self.logger.get_value
             seconds = float(log("epoch_end_timestamps", step=-1) - log("epoch_start_timestamps", step=-1))
-            on_epoch({"epoch": self.current_epoch, "epochs": self.num_epochs,
-                      "loss": float(log("train_losses", step=-1)), "val_loss": float(log("val_losses", step=-1)),
-                      "pseudo_dice": [float(v) for v in log("dice_per_class_or_region", step=-1)],
-                      "eta_s": round(seconds * (self.num_epochs - self.current_epoch), 1)})
-            if should_stop() and self.current_epoch < self.num_epochs:
+            if self.local_rank == 0:
+                on_epoch({"epoch": self.current_epoch, "epochs": self.num_epochs,
+                          "loss": float(log("train_losses", step=-1)), "val_loss": float(log("val_losses", step=-1)),
+                          "pseudo_dice": [float(v) for v in log("dice_per_class_or_region", step=-1)],
+                          "eta_s": round(seconds * (self.num_epochs - self.current_epoch), 1)})
+            stop = should_stop()
+            if self.is_ddp:  # every rank must stop at the same epoch, or the others wait for it forever
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([int(stop)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop and self.current_epoch < self.num_epochs:
                 raise Cancelled()  # the checkpoint of this epoch is already saved
 
         def save_checkpoint(self, filename: str) -> None:
@@ -152,18 +158,25 @@ def train(round_: int, configuration: str, fold: str, device, epochs: int, itera
                 self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
     ReportingTrainer.__name__ = ReportingTrainer.__qualname__ = TRAINER  # nnU-Net's standard folder and name
+    return ReportingTrainer
 
-    if str(device) == "cpu":
-        os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: no worker processes to orphan
-    else:
-        os.environ.pop("nnUNet_n_proc_DA", None)  # nnU-Net's own choice of augmentation workers
+
+def _prepared_trainer(round_: int, configuration: str, fold: str, device, epochs: int, iterations: int,
+                      val_iterations: int, on_epoch: Callable[[dict], None], should_stop: Callable[[], bool],
+                      warm_start_from: Path | None = None):
+    """The trainer of this round, with its schedule, resumed from nnU-Net's latest checkpoint or warm-started;
+    None when the round's final checkpoint exists. Every file is checked before nnU-Net builds anything."""
+    import torch
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    manifest, fix = manifest_path(), remedy(round_, configuration)
     preprocessed = Path(nnUNet_preprocessed) / dataset_name(round_)
     plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
     checkpoints.check_plans(plans, configuration, preprocessed / f"{PLANS}.json", fix)
     output = model_folder(round_, configuration) / f"fold_{fold}"
     latest, final = output / "checkpoint_latest.pth", output / "checkpoint_final.pth"
     if final.is_file():
-        return final
+        return None
     resume = warm = None  # checked before nnU-Net builds anything
     if latest.is_file():
         resume = checkpoints.load_checkpoint(latest, manifest, fix, map_location=torch.device(device))
@@ -174,8 +187,9 @@ def train(round_: int, configuration: str, fold: str, device, epochs: int, itera
         checkpoints.check_trainer(warm, configuration, warm_start_from, previous)
         warm = warm["network_weights"]
     plans["continue_training"] = resume is not None
-    trainer = ReportingTrainer(plans, configuration, fold if fold == "all" else int(fold),
-                               json.loads((preprocessed / "dataset.json").read_text()), torch.device(device))
+    trainer = _trainer_class(configuration, fix, on_epoch, should_stop)(
+        plans, configuration, fold if fold == "all" else int(fold),
+        json.loads((preprocessed / "dataset.json").read_text()), torch.device(device))
     trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
     trainer.num_val_iterations_per_epoch, trainer.save_every = val_iterations, 1
     if resume is not None:
@@ -183,8 +197,35 @@ def train(round_: int, configuration: str, fold: str, device, epochs: int, itera
     elif warm is not None:
         trainer.initialize()
         _load_weights(trainer, warm)
-    trainer.run_training()
-    checkpoints.forget_missing(manifest)  # nnU-Net deleted checkpoint_latest.pth after saving the final one
+    return trainer
+
+
+def train(round_: int, configuration: str, fold: str, device, epochs: int, iterations: int, val_iterations: int,
+          on_epoch: Callable[[dict], None], should_stop: Callable[[], bool], warm_start_from: Path | None = None,
+          gpus: int = 1, log_path: Path | None = None) -> Path:
+    """Train (or continue an interrupted training from nnU-Net's own latest checkpoint); returns the final checkpoint.
+
+    Every checkpoint it saves is published atomically with its digest in `manifest_path()`; the latest checkpoint
+    and the warm start are loaded only through `checkpoints.load_checkpoint` (digest, then weights-only).
+    `gpus` > 1: nnU-Net's own DistributedDataParallel training on that many CUDA devices of this node, one process
+    each (refine.gpus; their nnU-Net output goes to `log_path`)."""
+    if str(device) == "cpu":
+        os.environ["nnUNet_n_proc_DA"] = "0"  # augmentation in this process: no worker processes to orphan
+    else:
+        os.environ.pop("nnUNet_n_proc_DA", None)  # nnU-Net's own choice of augmentation workers
+    final = model_folder(round_, configuration) / f"fold_{fold}" / "checkpoint_final.pth"
+    if gpus > 1:
+        if not final.is_file():
+            train_ddp(gpus, {"round": round_, "configuration": configuration, "fold": fold, "epochs": epochs,
+                             "iterations": iterations, "val_iterations": val_iterations,
+                             "warm_start_from": str(warm_start_from) if warm_start_from else None,
+                             "log": str(log_path) if log_path else None}, on_epoch, should_stop)
+    else:
+        trainer = _prepared_trainer(round_, configuration, fold, device, epochs, iterations, val_iterations, on_epoch,
+                                    should_stop, warm_start_from)
+        if trainer is not None:
+            trainer.run_training()
+    checkpoints.forget_missing(manifest_path())  # nnU-Net deleted checkpoint_latest.pth after saving the final one
     return final
 
 
@@ -234,11 +275,13 @@ def predict_probabilities(predictor, image: Path):
 
 
 def predict(round_: int, configuration: str, fold: str, device, images: list[Path], outputs: list[Path],
-            should_stop: Callable[[], bool] = lambda: False, confidence_axis: str | None = None) -> None:
+            should_stop: Callable[[], bool] = lambda: False, confidence_axis: str | None = None,
+            mirroring: bool | None = None, step: float | None = None) -> None:
     """Predict one image at a time (nnU-Net's sequential path: no worker pool), skipping finished outputs.
 
     confidence_axis: also write each output's `.confidence.csv` from nnU-Net's softmax along this slice axis
-    (before the label map, which appears last; an output without its table is predicted again)."""
+    (before the label map, which appears last; an output without its table is predicted again). mirroring, step:
+    nnU-Net's test-time mirroring and tile step (None: nnU-Net's defaults)."""
     from sslmedsam2.labelmap.confidence import pair_state
 
     todo = [(i, o) for i, o in zip(images, outputs)
@@ -246,6 +289,10 @@ def predict(round_: int, configuration: str, fold: str, device, images: list[Pat
     if not todo:
         return
     predictor = load_predictor(round_, configuration, fold, device)
+    if mirroring is not None:
+        predictor.use_mirroring = mirroring
+    if step is not None:
+        predictor.tile_step_size = step
     for image, output in todo:
         if should_stop():
             raise Cancelled()
@@ -258,9 +305,9 @@ def predict(round_: int, configuration: str, fold: str, device, images: list[Pat
         os.replace(f"{truncated}.nii.gz", output)
 
 
-def write_with_confidence(predictor, image: Path, output: Path, axis: str, reference=None) -> None:
+def write_with_confidence(predictor, image: Path, output: Path, axis: str, reference=None) -> str:
     """Predict `image`; write its confidence table (slices along `axis`), then the label map `output` (atomic,
-    verified, on the grid of `reference`, default: the image file's)."""
+    verified, on the grid of `reference`, default: the image file's); returns the pair's result id."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -275,4 +322,190 @@ def write_with_confidence(predictor, image: Path, output: Path, axis: str, refer
     array_axis = slice_axis(reference, axis)
     rows = softmax_confidence(np.moveaxis(segmentation, array_axis, 0),
                               {k: np.moveaxis(v, array_axis, 0) for k, v in probabilities.items()})
-    write_result(labels, output, rows)  # the table, then the label map
+    return write_result(labels, output, rows)  # the table, then the label map
+
+
+# --- the GPUs of one node (refine --gpus) ----------------------------------------------------------------------
+def visible_gpus() -> int:
+    """The CUDA devices torch sees in this process (after CUDA_VISIBLE_DEVICES); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def gpu_environments(count: int, visible: str | None = None) -> list[dict[str, str]]:
+    """CUDA_VISIBLE_DEVICES for one process per GPU: the g-th device this process sees, so that a scheduler's own
+    CUDA_VISIBLE_DEVICES (SLURM sets e.g. '2,5' for two GPUs of a shared node) is honoured."""
+    from sslmedsam2.errors import UserError
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(g) for g in range(count)]
+    if len(devices) < count:
+        raise UserError(f"--gpus {count}: CUDA_VISIBLE_DEVICES={visible} shows only {len(devices)} GPU(s)")
+    return [{"CUDA_VISIBLE_DEVICES": devices[g]} for g in range(count)]
+
+
+def _last_line(text: str) -> str:
+    """A child's traceback reduced to its last line, without the exception's module path for ours."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[-1] if lines else "no message"
+    for prefix in ("sslmedsam2.errors.UserError: ", "UserError: ", "error: "):
+        line = line.removeprefix(prefix)
+    return line[:300]
+
+
+def train_ddp(gpus: int, job: dict, on_epoch: Callable[[dict], None], should_stop: Callable[[], bool]) -> None:
+    """nnU-Net's DistributedDataParallel training as its run_training(num_gpus=N) runs it: one spawned process per
+    GPU (rank = device index), NCCL over localhost. Rank 0 reports each epoch through a queue; a stop request
+    reaches every rank through an event and the ranks agree at an epoch's end (_trainer_class), so all stop at
+    the same epoch with its checkpoint saved. Unmeasured: written for nnU-Net 2.8's trainer, never run on GPUs here."""
+    import torch.multiprocessing as mp
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.run.run_training import find_free_network_port
+
+    from sslmedsam2.errors import UserError
+
+    plans = json.loads((Path(nnUNet_preprocessed) / dataset_name(job["round"]) / f"{PLANS}.json").read_text())
+    batch = (plans.get("configurations", {}).get(job["configuration"]) or {}).get("batch_size")
+    if isinstance(batch, int) and batch < gpus:
+        raise UserError(f"--gpus {gpus}: nnU-Net splits its batch of {batch} over the GPUs, at least one sample "
+                        f"each; use --gpus {batch} or fewer for {job['configuration']}")
+    os.environ["MASTER_ADDR"] = "localhost"
+    os.environ.setdefault("MASTER_PORT", str(find_free_network_port()))
+    context = mp.get_context("spawn")
+    events, stop = context.SimpleQueue(), context.Event()
+    processes = mp.start_processes(_ddp_worker, args=(gpus, job, events, stop), nprocs=gpus, join=False,
+                                   start_method="spawn")
+    cancelled = False
+
+    def drain() -> None:
+        nonlocal cancelled
+        while not events.empty():
+            event = events.get()
+            if event.get("cancelled"):
+                cancelled = True
+            else:
+                on_epoch(event)
+
+    try:
+        while not processes.join(timeout=1.0):
+            drain()
+            if should_stop():
+                stop.set()
+    except mp.ProcessRaisedException as exc:
+        raise UserError(f"nnU-Net's training on {gpus} GPUs failed: {_last_line(str(exc))}") from None
+    except mp.ProcessExitedException as exc:
+        raise UserError(f"nnU-Net's training on {gpus} GPUs failed: process {exc.error_index} ended "
+                        f"({exc.signal_name or f'exit code {exc.exit_code}'})") from None
+    finally:
+        for process in processes.processes:
+            if process.is_alive():
+                process.terminate()
+    drain()
+    if cancelled:
+        raise Cancelled()
+
+
+def _ddp_worker(rank: int, world: int, job: dict, events, stop) -> None:
+    """One rank of train_ddp, in its own spawned process: it builds its trainer itself from `job`."""
+    import contextlib
+
+    import torch
+    import torch.distributed as dist
+
+    sink = open(job["log"], "a") if rank == 0 and job.get("log") else open(os.devnull, "w")
+    with sink, contextlib.redirect_stdout(sink):
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world)
+        try:
+            trainer = _prepared_trainer(job["round"], job["configuration"], job["fold"], f"cuda:{rank}", job["epochs"],
+                                        job["iterations"], job["val_iterations"],
+                                        events.put if rank == 0 else (lambda event: None), stop.is_set,
+                                        Path(job["warm_start_from"]) if job["warm_start_from"] else None)
+            if trainer is not None:
+                trainer.run_training()
+        except Cancelled:
+            if rank == 0:
+                events.put({"cancelled": True})
+        finally:
+            dist.destroy_process_group()
+
+
+def predict_on_gpus(gpus: int, round_: int, configuration: str, fold: str, images: list[Path], outputs: list[Path],
+                    should_stop: Callable[[], bool] = lambda: False, confidence_axis: str | None = None,
+                    log_path: Path | None = None, device: str = "cuda", mirroring: bool | None = None,
+                    step: float | None = None) -> None:
+    """`predict` spread over `gpus` GPUs of this node: one process per GPU (CUDA_VISIBLE_DEVICES set to it), each
+    a shard of the cases (sslmedsam2.cohort.shards) with the model loaded once, skipping finished outputs. A stop
+    request reaches them as SIGTERM: each stops after its case under way. `device`: what the processes run on
+    ("cuda"; the tests run the same path on "cpu")."""
+    from sslmedsam2.cohort.shards import shard_of
+    from sslmedsam2.errors import UserError
+
+    target = dict(zip(images, outputs))
+    environments = gpu_environments(gpus) if device == "cuda" else [{} for _ in range(gpus)]
+    running: list[tuple[int, subprocess.Popen, object]] = []
+    try:
+        for g, environment in enumerate(environments):
+            mine = shard_of(images, (g + 1, gpus))
+            if not mine:
+                continue
+            spec = {"round": round_, "configuration": configuration, "fold": fold, "device": device,
+                    "images": [str(p) for p in mine], "outputs": [str(target[p]) for p in mine],
+                    "confidence_axis": confidence_axis, "mirroring": mirroring, "step": step}
+            errors = tempfile.TemporaryFile()
+            out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+            try:
+                process = subprocess.Popen([sys.executable, "-m", "sslmedsam2.refine.nnunet", json.dumps(spec)],
+                                           env={**os.environ, **environment}, stdout=out, stderr=errors)
+            finally:
+                if log_path:
+                    out.close()
+            running.append((g, process, errors))
+        stopping = False
+        while any(p.poll() is None for _, p, _ in running):
+            if not stopping and should_stop():
+                stopping = True
+                for _, process, _ in running:
+                    if process.poll() is None:
+                        process.terminate()  # SIGTERM: the process stops after its case under way
+            time.sleep(0.2)
+        for g, process, errors in running:
+            if process.returncode not in (0, 3):
+                errors.seek(0)
+                raise UserError(f"prediction on GPU {g} failed: {_last_line(errors.read().decode(errors='replace'))}")
+        if stopping or any(process.returncode == 3 for _, process, _ in running):
+            raise Cancelled()
+    finally:
+        for _, process, errors in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            errors.close()
+
+
+def _predict_shard(argv: list[str]) -> int:
+    """`python -m sslmedsam2.refine.nnunet SPEC`: one process of predict_on_gpus. Exit code 0 done, 3 stopped
+    (SIGTERM, after the case under way), 1 a one-line error on stderr."""
+    from sslmedsam2.jobs import failure_line
+
+    spec = json.loads(argv[0])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        predict(spec["round"], spec["configuration"], spec["fold"], spec["device"], [Path(p) for p in spec["images"]],
+                [Path(p) for p in spec["outputs"]], should_stop=stop.is_set, confidence_axis=spec["confidence_axis"],
+                mirroring=spec.get("mirroring"), step=spec.get("step"))
+    except Cancelled:
+        return 3
+    except Exception as exc:
+        line = failure_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_predict_shard(sys.argv[1:]))

@@ -21,6 +21,8 @@ SCHEMA_VERSION = 1
 AXES = tuple(a.value for a in SliceAxis)
 CHANNELS = ("MRI", "CT")  # nnU-Net's normalisation: CT windows the intensities, anything else is z-scored
 CASE_FLAGS = ("label", "pseudo", "eval")  # per case in workspace.json: which optional files it has
+DIGEST_KEY = "image_digest"  # per case, optional: the image's voxels and grid (study.workspace.image_digest)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 RESERVED_LABELS = ("background", "ignore")  # nnU-Net's own names in dataset.json
 TOP_LABEL = MAX_LABEL - 1  # the ignore label (highest value + 1) must fit into a label map too
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -79,10 +81,10 @@ def _load(path: Path, what: str) -> object:
         raise UserError(f"{path}: not a readable {what} (not JSON); {_FIX}") from None
 
 
-def read_index(index: Path) -> tuple[str, dict[str, int], str, dict[str, dict[str, bool]]]:
-    """(axis, labels, channel, {case id: {"label"|"pseudo"|"eval": bool}}) of a workspace.json; raises one-line
-    UserErrors for anything else: not JSON, a newer schema, missing keys, wrong types, unknown axis or channel, bad
-    labels, case ids that would leave WS/cases."""
+def read_index(index: Path) -> tuple[str, dict[str, int], str, dict[str, dict[str, bool | str | None]]]:
+    """(axis, labels, channel, {case id: {"label"|"pseudo"|"eval": bool, "image_digest": str or None}}) of a
+    workspace.json; raises one-line UserErrors for anything else: not JSON, a newer schema, missing keys, wrong
+    types, unknown axis or channel, bad labels, case ids that would leave WS/cases, a digest that is not one."""
     data = _load(index, "workspace index")
     if not isinstance(data, dict):
         raise UserError(f"{index}: a JSON object is expected, not {_kind(data)}; {_FIX}")
@@ -106,8 +108,12 @@ def read_index(index: Path) -> tuple[str, dict[str, int], str, dict[str, dict[st
         if not isinstance(info, dict) or any(type(info.get(flag)) is not bool for flag in CASE_FLAGS):
             raise UserError(f"{where}case {case_id}: {{\"label\": true|false, \"pseudo\": ..., \"eval\": ...}} "
                             f"expected, not {_show(info)}")
-    return axis, labels, channel, {case_id: {flag: info[flag] for flag in CASE_FLAGS}
-                                   for case_id, info in cases.items()}
+        digest = info.get(DIGEST_KEY)
+        if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+            raise UserError(f"{where}case {case_id}: {DIGEST_KEY} {_show(digest)} is not a SHA-256 digest; {_FIX} "
+                            "(or remove the key: it is computed again)")
+    return axis, labels, channel, {case_id: {**{flag: info[flag] for flag in CASE_FLAGS},
+                                             DIGEST_KEY: info.get(DIGEST_KEY)} for case_id, info in cases.items()}
 
 
 def read_states(path: Path, axis: str) -> list[SliceState]:
