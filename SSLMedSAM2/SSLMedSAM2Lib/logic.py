@@ -389,7 +389,7 @@ class SSLMedSAM2Logic:
         import json
 
         path = Path(workspace) / "refine" / "status.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_bytes()) if path.is_file() else {}
 
     def cancel_refine(self, workspace: Path) -> str:
         """Ask the job to stop at its next safe point (portable: a request file); what happened, in words."""

@@ -198,3 +198,18 @@ def coloured_pixels(png: Path) -> int:
     assert is_our_picture(png), png
     rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
     return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 40).sum())
+
+
+@pytest.fixture(scope="module")
+def engine_server(tiny_checkpoint, tmp_path_factory):
+    """A `serve` in this process (random-weight tiny SAM2 on the CPU) and a client of it."""
+    from sslmedsam2.remote.client import Client
+    from sslmedsam2.server.limits import ServerSettings
+    from sslmedsam2.server.main import serve_in_thread
+
+    settings = ServerSettings(port=0, device="cpu", model="sam2.1-tiny", checkpoint=tiny_checkpoint,
+                              image_size=TINY_SIZE, workdir=tmp_path_factory.mktemp("server"))
+    with serve_in_thread(settings) as (url, _):
+        client = Client(url)
+        yield client
+        client.close()

@@ -137,37 +137,20 @@ def test_an_uneven_dicom_series_is_read_when_allowed(tmp_path, capsys):
         read_image(duplicated, allow_uneven=True)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint, tmp_path_factory):
-    """A server in this process (random-weight tiny SAM2): uploads go through its own reader."""
-    from conftest import TINY_SIZE
-
-    from sslmedsam2.remote.client import Client
-    from sslmedsam2.server.limits import ServerSettings
-    from sslmedsam2.server.main import serve_in_thread
-
-    settings = ServerSettings(port=0, device="cpu", model="sam2.1-tiny", checkpoint=tiny_checkpoint,
-                              image_size=TINY_SIZE, workdir=tmp_path_factory.mktemp("server"))
-    with serve_in_thread(settings) as (url, _):
-        client = Client(url)
-        yield client
-        client.close()
-
-
 _UPLOADED = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if not n.startswith("dicom")])
-def test_server_uploads_refuse_it_with_the_command_lines_words(engine, tmp_path, name):
+def test_server_uploads_refuse_it_with_the_command_lines_words(engine_server, tmp_path, name):
     from sslmedsam2.remote.client import ServerError
 
     path, fragment = _make(name, tmp_path / "in")
     if not path.is_file() or full_suffix(path).lower() not in _UPLOADED or not path.stat().st_size:
         pytest.skip("not a file a client uploads as it is")
     with pytest.raises(ServerError) as refused:
-        engine.open_session(path.read_bytes(), path.name, model="sam2.1-tiny")
+        engine_server.open_session(path.read_bytes(), path.name, model="sam2.1-tiny")
     assert refused.value.status in (400, 413), refused.value
     message = str(refused.value)
     assert (fragment.lower() in message.lower() or "separate data file" in message), message
     assert str(tmp_path) not in message, "a server path is never shown"
-    assert engine.get_json("/sessions") == []
+    assert engine_server.get_json("/sessions") == []

@@ -331,7 +331,8 @@ def test_concurrent_first_use_of_the_weight_cache_downloads_once(server, tmp_pat
             "from sslmedsam2.models.cache import ensure_weights\n"
             f"spec = replace(get_model('sam2.1-tiny'), sha256='{digest}', size_bytes={len(PAYLOAD)})\n"
             "print(ensure_weights(spec, log=lambda m: print(m, file=sys.stderr)))\n")
-    jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             encoding="utf-8", errors="replace")
             for _ in range(4)]
     results = [job.communicate(timeout=120) for job in jobs]
     assert all(job.returncode == 0 for job in jobs), results

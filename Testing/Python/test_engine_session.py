@@ -11,9 +11,7 @@ from conftest import TINY_SIZE, seeds_on, synthetic_case, to_image
 from sslmedsam2.errors import UserError
 from sslmedsam2.frames import IntensitySpec
 from sslmedsam2.jobs import Cancelled
-from sslmedsam2.remote.client import Client, JobCancelled
-from sslmedsam2.server.limits import ServerSettings
-from sslmedsam2.server.main import serve_in_thread
+from sslmedsam2.remote.client import JobCancelled
 from sslmedsam2.session.local import LocalSession
 from sslmedsam2.session.remote import RemoteSession
 from sslmedsam2.volume import read_image
@@ -36,16 +34,6 @@ def predictor(tiny_checkpoint):
     return build_predictor(get_model("sam2.1-tiny"), tiny_checkpoint, "cpu", TINY_SIZE)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    settings = ServerSettings(port=0, device="cpu", model="sam2.1-tiny", checkpoint=tiny_checkpoint,
-                              image_size=TINY_SIZE, workdir=tmp_path_factory.mktemp("server"))
-    with serve_in_thread(settings) as (url, _):
-        client = Client(url)
-        yield client
-        client.close()
-
-
 @pytest.fixture(params=["local", "remote"])
 def session(request, image_file, predictor):
     path, _ = image_file
@@ -53,7 +41,7 @@ def session(request, image_file, predictor):
         volume = SliceVolume.from_image(read_image(path), "axial", IntensitySpec(), path.name)
         yield LocalSession(volume, predictor)
         return
-    client = request.getfixturevalue("server")
+    client = request.getfixturevalue("engine_server")
     with RemoteSession(client, path.read_bytes(), path.name, model="sam2.1-tiny", image_size=TINY_SIZE) as remote:
         yield remote
 
@@ -87,11 +75,12 @@ def test_a_refused_or_cancelled_propagation_changes_nothing(session, image_file)
     np.testing.assert_array_equal(session.result.labels, done.labels)
 
 
-def test_local_and_remote_sessions_give_the_same_result(image_file, predictor, server):
+def test_local_and_remote_sessions_give_the_same_result(image_file, predictor, engine_server):
     path, seeds = image_file
     volume = SliceVolume.from_image(read_image(path), "axial", IntensitySpec(), path.name)
     local = LocalSession(volume, predictor)
-    with RemoteSession(server, path.read_bytes(), path.name, model="sam2.1-tiny", image_size=TINY_SIZE) as remote:
+    with RemoteSession(engine_server, path.read_bytes(), path.name, model="sam2.1-tiny",
+                       image_size=TINY_SIZE) as remote:
         for update, replace in ((_planes(seeds, (3, 8)), True), (_planes(seeds, (5,)), False)):
             here, there = local.propagate(update, replace), remote.propagate(update, replace)
             np.testing.assert_array_equal(here.labels, there.labels)

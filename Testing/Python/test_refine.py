@@ -158,7 +158,8 @@ def test_ignore_label_export_marks_distrusted_slices(study, tmp_path):
 
 def _start(ws: Path, *extra: str) -> subprocess.Popen:
     code = f"import sys; from sslmedsam2.cli import main; sys.exit(main({['refine', str(ws), *QUICK, *extra]!r}))"
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            encoding="utf-8", errors="replace")
 
 
 def _wait_for(ws: Path, predicate, job: subprocess.Popen, timeout: float = 240) -> None:

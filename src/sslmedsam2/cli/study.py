@@ -293,9 +293,9 @@ def add_study_commands(sub) -> None:
     f.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("predict", help="segment images with the workspace's latest refined nnU-Net",
-                       description="One IMAGE -> OUTPUT (and OUTPUT's name + .confidence.csv), or every image of "
-                       "--input into OUTDIR: per case the label map (the input's file name), its .confidence.csv and "
-                       ".case.json, OUTDIR/cohort.json and a status file per shard (`sslmedsam2 cohort status "
+                       description="One IMAGE -> OUTPUT (and OUTPUT's name + .confidence.csv and .overview.png, a "
+                       "picture), or every image of --input into OUTDIR: per case the label map (the input's file "
+                       "name), its .confidence.csv, .case.json and overview/<name>.png, OUTDIR/cohort.json and a status file per shard (`sslmedsam2 cohort status "
                        "OUTDIR`). The model is loaded once; a rerun resumes (finished cases are skipped).")
     p.add_argument("workspace", type=Path)
     p.add_argument("image", type=Path, nargs="?", help="one image (or use --input)")

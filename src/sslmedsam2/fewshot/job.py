@@ -119,7 +119,7 @@ def write_ranking(outdir: Path) -> Path:
     """Cases from least to most trustworthy, each followed by its slices in the same order: what to review first."""
     cases = []
     for case_file in sorted(outdir.glob("*.case.json")):
-        info = json.loads(case_file.read_text())
+        info = json.loads(case_file.read_bytes())
         if (outdir / info["query_file"]).exists():
             cases.append(info)
     cases.sort(key=lambda c: (c["case_confidence"], c["query_file"]))

@@ -56,7 +56,7 @@ def plan_and_preprocess(round_: int, configuration: str, reuse_plans_of: int | N
     else:
         source, target = Path(nnUNet_preprocessed) / dataset_name(reuse_plans_of), Path(nnUNet_preprocessed) / dataset_name(round_)
         target.mkdir(parents=True, exist_ok=True)
-        plans = json.loads((source / f"{PLANS}.json").read_text())
+        plans = json.loads((source / f"{PLANS}.json").read_bytes())
         checkpoints.check_plans(plans, configuration, source / f"{PLANS}.json", remedy(reuse_plans_of, configuration))
         plans["dataset_name"] = dataset_name(round_)
         (target / f"{PLANS}.json").write_text(json.dumps(plans, indent=2))
@@ -171,7 +171,7 @@ def _prepared_trainer(round_: int, configuration: str, fold: str, device, epochs
 
     manifest, fix = manifest_path(), remedy(round_, configuration)
     preprocessed = Path(nnUNet_preprocessed) / dataset_name(round_)
-    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_bytes())
     checkpoints.check_plans(plans, configuration, preprocessed / f"{PLANS}.json", fix)
     output = model_folder(round_, configuration) / f"fold_{fold}"
     latest, final = output / "checkpoint_latest.pth", output / "checkpoint_final.pth"
@@ -189,7 +189,7 @@ def _prepared_trainer(round_: int, configuration: str, fold: str, device, epochs
     plans["continue_training"] = resume is not None
     trainer = _trainer_class(configuration, fix, on_epoch, should_stop)(
         plans, configuration, fold if fold == "all" else int(fold),
-        json.loads((preprocessed / "dataset.json").read_text()), torch.device(device))
+        json.loads((preprocessed / "dataset.json").read_bytes()), torch.device(device))
     trainer.num_epochs, trainer.num_iterations_per_epoch = epochs, iterations
     trainer.num_val_iterations_per_epoch, trainer.save_every = val_iterations, 1
     if resume is not None:
@@ -365,7 +365,7 @@ def train_ddp(gpus: int, job: dict, on_epoch: Callable[[dict], None], should_sto
 
     from sslmedsam2.errors import UserError
 
-    plans = json.loads((Path(nnUNet_preprocessed) / dataset_name(job["round"]) / f"{PLANS}.json").read_text())
+    plans = json.loads((Path(nnUNet_preprocessed) / dataset_name(job["round"]) / f"{PLANS}.json").read_bytes())
     batch = (plans.get("configurations", {}).get(job["configuration"]) or {}).get("batch_size")
     if isinstance(batch, int) and batch < gpus:
         raise UserError(f"--gpus {gpus}: nnU-Net splits its batch of {batch} over the GPUs, at least one sample "
@@ -413,7 +413,7 @@ def _ddp_worker(rank: int, world: int, job: dict, events, stop) -> None:
     import torch
     import torch.distributed as dist
 
-    sink = open(job["log"], "a") if rank == 0 and job.get("log") else open(os.devnull, "w")
+    sink = open(job["log"], "a", encoding="utf-8") if rank == 0 and job.get("log") else open(os.devnull, "w")
     with sink, contextlib.redirect_stdout(sink):
         torch.cuda.set_device(rank)
         dist.init_process_group("nccl", rank=rank, world_size=world)

@@ -81,7 +81,7 @@ def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "
     with tempfile.TemporaryDirectory(prefix="sslmedsam2-predict-") as tmp:
         source = Path(tmp) / "case_0000.nii.gz"
         write_image(image, source)
-        with open(Path(tmp) / "nnunet.log", "w") as log, contextlib.redirect_stdout(log):
+        with open(Path(tmp) / "nnunet.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
             predictor = nnunet.load_predictor(model.round, model.configuration, model.fold,
                                               str(resolve_device(device)), progress=progress)
             nnunet.write_with_confidence(predictor, source, output, ws.axis, reference=image)
@@ -205,7 +205,7 @@ def _predict_cases(ws: Workspace, model: TrainedModel, identity: dict, options: 
 
     outdir = Path(options.output)
     with tempfile.TemporaryDirectory(prefix="sslmedsam2-predict-") as tmp:
-        with open(Path(tmp) / "nnunet.log", "w") as nnunet_log, contextlib.redirect_stdout(nnunet_log):
+        with open(Path(tmp) / "nnunet.log", "w", encoding="utf-8") as nnunet_log, contextlib.redirect_stdout(nnunet_log):
             predictor = nnunet.load_predictor(model.round, model.configuration, model.fold,
                                               str(resolve_device(options.device)), progress=progress)
             run.begin(len(todo))

@@ -140,7 +140,7 @@ class RefineJob:
 
     def _steps(self, r: int) -> dict:
         path = self.round_dir(r) / "steps.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_bytes()) if path.is_file() else {}
 
     def _mark(self, r: int, step: str) -> None:
         steps = {**self._steps(r), step: now()}
@@ -149,7 +149,7 @@ class RefineJob:
 
     def round_result(self, r: int) -> dict | None:
         path = self.round_dir(r) / "round.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return json.loads(path.read_bytes()) if path.is_file() else None
 
     def finished_rounds(self) -> list[dict]:
         return [result for result in map(self.round_result, range(self.options.rounds)) if result]
@@ -254,7 +254,7 @@ class RefineJob:
             self._interruptible = True
             if self.signalled:  # a signal before the handler could unwind anything
                 raise _Stop()
-            with open(self.dir / "nnunet.log", "a") as nnunet_log, contextlib.redirect_stdout(nnunet_log):
+            with open(self.dir / "nnunet.log", "a", encoding="utf-8") as nnunet_log, contextlib.redirect_stdout(nnunet_log):
                 for r in range(o.rounds):
                     result = self.round_result(r) or self._round(r, folders, device)
                     if result["converged"]:

@@ -193,6 +193,6 @@ def run_step(ws: Workspace, cases: list[str], predicted: Path, out_dir: Path, se
 def round_sources(out_dir: Path, cases: list[str]) -> dict:
     """What a round records: `sources` (slices won by sam2 / nnunet / kept human, over all cases) and
     `case_sources` (the same per case); each case's key slices are in `<case>.json`."""
-    records = {c: json.loads((out_dir / f"{c}.json").read_text()) for c in cases}
+    records = {c: json.loads((out_dir / f"{c}.json").read_bytes()) for c in cases}
     return {"sources": {s: sum(r["sources"][s] for r in records.values()) for s in SOURCES},
             "case_sources": {c: r["sources"] for c, r in records.items()}}
