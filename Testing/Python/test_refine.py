@@ -267,14 +267,14 @@ def test_bad_inputs_change_nothing(study, tmp_path, capsys):
 
 
 def test_cancel_and_follow_commands(study, capsys):
-    job = _start(study, "--rounds", "1", "--epochs", "8", "--convergence", "1.0")
+    job = _start(study, "--rounds", "1", "--epochs", "4", "--convergence", "1.0")
     _wait_for(study, lambda ev: any(e["event"] == "epoch" for e in ev), job)
     assert main(["refine", str(study), "--cancel"]) == 0
     assert (study / "refine" / "stop").is_file()  # a file the job watches: the same gentle stop on Windows
     assert job.wait(timeout=120) == 3
     assert _events(study)[-1]["state"] == "cancelled" and not (study / "refine" / "stop").exists()
     _expect(capsys, ["refine", str(study), "--cancel"], "no refine job is running")
-    job = _start(study, "--rounds", "1", "--epochs", "8", "--convergence", "1.0")
+    job = _start(study, "--rounds", "1", "--epochs", "4", "--convergence", "1.0")
     _wait_for(study, lambda ev: ev[-1]["event"] != "job" or ev[-1]["state"] == "running", job)
     capsys.readouterr()
     assert main(["refine", str(study), "--follow"]) == 0  # returns when the job has finished
