@@ -359,9 +359,10 @@ class SSLMedSAM2Logic:
         return volume, segmentation, case, round_name
 
     # --- study and refinement --------------------------------------------------------------------------------
-    def add_to_study(self, workspace: Path, volume, segmentation, axis: str) -> str:
+    def add_to_study(self, workspace: Path, volume, segmentation, axis: str, replace: bool = False) -> str:
+        """The volume and its segmentation (with the review) into the study; see study_io.add_to_study."""
         return study_io.add_to_study(workspace, volume, segmentation, axis,
-                                     self.review.states if self.review is not None else None)
+                                     self.review.states if self.review is not None else None, replace)
 
     def start_refine(self, workspace: Path, rounds: int, quick: bool, warm_start: bool, device: str,
                      sam2: EngineSettings | None = None) -> None:

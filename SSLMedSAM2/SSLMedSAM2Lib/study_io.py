@@ -60,10 +60,24 @@ def least_trustworthy(output: Path) -> str | None:
     return least_trustworthy_case(Path(output))
 
 
-def add_to_study(workspace: Path, volume, segmentation, axis: str, states) -> str:
-    """Image, segmentation (as pseudo-label) and review states (or None) into the workspace; returns the case id."""
+class AlreadyInStudy(Exception):
+    """The volume is already a case of the study (same voxels and grid): replacing its pseudo-label is the user's
+    call (`add_to_study(..., replace=True)`)."""
+
+    def __init__(self, case_id: str) -> None:
+        super().__init__(f"this volume is already case {case_id} of the study")
+        self.case = case_id
+
+
+def add_to_study(workspace: Path, volume, segmentation, axis: str, states, replace: bool = False) -> str:
+    """Image, segmentation (as pseudo-label) and review states (or None) into the workspace; returns the case id.
+    A volume already in the study raises AlreadyInStudy, unless `replace`: then that case's pseudo-label and review
+    states become these (refused while a refine job runs on the workspace)."""
     import_engine()
-    from sslmedsam2.study.workspace import Workspace, add_case, init_workspace
+    from sslmedsam2.errors import UserError
+    from sslmedsam2.refine.events import job_running
+    from sslmedsam2.study.workspace import Workspace, add_case, duplicate_of, image_digest, init_workspace, update_case
+    from sslmedsam2.volume import read_image
 
     ids = scene_io.segment_ids(segmentation)
     if not (workspace / "workspace.json").is_file():
@@ -74,13 +88,22 @@ def add_to_study(workspace: Path, volume, segmentation, axis: str, states) -> st
     try:
         image = scene_io.export_volume(volume, folder / "image.nrrd")
         labels, _ = scene_io.export_segments(segmentation, volume, folder / "labels.nrrd")
+        states = None if states is None else list(states)
+        twin = duplicate_of(ws, image_digest(read_image(image)))
+        if twin is not None:
+            if not replace:
+                raise AlreadyInStudy(twin)
+            if job_running(ws.refine_dir):
+                raise UserError(f"a refine job is running on {workspace}; stop it before replacing a pseudo-label")
+            update_case(ws, twin, labels, states=states)
+            return twin
         case_id = "".join(c if c.isalnum() or c in "._-" else "_" for c in volume.GetName()) or "case"
         base, n = case_id, 1
         while case_id in ws.cases:
             n += 1
             case_id = f"{base}_{n}"
         # the review states go in with the case, in the same locked change of the workspace
-        add_case(ws, image, pseudo=labels, case_id=case_id, states=None if states is None else list(states))
+        add_case(ws, image, pseudo=labels, case_id=case_id, states=states)
     finally:
         TEMPORARY.remove(folder)
     return case_id

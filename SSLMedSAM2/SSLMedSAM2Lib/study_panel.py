@@ -82,8 +82,19 @@ class StudyPanel:
             return
 
         def add() -> None:
+            from SSLMedSAM2Lib.study_io import AlreadyInStudy
+
             p = self.panel.parameters
-            case = self.logic.add_to_study(workspace, p.inputVolume, p.segmentation, p.axis)
+            try:
+                case = self.logic.add_to_study(workspace, p.inputVolume, p.segmentation, p.axis)
+            except AlreadyInStudy as already:
+                question = (f"{already.args[0].capitalize()}. Replace its pseudo-label with this segmentation? Its "
+                            "review states become this review's (the ones a person set before are dropped).")
+                if not slicer.util.confirmYesNoDisplay(question, windowTitle="SSLMedSAM2: add to study"):
+                    return
+                case = self.logic.add_to_study(workspace, p.inputVolume, p.segmentation, p.axis, replace=True)
+                self.ui.refineStatusLabel.setText(f"replaced the pseudo-label of case {case} in {workspace}")
+                return
             self.ui.refineStatusLabel.setText(f"added case {case} to {workspace}")
 
         # writes the workspace only (numpy, SimpleITK): the thin client is enough

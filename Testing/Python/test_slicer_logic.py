@@ -268,3 +268,42 @@ def test_the_studys_model_and_its_key_slices(logic_module, scene, tiny_checkpoin
         logic.study_model.refine_from_key_slices(volume, segmentation,
                                                  type(_settings(tiny_checkpoint))(axis="coronal"))
     logic.cleanup()
+
+
+def test_a_volume_already_in_the_study_is_replaced_only_when_asked(logic_module, scene, tmp_path, monkeypatch):
+    from SSLMedSAM2Lib import scene_io, study_io
+
+    from sslmedsam2.study.review import SliceState
+    from sslmedsam2.study.workspace import Workspace, init_workspace
+
+    def export_segments(segmentation, volume, path, ids=None):
+        ids = list(segmentation.segments) if ids is None else ids
+        labels = np.zeros(volume.array.shape, np.uint8)
+        for index, sid in enumerate(ids):
+            labels[segmentation.segments[sid][1]] = index + 1
+        reference = sitk.ReadImage(str(volume.path))
+        image = sitk.GetImageFromArray(labels)
+        image.CopyInformation(reference)
+        sitk.WriteImage(image, str(path))
+        return Path(path), ids
+
+    monkeypatch.setattr(scene_io, "export_segments", export_segments)
+    module, _ = logic_module
+    volume, segmentation, _, seeds = scene
+    logic = module.SSLMedSAM2Logic()
+    workspace = tmp_path / "ws"
+    init_workspace(workspace, {"liver": 1, "kidney": 2})
+    assert logic.add_to_study(workspace, volume, segmentation, "axial") == "synthetic"
+    pseudo = workspace / "cases" / "synthetic" / "pseudo.nii.gz"
+    before = pseudo.read_bytes()
+    with pytest.raises(study_io.AlreadyInStudy) as already:
+        logic.add_to_study(workspace, volume, segmentation, "axial")  # the same volume, a second time
+    assert already.value.case == "synthetic" and pseudo.read_bytes() == before
+    assert sorted(Workspace.open(workspace).cases) == ["synthetic"]
+
+    segmentation.segments["Segment_1"][1][:] = False  # the reviewer's correction: no liver any more
+    assert logic.add_to_study(workspace, volume, segmentation, "axial", replace=True) == "synthetic"
+    replaced = sitk.GetArrayFromImage(sitk.ReadImage(str(pseudo)))
+    np.testing.assert_array_equal(replaced, np.where(seeds == 2, 2, 0))
+    ws = Workspace.open(workspace)
+    assert sorted(ws.cases) == ["synthetic"] and set(ws.review("synthetic")) == {SliceState.UNREVIEWED}

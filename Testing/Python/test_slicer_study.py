@@ -94,3 +94,42 @@ def test_the_engines_key_slices_come_back_on_the_volumes_grid(tmp_path):
     assert set(np.unique(keys)) == {0, 2} and np.array_equal(keys[chosen[0]], labels[chosen[0]])
     with pytest.raises(ValueError, match="voxels"):
         read_label_array(seeds_path, (16, 20, 17))
+
+
+def test_add_to_study_asks_before_replacing_a_case_and_does_nothing_on_no(monkeypatch):
+    pytest.importorskip("PySide6")
+    from types import SimpleNamespace
+
+    from test_slicer_fakes import install_fakes, slicer_fake
+
+    slicer = slicer_fake()
+    answers: list[bool] = [False, True]
+    slicer.util.confirmYesNoDisplay = lambda text, **kw: slicer.calls.append(("ask", text)) or answers.pop(0)
+    install_fakes(monkeypatch, slicer)
+    from SSLMedSAM2Lib.study_io import AlreadyInStudy
+    from SSLMedSAM2Lib.study_panel import StudyPanel
+
+    added: list[bool] = []
+
+    def add_to_study(workspace, volume, segmentation, axis, replace=False):
+        added.append(replace)
+        if not replace:
+            raise AlreadyInStudy("case_7")
+        return "case_7"
+
+    button = SimpleNamespace(connect=lambda *args: True)
+    status = SimpleNamespace(text="", setText=lambda text: setattr(status, "text", text))
+    ui = SimpleNamespace(addToStudyButton=button, refineButton=button, cancelRefineButton=button,
+                         loadRefinedButton=button, predictButton=button, refineFromKeySlicesButton=button,
+                         refineStatusLabel=status)
+    parameters = SimpleNamespace(workspace="/data/study", inputVolume="volume", segmentation="segmentation",
+                                 axis="axial")
+    install = SimpleNamespace(guarded=lambda message, work, show_error, needs: work())
+    panel = SimpleNamespace(ui=ui, logic=SimpleNamespace(add_to_study=add_to_study), parameters=parameters,
+                            install=install)
+    study = StudyPanel(panel)
+    study.onAddToStudy()  # the reviewer says no: nothing replaced
+    assert added == [False] and status.text == ""
+    assert slicer.calls[-1][0] == "ask" and "already case case_7 of the study" in slicer.calls[-1][1]
+    study.onAddToStudy()  # yes
+    assert added == [False, False, True] and status.text == "replaced the pseudo-label of case case_7 in /data/study"

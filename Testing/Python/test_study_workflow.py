@@ -247,7 +247,7 @@ def test_pseudolabel_into_the_workspace_attaches_results_and_never_replaces_sile
     capsys.readouterr()
     assert main(_pseudolabel(ws, tiny_checkpoint)) == 0
     err = capsys.readouterr().err
-    assert "u1: already has a pseudo-label from elsewhere" in err and "supports: 2 labelled cases; queries: 1" in err
+    assert "u1: already has a pseudo-label from elsewhere" in err and "supports: 2 labelled case(s); queries: 1 case(s)" in err
     assert "review first: u0" in err
     study = Workspace.open(ws)
     assert study.cases["u0"].has_pseudo and set(study.review("u0")) == {SliceState.UNREVIEWED}

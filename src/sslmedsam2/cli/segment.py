@@ -98,7 +98,7 @@ def _pseudolabel_study(args: argparse.Namespace) -> int:
     cases = choose_cases(ws, outdir, patterns, args.replace)
     for case_id, why in cases.left_out.items():
         say(f"{case_id}: {why}")
-    say(f"supports: {len(cases.supports)} labelled cases; queries: {len(cases.queries)} cases -> {outdir}")
+    say(f"supports: {len(cases.supports)} labelled case(s); queries: {len(cases.queries)} case(s) -> {outdir}")
     inputs = stage_inputs(ws, outdir, cases)
     job = PseudoLabelOptions(support_images=inputs.support_images, support_labels=inputs.support_labels,
                              query=inputs.queries, output=outdir, **_job_options(args))
