@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from sslmedsam2.atomic import full_suffix
 from sslmedsam2.errors import UserError
-from sslmedsam2.volume.io import IMAGE_SUFFIXES, is_orthogonal
+from sslmedsam2.volume.io import IMAGE_SUFFIXES, is_orthogonal, read_header
 
 
 def _is_image_name(path: Path) -> bool:
@@ -57,14 +55,7 @@ def check_volumes(paths: list[Path], what: str) -> None:
     """Every case's header, before any work: a readable 3D image on an orthogonal grid (the NIfTI outputs store
     a rotation only). The voxels are read when the case's turn comes."""
     for path in paths:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            raise UserError(f"{what} {path}: not a readable image") from None
-        if reader.GetDimension() != 3:
-            raise UserError(f"{what} {path}: is {reader.GetDimension()}D; a 3D volume is needed")
+        reader = read_header(path, what)
         if not is_orthogonal(reader.GetDirection()):
             raise UserError(f"{what} {path}: its direction matrix is not orthogonal (a sheared grid), which the NIfTI "
                             "outputs cannot store exactly; resample it onto an orthogonal grid first")

@@ -10,12 +10,10 @@ import json
 import re
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from sslmedsam2.errors import UserError
 from sslmedsam2.study.review import SliceState
 from sslmedsam2.volume import SliceAxis, slice_axis
-from sslmedsam2.volume.io import MAX_LABEL
+from sslmedsam2.volume.io import MAX_LABEL, read_header
 
 SCHEMA_VERSION = 1
 AXES = tuple(a.value for a in SliceAxis)
@@ -131,14 +129,7 @@ def read_states(path: Path, axis: str) -> list[SliceState]:
 
 def count_slices(image: Path, axis: str) -> int:
     """The number of `axis` slices of an image file, from its header only."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(image))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        raise UserError(f"{image}: not a readable image; restore the file") from None
-    if reader.GetDimension() != 3:
-        raise UserError(f"{image}: a 3D image is expected, this one has {reader.GetDimension()} dimensions")
+    reader = read_header(image, fix="restore the file")
     return int(reader.GetSize()[2 - slice_axis(reader, axis)])  # numpy axis a is SimpleITK index 2 - a
 
 

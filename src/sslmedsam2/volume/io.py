@@ -58,6 +58,22 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
+def read_header(path: Path, what: str = "", fix: str = "") -> sitk.ImageFileReader:
+    """A 3D image file's header, no voxel read; a one-line UserError when it is unreadable or not 3D (`what`: what
+    the file is called in the message; `fix`: what to do, added to it)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    name = f"{what} {path}".strip()
+    tail = f"; {fix}" if fix else ""
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise UserError(f"{name}: not a readable image{tail}") from None
+    if reader.GetDimension() != 3:
+        raise UserError(f"{name}: is {reader.GetDimension()}D; a 3D volume is needed{tail}")
+    return reader
+
+
 def _read_by_layout(path: Path) -> sitk.Image:
     """An NRRD or MetaImage file: geometry from SimpleITK (header only), voxels checked (nrrd_meta)."""
     layout = layout_of(path)
