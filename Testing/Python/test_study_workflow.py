@@ -283,6 +283,16 @@ def test_pseudolabel_into_the_workspace_refuses_what_cannot_work(tmp_path, tiny_
     _one_line_error(capsys, _pseudolabel(ws, tiny_checkpoint), "no case with ground truth")
     _one_line_error(capsys, _pseudolabel(ws, tiny_checkpoint, "--axis", "coronal"), "reviewed along axial")
     _one_line_error(capsys, _pseudolabel(ws, tiny_checkpoint, "--query", str(tmp_path)), "leave out --support-images")
+    labelled, label = _case(tmp_path, "s", seed=4)
+    assert main(["workspace", "add", str(ws), "--image", str(labelled), "--label", str(label)]) == 0
+    mine = tmp_path / "mine" / "inputs" / "queries" / "notes.nii.gz"  # a user's folder that happens to be called so
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"mine")
+    capsys.readouterr()
+    assert main(_pseudolabel(ws, tiny_checkpoint, "-o", str(tmp_path / "mine"))) == 1
+    err = _lines(capsys)  # the line naming supports and queries, then the error
+    assert err[-1].startswith("sslmedsam2: error: ") and "inputs exists and was not made by" in err[-1], err
+    assert mine.read_bytes() == b"mine"
     _one_line_error(capsys, ["pseudolabel", "--query", str(tmp_path)], "give --support-images, --support-labels, -o")
     _one_line_error(capsys, ["pseudolabel", "--support-images", str(tmp_path), "--support-labels", str(tmp_path),
                              "--query", str(tmp_path), "-o", str(tmp_path / "o"), "--replace"], "go with --workspace")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from sslmedsam2.atomic import link_or_copy
+from sslmedsam2.atomic import link_or_copy, write_text
 from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.job import output_files
 from sslmedsam2.labelmap.confidence import pair_state
@@ -24,6 +24,8 @@ from sslmedsam2.study.workspace import Workspace, update_case
 from sslmedsam2.volume.io import image_mark
 
 INPUTS = "inputs"
+STAGING_LOCK = ".staging.lock"
+STAGING_MARK = ".sslmedsam2-inputs"
 
 
 def default_output(ws: Workspace) -> Path:
@@ -102,14 +104,22 @@ def choose_cases(ws: Workspace, outdir: Path, named: list[str] | None, replace: 
 
 def stage_inputs(ws: Workspace, outdir: Path, cases: StudyCases) -> Inputs:
     """The job's input folders under OUTDIR/inputs/, holding exactly the chosen cases' files, named by case id.
-    Shards stage the same set side by side (under a lock), so none removes what another reads."""
+    Shards stage the same set side by side (under a lock), so none removes what another reads. An inputs/ folder
+    this function did not make (no marker file) is refused, never emptied."""
     root = outdir / INPUTS
     inputs = Inputs(root / "supports" / "images", root / "supports" / "labels", root / "queries")
     wanted = {inputs.support_images: {f"{c}.nii.gz": ws.file(c, "image") for c in cases.supports},
               inputs.support_labels: {f"{c}.nii.gz": ws.file(c, "label") for c in cases.supports},
               inputs.queries: {f"{c}.nii.gz": ws.file(c, "image") for c in cases.queries}}
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(root / ".staging.lock"):
+    with FileLock(root / STAGING_LOCK):
+        marker = root / STAGING_MARK
+        if not marker.is_file():  # files are removed below: only in a folder this function made
+            if any(p.name != STAGING_LOCK for p in root.iterdir()):
+                raise UserError(f"{root} exists and was not made by `pseudolabel --workspace`; choose another "
+                                "output folder (-o)")
+            write_text(marker, "the workspace's files for `sslmedsam2 pseudolabel --workspace`; made and emptied "
+                               "by it\n")
         for folder, files in wanted.items():
             folder.mkdir(parents=True, exist_ok=True)
             for old in folder.iterdir():
