@@ -100,3 +100,14 @@ def test_predict_refuses_before_any_work(trained, tmp_path, capsys):
     assert main(["predict", str(trained), str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "x.nii.gz")]) == 1
     assert "no such file" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_predict_into_a_dicom_series_draws_its_picture_beside_it(trained, tmp_path):
+    from conftest import coloured_pixels
+
+    from sslmedsam2.volume import read_label_map
+
+    out = tmp_path / "series"  # a folder name without suffix: a DICOM series
+    assert main(["predict", str(trained), str(trained.parent / "c2.nii.gz"), "-o", str(out), "--device", "cpu"]) == 0
+    assert out.is_dir() and read_label_map(out).GetSize() == sitk.ReadImage(str(trained.parent / "c2.nii.gz")).GetSize()
+    assert coloured_pixels(tmp_path / "series.overview.png") > 0

@@ -305,9 +305,10 @@ def predict(round_: int, configuration: str, fold: str, device, images: list[Pat
         os.replace(f"{truncated}.nii.gz", output)
 
 
-def write_with_confidence(predictor, image: Path, output: Path, axis: str, reference=None) -> str:
+def write_with_confidence(predictor, image: Path, output: Path, axis: str, reference=None):
     """Predict `image`; write its confidence table (slices along `axis`), then the label map `output` (atomic,
-    verified, on the grid of `reference`, default: the image file's); returns the pair's result id."""
+    verified, on the grid of `reference`, default: the image file's); returns the pair's result id and the label
+    map (a SimpleITK image)."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -322,7 +323,7 @@ def write_with_confidence(predictor, image: Path, output: Path, axis: str, refer
     array_axis = slice_axis(reference, axis)
     rows = softmax_confidence(np.moveaxis(segmentation, array_axis, 0),
                               {k: np.moveaxis(v, array_axis, 0) for k, v in probabilities.items()})
-    return write_result(labels, output, rows)  # the table, then the label map
+    return write_result(labels, output, rows), labels  # the table, then the label map
 
 
 # --- the GPUs of one node (refine --gpus) ----------------------------------------------------------------------

@@ -84,8 +84,8 @@ def predict_image(ws: Workspace, image_path: Path, output: Path, device: str = "
         with open(Path(tmp) / "nnunet.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
             predictor = nnunet.load_predictor(model.round, model.configuration, model.fold,
                                               str(resolve_device(device)), progress=progress)
-            nnunet.write_with_confidence(predictor, source, output, ws.axis, reference=image)
-    _draw(ws, image, output, picture, model)
+            _, labels = nnunet.write_with_confidence(predictor, source, output, ws.axis, reference=image)
+    _draw(ws, image, labels, output.name, picture, model)
     return model
 
 
@@ -94,11 +94,10 @@ def single_picture(output: Path) -> Path:
     return Path(output).with_name(f"{stem(Path(output))}.overview.png")
 
 
-def _draw(ws: Workspace, image, labels: Path, target: Path, model: TrainedModel) -> None:
-    import SimpleITK as sitk
-
-    draw_result(image, sitk.ReadImage(str(labels)), target, f"{Path(labels).name}: the round {model.round} model's "
-                "prediction", ws.axis, {v: n for n, v in ws.labels.items()}, ct=ws.channel.upper() == "CT")
+def _draw(ws: Workspace, image, labels, name: str, target: Path, model: TrainedModel) -> None:
+    """The prediction `labels` (an image) of the file `name`, in colour over `image`, into `target`."""
+    draw_result(image, labels, target, f"{name}: the round {model.round} model's prediction", ws.axis,
+                {v: n for n, v in ws.labels.items()}, ct=ws.channel.upper() == "CT")
 
 
 @dataclass
@@ -222,8 +221,9 @@ def _predict_cases(ws: Workspace, model: TrainedModel, identity: dict, options: 
                     continue
                 source = Path(tmp) / "case_0000.nii.gz"
                 write_image(image, source)
-                result = nnunet.write_with_confidence(predictor, source, outdir / files.labels, ws.axis, reference=image)
-                _draw(ws, image, outdir / files.labels, overview_path(outdir, path), model)
+                result, labels = nnunet.write_with_confidence(predictor, source, outdir / files.labels, ws.axis,
+                                                              reference=image)
+                _draw(ws, image, labels, files.labels, overview_path(outdir, path), model)
                 seconds = round(time.perf_counter() - began, 2)
                 write_text(outdir / files.record, json.dumps(
                     {"sslmedsam2": CASE_KIND, "input": str(path.resolve()), "result": result, "model": identity,
