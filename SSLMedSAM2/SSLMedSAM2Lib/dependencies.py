@@ -25,8 +25,9 @@ from SSLMedSAM2Lib.requirements import (BUILT_AGAINST_TORCH, CLIENT, ENGINE, SLI
 CONSTRAINTS = "{constraints}"  # in a step's arguments: the path of the constraints file, written before the step
 LIGHT_THE_TORCH = "light-the-torch>=0.5"  # as the PyTorch extension installs it (PyTorchUtils._installLightTheTorch)
 INSTALL_HINT = "open 'Models and dependencies' in the SSLMedSAM2 module and press 'Check and install dependencies'"
-ENGINE_ONLY_HINT = ("few-shot and the study run in Slicer's own Python and need the full engine: set 'Propagate on' "
-                    "to local (without an engine command), then press 'Check and install dependencies'")
+ENGINE_ONLY_HINT = ("few-shot and the study's nnU-Net run on this computer, in Slicer's own Python (which then needs "
+                    "the full engine) or with an engine command: set 'Propagate on' to local, then press 'Check and "
+                    "install dependencies' or set 'Engine command' to another Python environment's sslmedsam2")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""Runs one engine command (`python -m sslmedsam2 ...`) in a QProcess: Slicer stays responsive, output streams in.
+"""Runs one engine command (`python -m sslmedsam2 ...`, or the engine command's `sslmedsam2 ...`) in a QProcess:
+Slicer stays responsive, output streams in.
 
-The process is the real interpreter, not Slicer's PythonSlicer launcher (see launch.py): Cancel reaches the engine.
+The process is the real interpreter, not Slicer's PythonSlicer launcher (see launch.py), or the engine command
+itself: Cancel reaches the engine.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 import qt
 
 from SSLMedSAM2Lib.engine_output import EngineOutput
-from SSLMedSAM2Lib.launch import engine_command, engine_environment
+from SSLMedSAM2Lib.launch import engine_program
 from SSLMedSAM2Lib.signal import Signal
 
 
@@ -40,6 +42,7 @@ class EngineProcess:
         self.finished = Signal(str)
         self._process = None
         self._program = ""
+        self._command = ""  # the engine command this run uses ("": Slicer's own Python)
         self._output = EngineOutput()
         self._cancelled = False
 
@@ -47,13 +50,13 @@ class EngineProcess:
     def running(self) -> bool:
         return self._process is not None and self._process.state() != qt.QProcess.NotRunning
 
-    def start(self, arguments: list[str]) -> None:
+    def start(self, arguments: list[str], command: str = "") -> None:
+        """`sslmedsam2 ARGUMENTS` in Slicer's own Python, or with `command` (another environment's sslmedsam2)."""
         if self.running:
             raise RuntimeError("an engine command is already running")
-        self._output, self._cancelled = EngineOutput(), False
-        process = self._process = streaming_process(engine_environment(), self._on_output, self._on_finished,
-                                                    self._on_error)
-        self._program, program_arguments = engine_command(arguments)
+        self._output, self._cancelled, self._command = EngineOutput(), False, command
+        self._program, program_arguments, environment = engine_program(arguments, command)
+        process = self._process = streaming_process(environment, self._on_output, self._on_finished, self._on_error)
         process.start(self._program, program_arguments)
 
     def cancel(self) -> None:
@@ -83,7 +86,8 @@ class EngineProcess:
 
     def _on_error(self, error) -> None:
         if error == qt.QProcess.FailedToStart:
-            self.finished.emit(f"could not start {self._program} -m sslmedsam2 (are the dependencies installed?)")
+            self.finished.emit(f"could not start the engine command {self._program}" if self._command else
+                               f"could not start {self._program} -m sslmedsam2 (are the dependencies installed?)")
 
     def _on_finished(self, exit_code: int, exit_status) -> None:
         self._on_output()

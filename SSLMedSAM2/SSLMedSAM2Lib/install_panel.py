@@ -25,9 +25,11 @@ INSTALLING = "The dependencies are being installed: wait until the installation 
 class InstallPanel:
     def __init__(self, ui, dialogs, need: Callable[[], str], busy: Callable[[], bool] = lambda: False,
                  runner: InstallRunner | None = None,
-                 environment: Callable[[], Environment] = Environment.current) -> None:
-        """need(): what the panel's engine choice needs (client or engine); busy(): a run is under way."""
-        self.ui, self.dialogs, self._need, self._busy = ui, dialogs, need, busy
+                 environment: Callable[[], Environment] = Environment.current,
+                 available: Callable[[str], bool] = lambda name: True) -> None:
+        """need(): what the panel's engine choice needs (client or engine); busy(): a run is under way;
+        available(button name): whether what the button does can run here (the install turns on no other)."""
+        self.ui, self.dialogs, self._need, self._busy, self._available = ui, dialogs, need, busy, available
         self._environment = environment
         self.runner = runner or InstallRunner()
         self.runner.line.connect(self._onLine)
@@ -98,7 +100,7 @@ class InstallPanel:
         if installing:
             self._disabled = [name for name in ENGINE_BUTTONS if getattr(self.ui, name).enabled]
         for name in self._disabled:
-            getattr(self.ui, name).enabled = not installing
+            getattr(self.ui, name).enabled = not installing and self._available(name)
         if not installing:
             self._disabled = []
 

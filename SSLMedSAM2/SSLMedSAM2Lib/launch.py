@@ -112,6 +112,16 @@ def engine_command(arguments: list[str], executable: str | None = None) -> tuple
     return python_interpreter(executable), ["-m", "sslmedsam2", *arguments]
 
 
+def engine_program(arguments: list[str], command: str = "") -> tuple[str, list[str], dict[str, str]]:
+    """Program, arguments and environment of `sslmedsam2 ARGUMENTS`: given an engine command (the sslmedsam2 of
+    another Python environment), that program in the environment Slicer was started in; else `python -m
+    sslmedsam2` run by Slicer's real interpreter in Slicer's environment."""
+    if command:
+        return command, list(arguments), external_environment()
+    program, program_arguments = engine_command(arguments)
+    return program, program_arguments, engine_environment()
+
+
 def background_options(windows: bool = os.name == "nt") -> dict:
     """subprocess.Popen options for a job that outlives Slicer and shows no window.
 

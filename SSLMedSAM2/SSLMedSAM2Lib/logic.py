@@ -3,7 +3,8 @@
 Two ways to the engine: Propagate and Re-propagate go through a `sslmedsam2 serve` session (the module's local
 server or a remote one; interactive.py, client calls on one worker thread, delivered by a QTimer on the main
 thread); few-shot, predict and key slices run as engine commands in a QProcess (engine_process.py); refinement is a
-job of its own (refine_control.py). Every run ends with runFinished(error or "").
+job of its own (refine_control.py); those run in Slicer's own Python, or with the local engine's engine command.
+Every run ends with runFinished(error or "").
 """
 
 from __future__ import annotations
@@ -113,8 +114,8 @@ class SSLMedSAM2Logic:
         refinement)."""
         if settings.checkpoint or (self.connection.engine == "remote" and not local_job):
             return ""
-        if self.connection.command and not local_job:  # the engine command's own cache, as it reports it
-            listed = {m["name"]: m for m in external_models(self.connection.command)["models"]}
+        if self.connection.jobs_command:  # the engine command's own cache, as it reports it
+            listed = {m["name"]: m for m in external_models(self.connection.jobs_command)["models"]}
             model = listed.get(settings.model)
             if model is None or model["cached"]:
                 return ""
@@ -151,9 +152,10 @@ class SSLMedSAM2Logic:
             raise RuntimeError("The engine is still working on the previous run: wait for it or press Cancel.")
 
     def run_command(self, arguments: list[str], then: Callable[[str], None]) -> None:
-        """An engine command in the QProcess; `then(error or "")` runs when it ends (on the main thread)."""
+        """An engine command in the QProcess (with the engine command, if the local engine has one); `then(error or
+        "")` runs when it ends (on the main thread)."""
         self._after_process = then
-        self.process.start(arguments)
+        self.process.start(arguments, self.connection.jobs_command)
 
     def _on_process_finished(self, error: str) -> None:
         then, self._after_process = self._after_process, None
@@ -369,7 +371,8 @@ class SSLMedSAM2Logic:
         """A process of its own session (no window on Windows): closing Slicer does not stop it, and the panel
         re-attaches on reopening. sam2: prompt SAM2 with nnU-Net's key slices in each round, with these settings."""
         self.refine = RefineControl(workspace)
-        self.refine.start(refine_command(str(workspace), rounds, quick, warm_start, device, sam2=sam2))
+        self.refine.start(refine_command(str(workspace), rounds, quick, warm_start, device, sam2=sam2),
+                          self.connection.jobs_command)
 
     def refine_monitor(self, workspace: Path, fresh: bool):
         """Reads the job's events from now on (fresh) or from the start of its latest run (re-attaching)."""

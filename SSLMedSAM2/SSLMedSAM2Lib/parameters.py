@@ -57,6 +57,17 @@ class Connection:
         """What Slicer's Python needs for Propagate: the thin client, unless the engine runs in Slicer's Python."""
         return CLIENT if self.engine == "remote" or self.command else ENGINE
 
+    @property
+    def jobs_command(self) -> str:
+        """Where the module's jobs on this machine run (few-shot, the study's model, refinement): the engine
+        command's environment when the local engine has one, else ("") Slicer's own Python."""
+        return self.command if self.engine == "local" else ""
+
+    @property
+    def jobs_need(self) -> str:
+        """What Slicer's Python needs for those jobs: the thin client when they run with the engine command."""
+        return CLIENT if self.jobs_command else ENGINE
+
 
 def plain_http_warning(url: str) -> str:
     """The reason to confirm a remote engine's address once ("" when there is none): plain http beyond this

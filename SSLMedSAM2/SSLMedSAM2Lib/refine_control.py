@@ -1,8 +1,9 @@
 """Starting, watching and stopping a `sslmedsam2 refine` job from the module, the same way on every platform.
 
-No Slicer here. The job is the real interpreter (launch.py) in a session of its own, with no window on Windows, so
-closing Slicer does not stop it. Whether it runs is whether it holds WS/refine/.lock (os.kill(pid, 0) is no check
-on Windows); a stop is a request file the job watches at its safe points (SIGTERM is a hard kill on Windows).
+No Slicer here. The job is the real interpreter (launch.py), or the engine command, in a session of its own, with
+no window on Windows, so closing Slicer does not stop it. Whether it runs is whether it holds WS/refine/.lock
+(os.kill(pid, 0) is no check on Windows); a stop is a request file the job watches at its safe points (SIGTERM is
+a hard kill on Windows).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from SSLMedSAM2Lib.engine_output import EngineOutput
-from SSLMedSAM2Lib.launch import background_options, engine_command, engine_environment, import_engine
+from SSLMedSAM2Lib.launch import background_options, engine_program, import_engine
 
 LOG_TAIL_CHARS = 20000
 
@@ -26,12 +27,13 @@ class RefineControl:
         self.process: subprocess.Popen | None = None
         self.stop_pending = False
 
-    def start(self, arguments: list[str]) -> None:
-        """`sslmedsam2 refine ...` detached from Slicer; its output goes to WS/refine-job.log."""
-        program, program_arguments = engine_command(arguments)
+    def start(self, arguments: list[str], command: str = "") -> None:
+        """`sslmedsam2 refine ...` detached from Slicer, in Slicer's own Python or with `command` (another
+        environment's sslmedsam2); its output goes to WS/refine-job.log."""
+        program, program_arguments, environment = engine_program(arguments, command)
         with open(self.log_path, "a", encoding="utf-8") as log:
             self.process = subprocess.Popen([program, *program_arguments], stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env=engine_environment(), **background_options())
+                                            stderr=subprocess.STDOUT, env=environment, **background_options())
         self.stop_pending = False
 
     def _started_here_and_alive(self) -> bool:

@@ -2,7 +2,8 @@
 
 Two ways to run the engine need two sets of packages in Slicer's Python:
 - `client`: a remote engine, or a local one started from another Python environment (the engine command): the thin
-  client only (sslmedsam2.remote and sslmedsam2.session.remote: numpy and requests);
+  client only (sslmedsam2.remote and sslmedsam2.session.remote: numpy and requests; the study's workspace and the
+  refine job's lock: filelock and nibabel);
 - `engine`: the engine in Slicer's own Python: every requirement of pyproject.toml, torch among them.
 """
 
@@ -24,7 +25,9 @@ from packaging.utils import canonicalize_name
 from SSLMedSAM2Lib.compatibility import SHIPPED_PYPROJECT, pyproject_path
 
 CLIENT, ENGINE = "client", "engine"
-CLIENT_PACKAGES = ("numpy", "requests")  # what sslmedsam2.remote and sslmedsam2.session.remote import
+# what the engine modules the module imports whatever the engine need (test_slicer_platform imports them without
+# the rest): sslmedsam2.remote and sslmedsam2.session.remote, the workspace, the refine job's events and monitor
+CLIENT_PACKAGES = ("numpy", "requests", "filelock", "nibabel")
 SLICER_OWN = ("numpy", "SimpleITK")  # bundled with Slicer: never replaced, pinned in every pip call
 TORCH, TORCHVISION = "torch", "torchvision"
 BUILT_AGAINST_TORCH = ("sam2",)  # built with --no-build-isolation against the torch in Slicer's Python
@@ -135,4 +138,4 @@ def local_engine_refusal(environment: Environment, torch: Requirement | None) ->
             f"tunnel: set 'Propagate on' to remote), or an engine installed in a native Python environment on this "
             f"Mac (`pip install` the sslmedsam2 package there; {native}): set 'Engine command' in the Engine section "
             f"to that environment's sslmedsam2 and the module starts it on 127.0.0.1 with a token. Few-shot and the "
-            f"study's nnU-Net run inside Slicer and are not available here; run them with the command line.")
+            f"study's nnU-Net run on this Mac only with that engine command.")

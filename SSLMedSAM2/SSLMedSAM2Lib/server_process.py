@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from SSLMedSAM2Lib.engine_output import EngineOutput
-from SSLMedSAM2Lib.launch import child_options, engine_environment, external_environment, python_interpreter
+from SSLMedSAM2Lib.launch import child_options, engine_environment, engine_program, python_interpreter
 from SSLMedSAM2Lib.parameters import EngineSettings, serve_command
 from sslmedsam2.jobs import Cancelled
 
@@ -208,7 +208,7 @@ class LocalServer:
             program, program_arguments = self._launch(arguments)
             return program, program_arguments, engine_environment()
         if command:
-            return command, arguments, external_environment()
+            return engine_program(arguments, command)
         return python_interpreter(), ["-c", SERVE, *arguments], engine_environment()
 
     def failure(self) -> str | None:

@@ -55,7 +55,7 @@ def export_queries(volumes, nodes: dict[str, object], folder: Path) -> str:
 def least_trustworthy(output: Path) -> str | None:
     """The query file a few-shot run ranks first for review."""
     import_engine()
-    from sslmedsam2.fewshot.job import least_trustworthy_case
+    from sslmedsam2.fewshot.ranking import least_trustworthy_case
 
     return least_trustworthy_case(Path(output))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import qt
 import slicer
 
-from SSLMedSAM2Lib.requirements import CLIENT, ENGINE
+from SSLMedSAM2Lib.requirements import CLIENT
 
 REFINE_POLL_MS = 1000
 
@@ -43,6 +43,11 @@ class StudyPanel:
     def stop(self) -> None:
         self._stopFollowing("")
 
+    @property
+    def following(self) -> bool:
+        """A refinement job is being followed (its Refine button stays off until it ends)."""
+        return self._monitor is not None
+
     # --- the study's model on the current volume ---------------------------------------------------------------
     def onPredict(self) -> None:
         workspace = self._workspace()
@@ -56,7 +61,8 @@ class StudyPanel:
                 p.axis = axis  # the prediction's confidence table and review are along the workspace's axis
             self.panel.startedRun(f"segmenting with the study's model ({axis} slices)...", self._afterPredict)
 
-        self.panel.install.guarded("SSLMedSAM2 could not start the prediction.", start, _show_error, ENGINE)
+        self.panel.install.guarded("SSLMedSAM2 could not start the prediction.", start, _show_error,
+                                   self.logic.connection.jobs_need)
 
     def _afterPredict(self) -> None:
         prediction = self.logic.study_model.prediction
@@ -73,7 +79,8 @@ class StudyPanel:
             self.logic.study_model.refine_from_key_slices(p.inputVolume, p.segmentation, settings)
             self.panel.startedRun("choosing the prediction's best slices...", self.panel.onLowestConfidence)
 
-        self.panel.install.guarded("SSLMedSAM2 could not refine from the key slices.", start, _show_error, ENGINE)
+        self.panel.install.guarded("SSLMedSAM2 could not refine from the key slices.", start, _show_error,
+                                   self.logic.connection.jobs_need)
 
     # --- cases and the refinement job --------------------------------------------------------------------------
     def onAddToStudy(self) -> None:
@@ -115,17 +122,18 @@ class StudyPanel:
             self.logic.start_refine(workspace, p.rounds, p.quick, p.warmStart, p.device, sam2=sam2)
             self._follow(workspace, fresh=True)
 
-        self.panel.install.guarded("SSLMedSAM2 could not start the refinement.", start, _show_error, ENGINE)
+        self.panel.install.guarded("SSLMedSAM2 could not start the refinement.", start, _show_error,
+                                   self.logic.connection.jobs_need)
 
     def reattachRefine(self) -> None:
-        """Opening the module (or Slicer) while a job runs: follow it again (its monitor needs the engine in Slicer's
-        Python: without it, the job is not followed here)."""
+        """Opening the module (or Slicer) while a job runs: follow it again (its monitor needs the thin client in
+        Slicer's Python: without it, the job is not followed here)."""
         path = self.panel.parameters.workspace
         if self._monitor is not None or not path or str(path) in ("", "."):
             return  # already following (entering the module again), or no workspace
         try:
-            self.panel.install.check(ENGINE)
-        except Exception:  # the thin client only (a Mac, a remote engine): the dialogs say so on a click
+            self.panel.install.check(CLIENT)
+        except Exception:  # nothing installed yet: the dialogs say so on a click
             return
         if self.logic.refine_status(Path(path)).get("state") == "running":
             self._follow(Path(path), fresh=False)

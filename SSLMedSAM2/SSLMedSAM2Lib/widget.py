@@ -21,11 +21,11 @@ from SSLMedSAM2Lib.install_panel import InstallPanel
 from SSLMedSAM2Lib.logic import SSLMedSAM2Logic
 from SSLMedSAM2Lib.parameter_node import SSLMedSAM2ParameterNode
 from SSLMedSAM2Lib.parameters import plain_http_warning
-from SSLMedSAM2Lib.requirements import ENGINE
 from SSLMedSAM2Lib.study_panel import StudyPanel
 
-# What runs in Slicer's own Python whatever the engine: off, with the reason as tooltip, where it cannot (macOS x86_64)
-IN_SLICER_ONLY = ("runFewShotButton", "predictButton", "refineFromKeySlicesButton", "refineButton")
+# Jobs on this computer whatever the engine, in Slicer's own Python or with the local engine's engine command: off,
+# with the reason as tooltip, where Slicer's Python cannot run the engine (macOS x86_64) and no engine command is set
+LOCAL_JOBS = ("runFewShotButton", "predictButton", "refineFromKeySlicesButton", "refineButton")
 SHORTCUTS = {"Alt+A": "onAccept", "Alt+R": "onReject", "Alt+N": "onNextUnreviewed", "Alt+P": "onPreviousUnreviewed",
              "Alt+L": "onLowestConfidence"}
 
@@ -72,12 +72,12 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         u.lowestConfidenceButton.connect("clicked()", self.onLowestConfidence)
         u.sliceTable.connect("cellDoubleClicked(int,int)", lambda row, column: self.jumpTo(int(u.sliceTable.item(row, 0).text())))
         u.runFewShotButton.connect("clicked()", self.onRunFewShot)
-        self.install = InstallPanel(ui, slicer_dialogs(), lambda: self.logic.connection.need, self._busy)
+        self.install = InstallPanel(ui, slicer_dialogs(), lambda: self.logic.connection.need, self._busy,
+                                    available=self.available)
         self.study = StudyPanel(self)
         self.refusal = self.logic.local_refusal()  # the platform cannot run the engine in Slicer's Python
-        for name in IN_SLICER_ONLY if self.refusal else ():
-            getattr(ui, name).enabled = False
-            getattr(ui, name).toolTip = self.refusal
+        self._toolTips = {name: getattr(ui, name).toolTip for name in LOCAL_JOBS}
+        self.showAvailability()
         self._inputs = (None, None)
         self._fewShot = ""
         self.editor = EmbeddedEditor(ui.segmentEditorWidget, slicer.mrmlScene,
@@ -118,6 +118,18 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
         for widget in (self.ui.engineCommandLabel, self.ui.engineCommandPathLineEdit):
             widget.visible = not remote
         self.ui.engineStatusLabel.setText(self.logic.engine_status())
+        self.showAvailability()
+
+    def showAvailability(self) -> None:
+        """The local jobs' buttons follow the engine setting: off, the reason as tooltip, where nothing here can run
+        them; on again once something can (unless a run, an install or a followed refinement holds them)."""
+        for name in LOCAL_JOBS:
+            button, available = getattr(self.ui, name), self.available(name)
+            button.toolTip = self._toolTips[name] if available else self.refusal
+            if not available:
+                button.enabled = False
+            elif not (self._busy() or self.install.installing or (name == "refineButton" and self.study.following)):
+                button.enabled = True
 
     def onSceneStartClose(self, *_) -> None:
         """Everything that refers to the scene's nodes lets go: the run, the review, its marker, the editor, the
@@ -304,8 +316,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
             self.ui.progressBar.setValue(0)
 
     def available(self, name: str) -> bool:
-        """Whether this platform can run what the button does at all (see IN_SLICER_ONLY)."""
-        return not (self.refusal and name in IN_SLICER_ONLY)
+        """Whether what the button does can run here at all (see LOCAL_JOBS)."""
+        return not (name in LOCAL_JOBS and self.refusal and not self.logic.connection.jobs_command)
 
     def _busy(self) -> bool:
         """A run is under way, the import of its result included."""
@@ -403,7 +415,8 @@ class SSLMedSAM2PanelWidget(VTKObservationMixin):
                 self.ui.queryVolumesSelector.checkedNodes())
             self.startedRun("few-shot pseudo-labels...")
 
-        self.install.guarded("SSLMedSAM2 could not start the few-shot run.", start, _show_error, ENGINE)
+        self.install.guarded("SSLMedSAM2 could not start the few-shot run.", start, _show_error,
+                             self.logic.connection.jobs_need)
 
     def _loadFewShotResult(self) -> None:
         output = Path(self._fewShot)

@@ -1,6 +1,7 @@
 """Cancel reaches the engine: the module starts the real interpreter, not Slicer's PythonSlicer launcher (a CTK
 AppLauncher that runs it as a child and forwards no signal). EngineProcess runs here on PySide6's QtCore in place
-of Slicer's PythonQt `qt`, beside a fake Slicer bin folder whose launcher behaves like CTK's."""
+of Slicer's PythonQt `qt`, beside a fake Slicer bin folder whose launcher behaves like CTK's. With an engine command
+the jobs run as that program instead, outside Slicer's Python settings."""
 
 from __future__ import annotations
 
@@ -99,19 +100,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.skipif(os.name == "nt", reason="the fake Slicer bin folder uses POSIX shell scripts")
-def test_cancel_stops_the_engine_process_not_only_the_launcher(tmp_path, slicer_bin, monkeypatch):
+@pytest.fixture
+def engine_process(monkeypatch):
+    """SSLMedSAM2Lib.engine_process imported on the PySide6 shim, and the application that runs its events."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     pytest.importorskip("PySide6")
-    from filelock import FileLock
     from PySide6.QtWidgets import QApplication
-
-    from sslmedsam2.refine.events import EventLog
 
     app = QApplication.instance() or QApplication([])
     monkeypatch.setitem(sys.modules, "qt", _qt_shim())
     monkeypatch.delitem(sys.modules, "SSLMedSAM2Lib.engine_process", raising=False)
-    engine_process = importlib.import_module("SSLMedSAM2Lib.engine_process")
+    return importlib.import_module("SSLMedSAM2Lib.engine_process"), app
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the fake Slicer bin folder uses POSIX shell scripts")
+def test_cancel_stops_the_engine_process_not_only_the_launcher(tmp_path, slicer_bin, monkeypatch, engine_process):
+    from filelock import FileLock
+
+    from sslmedsam2.refine.events import EventLog
+
+    engine_process, app = engine_process
     monkeypatch.setattr(sys, "executable", str(slicer_bin))  # as inside Slicer
     pidfile = tmp_path / "engine.pid"
     monkeypatch.setenv("SSLMEDSAM2_TEST_PIDFILE", str(pidfile))
@@ -148,3 +156,67 @@ def test_cancel_stops_the_engine_process_not_only_the_launcher(tmp_path, slicer_
         if pid is not None and _alive(pid):
             os.kill(pid, 9)
         lock.release()
+
+
+ENGINE_COMMAND = """#!/bin/sh
+# Another Python environment's sslmedsam2, as the module runs it: what it got, a progress bar, its outcome.
+printf '%s\\n' "$@" > "$SSLMEDSAM2_TEST_ARGS"
+echo "PYTHONHOME=${{PYTHONHOME-unset}} PYTHONPATH=${{PYTHONPATH-unset}}" >> "$SSLMEDSAM2_TEST_ARGS"
+printf 'pseudolabel:  50%%|#####     | 1/2 [00:01<00:01]\\r'
+{ending}
+"""
+
+
+def _wait(app, done, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not done():
+        app.processEvents()
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the fake engine command is a POSIX shell script")
+def test_jobs_run_with_the_engine_command_outside_slicers_python(tmp_path, monkeypatch, engine_process):
+    """Few-shot, predict and key slices in the QProcess, and the refine job, run as the engine command itself in
+    the environment Slicer was started in (without Slicer's Python settings); its progress, error and a failed
+    start reach the panel."""
+    from SSLMedSAM2Lib import launch
+    from SSLMedSAM2Lib.refine_control import RefineControl
+
+    engine_process, app = engine_process
+    recorded = tmp_path / "args.txt"
+    slicer_startup = {**os.environ, "PYTHONHOME": "/opt/Slicer/lib/Python3", "PYTHONPATH": "/opt/Slicer/lib",
+                      "SSLMEDSAM2_TEST_ARGS": str(recorded)}
+    monkeypatch.setattr(launch, "_startup_environment", lambda: slicer_startup)
+    for name in ("works", "fails"):
+        (tmp_path / name).mkdir()
+    works = _executable(tmp_path / "works" / "sslmedsam2", ENGINE_COMMAND.format(ending="exit 0"))
+    fails = _executable(tmp_path / "fails" / "sslmedsam2", ENGINE_COMMAND.format(
+        ending="echo 'sslmedsam2: error: no support labels in /data/labels' >&2; exit 2"))
+    outside = ["PYTHONHOME=unset PYTHONPATH=unset"]
+
+    process, finished, progress = engine_process.EngineProcess(), [], []
+    process.finished.connect(finished.append)
+    process.progress.connect(lambda done, total: progress.append((done, total)))
+    process.start(["pseudolabel", "--query", "/data/q a"], command=str(works))
+    _wait(app, lambda: finished)
+    assert finished == [""] and progress == [(1, 2)]
+    assert recorded.read_text().splitlines() == ["pseudolabel", "--query", "/data/q a", *outside]
+
+    process.start(["predict", "ws"], command=str(fails))
+    _wait(app, lambda: len(finished) == 2)
+    assert finished[1] == "no support labels in /data/labels"
+
+    process.start(["predict", "ws"], command=str(tmp_path / "gone" / "sslmedsam2"))
+    _wait(app, lambda: len(finished) == 3)
+    assert finished[2].startswith(f"could not start the engine command {tmp_path / 'gone' / 'sslmedsam2'}")
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    control = RefineControl(ws)
+    control.start(["refine", str(ws), "--rounds", "2"], command=str(works))
+    assert control.process.wait(timeout=30) == 0 and control.failure() is None
+    assert recorded.read_text().splitlines() == ["refine", str(ws), "--rounds", "2", *outside]
+    assert "1/2" in control.log_path.read_text(encoding="utf-8")
+    control.start(["refine", str(ws)], command=str(fails))
+    control.process.wait(timeout=30)
+    assert control.failure() == "no support labels in /data/labels"

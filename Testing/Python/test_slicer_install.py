@@ -160,12 +160,15 @@ def test_slicers_own_packages_are_never_replaced():
 
 
 def test_the_remote_only_plan_needs_the_thin_client_only():
-    client = plan_install(CLIENT, slicer())
-    assert client.ready, "Slicer 5.10 bundles numpy and requests: a remote engine needs no install"
-    missing = plan_install(CLIENT, slicer({"requests": None}))
+    thin = [str(project().requirement(name)) for name in ("filelock", "nibabel")]
+    client = plan_install(CLIENT, slicer())  # Slicer 5.10 bundles numpy and requests
+    assert [s.module for s in client.steps] == ["pip"] and list(client.steps[0].arguments[-2:]) == thin
+    assert "torch" not in describe(client) and "sam2" not in describe(client) and "nnunetv2" not in describe(client)
+    assert plan_install(CLIENT, slicer({"filelock": "3.16.1", "nibabel": "5.3.2"})).ready
+    missing = plan_install(CLIENT, slicer({"requests": None, "filelock": "3.16.1", "nibabel": "5.3.2"}))
     assert [s.arguments[-1] for s in missing.steps] == [str(project().requirement("requests"))]
-    assert "torch" not in describe(missing) and "sam2" not in describe(missing)
-    with pytest.raises(MissingDependencies, match="few-shot and the study run in Slicer's own Python"):
+    with pytest.raises(MissingDependencies, match="few-shot and the study's nnU-Net run on this computer.*Engine "
+                                                  "command"):
         require(ENGINE, slicer(), engine_choice=CLIENT)
 
 
@@ -313,8 +316,11 @@ def test_the_panel_installs_in_the_background_with_buttons_off_and_shows_a_failu
     done = []
     runner = InstallRunner(program=lambda: str(fake))
     runner.finished.connect(lambda *args: done.append(args))
-    panel = InstallPanel(ui, answers, lambda: ENGINE, runner=runner, environment=lambda: environment)
+    available = {"predictButton": True}
+    panel = InstallPanel(ui, answers, lambda: ENGINE, runner=runner, environment=lambda: environment,
+                         available=lambda name: available.get(name, True))
     ui.installButton.slots[0]()  # the click
+    available["predictButton"] = False  # meanwhile, on a Mac, the engine command was cleared: no job can run
     assert dialogs[0][0] == "confirm" and "replace sam2 0.4.1 with sam2==1.1.0" in dialogs[0][1]
     assert panel.installing and not ui.installButton.enabled and ui.installLog.visible
     assert all(not getattr(ui, name).enabled for name in ENGINE_BUTTONS)
@@ -326,8 +332,8 @@ def test_the_panel_installs_in_the_background_with_buttons_off_and_shows_a_failu
     assert [d[0] for d in dialogs] == ["confirm"]
     _wait(app, done)
     assert ui.installButton.enabled and not panel.installing
-    assert all(getattr(ui, name).enabled for name in ENGINE_BUTTONS if name != "refineButton")
-    assert not ui.refineButton.enabled
+    assert all(getattr(ui, name).enabled for name in ENGINE_BUTTONS if name not in ("refineButton", "predictButton"))
+    assert not ui.refineButton.enabled and not ui.predictButton.enabled
     kind, text, details = dialogs[-1]
     assert kind == "error" and "Failed building wheel for sam2" in text
     assert "Collecting sam2==1.1.0" in details["detailedText"]
@@ -351,5 +357,6 @@ def test_the_panel_says_what_cannot_be_installed_and_installs_nothing(monkeypatc
     mac = slicer({"torch": "2.2.2"}, system="Darwin", rosetta=True)
     InstallPanel(ui, answers, lambda: ENGINE, runner=runner, environment=lambda: mac).onInstall()
     assert "x86_64" in dialogs[0] and "x86_64" in ui.dependencyStatusLabel.text
+    mac = slicer({"torch": "2.2.2", "filelock": "3.16.1", "nibabel": "5.3.2"}, system="Darwin", rosetta=True)
     InstallPanel(ui, answers, lambda: CLIENT, runner=runner, environment=lambda: mac).onInstall()
     assert "thin client" in ui.dependencyStatusLabel.text and "is installed" in ui.dependencyStatusLabel.text

@@ -307,3 +307,35 @@ def test_a_volume_already_in_the_study_is_replaced_only_when_asked(logic_module,
     np.testing.assert_array_equal(replaced, np.where(seeds == 2, 2, 0))
     ws = Workspace.open(workspace)
     assert sorted(ws.cases) == ["synthetic"] and set(ws.review("synthetic")) == {SliceState.UNREVIEWED}
+
+
+def test_the_jobs_run_with_the_local_engines_engine_command(logic_module, tmp_path, monkeypatch):
+    """Few-shot, predict, key slices and refinement run with the engine command when the local engine has one (its
+    weights cache is the one asked), and in Slicer's own Python otherwise, a remote engine included."""
+    from SSLMedSAM2Lib.parameters import Connection, EngineSettings
+    from SSLMedSAM2Lib.refine_control import RefineControl
+
+    module, _ = logic_module
+    logic = module.SSLMedSAM2Logic()
+    started, asked = [], []
+    monkeypatch.setattr(logic.process, "start", lambda arguments, command="": started.append((arguments, command)))
+    monkeypatch.setattr(RefineControl, "start", lambda self, arguments, command="": started.append((arguments, command)))
+    monkeypatch.setattr(module, "external_models", lambda command: asked.append(command) or {"models": [
+        {"name": "sam2.1-tiny", "cached": False, "size_mb": 156.0, "url": "https://example.org/tiny.pt",
+         "path": "/Users/me/.cache/sslmedsam2/tiny.pt"}]})
+    native = "/Users/me/sam/bin/sslmedsam2"
+    for connection, command in ((Connection(command=native), native), (Connection(), ""),
+                                (Connection("remote", "http://127.0.0.1:8765", command=native), "")):
+        logic.connection = connection
+        logic.run_command(["predict", "ws", "image.nrrd"], lambda error: None)
+        logic.start_refine(tmp_path / "ws", 2, True, False, "cpu")
+        assert started[-2:] == [(["predict", "ws", "image.nrrd"], command), (started[-1][0], command)]
+        assert started[-1][0][:2] == ["refine", str(tmp_path / "ws")]
+    logic.connection = Connection(command=native)
+    question = logic.weights_to_download(EngineSettings(model="sam2.1-tiny"), local_job=True)
+    assert asked == [native] and "/Users/me/.cache/sslmedsam2/tiny.pt" in question and "156 MB" in question
+    logic.connection = Connection("remote", "http://127.0.0.1:8765", command=native)
+    question = logic.weights_to_download(EngineSettings(model="sam2.1-tiny"), local_job=True)
+    assert asked == [native], "a remote engine's local jobs use Slicer's own cache, never the engine command's"
+    assert "/Users/me/" not in question
+    logic.cleanup()

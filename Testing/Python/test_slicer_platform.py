@@ -118,8 +118,21 @@ def test_every_process_the_module_starts_opens_no_window_on_windows():
 
 
 # --- the remote path and the engine command in a Slicer without torch ----------------------------------------------
-BLOCKED = ("torch", "torchvision", "sam2", "nnunetv2", "pooch", "filelock", "fastapi", "uvicorn", "pydantic", "itk",
-           "nibabel", "isal", "tqdm", "matplotlib", "hydra", "iopath")
+# the engine's requirements that neither Slicer bundles nor the thin client installs (import names), and sam2's own
+BLOCKED = ("torch", "torchvision", "sam2", "nnunetv2", "pooch", "fastapi", "uvicorn", "pydantic", "itk", "isal",
+           "tqdm", "matplotlib", "hydra", "iopath")
+IMPORT_NAMES = {"itk-morphologicalcontourinterpolation": "itk"}
+ENGINE_ONLY = ("sslmedsam2.models.cache", "sslmedsam2.propagation.builder")  # Slicer's own Python engine, self-test
+
+
+def engine_modules_of_the_module() -> list[str]:
+    """Every engine module the Slicer layer imports outside the self-test and the engine-only paths."""
+    found = set()
+    for path in (MODULE_DIR / "SSLMedSAM2Lib").glob("*.py"):
+        if path.name != "testing.py":
+            found |= {n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+                      and (n.module or "").startswith("sslmedsam2")}
+    return sorted(found - set(ENGINE_ONLY))
 
 CHILD = """
 import importlib.abc, json, sys
@@ -136,6 +149,8 @@ import numpy as np
 from test_slicer_fakes import fake_modules, slicer_fake
 sys.modules.update(fake_modules(slicer_fake()))
 import SSLMedSAM2Lib.widget  # the whole Slicer side: panel, logic, study, install, engine session
+import importlib
+from pathlib import Path
 from SSLMedSAM2Lib.dependencies import plan_install
 from SSLMedSAM2Lib.interactive import InteractiveEngine, PropagationRequest, Reporter, VolumeSource
 from SSLMedSAM2Lib.parameters import Connection, EngineSettings
@@ -160,9 +175,28 @@ for name, connection in (("remote", Connection("remote", case["url"], case["toke
                  "grew": int((result.labels > 0).sum()) > int((seeds > 0).sum()), "where": result.where}}
     engine.close()
     local.stop()
+for name in case["modules"]:  # what the panel's study, review and job buttons import from the engine
+    importlib.import_module(name)
+from sslmedsam2.fewshot.ranking import least_trustworthy_case
+from sslmedsam2.refine.events import job_running
+from sslmedsam2.study.workspace import Workspace, add_case, init_workspace
+ws = Path(case["workspace"])
+add_case(init_workspace(ws, {{"a": 1, "b": 2}}), Path(case["image"]), pseudo=Path(case["labels"]), case_id="c")
+out["study"] = {{"cases": sorted(Workspace.open(ws).cases), "running": job_running(ws / "refine"),
+                 "ranked": least_trustworthy_case(ws)}}
 out["loaded"] = sorted({{m.split(".")[0] for m in sys.modules}} & set(BLOCKED))
 print(json.dumps(out))
 """
+
+
+def test_the_child_blocks_every_requirement_beyond_the_thin_client():
+    from SSLMedSAM2Lib.requirements import CLIENT, needed, project
+
+    client = {r.name for r in needed(project().requirements, CLIENT)}
+    beyond = {IMPORT_NAMES.get(r.name, r.name) for r in project().requirements} - client - set(SLICER_510) - \
+        {"scipy", "pydicom"}  # bundled by Slicer 5.10 too (docs/slicer-api-check.md)
+    assert beyond <= set(BLOCKED) and not client & set(BLOCKED)
+    assert client == {"numpy", "requests", "filelock", "nibabel"}
 
 
 def test_the_remote_path_and_the_engine_command_need_no_torch_in_slicers_python(tiny_checkpoint, tmp_path):
@@ -176,7 +210,9 @@ def test_the_remote_path_and_the_engine_command_need_no_torch_in_slicers_python(
         pytest.skip("no sslmedsam2 program beside this Python (the package is not installed)")
     image, labels = synthetic_case(shape=(16, 48, 48))
     sitk.WriteImage(to_image(image), str(tmp_path / "image.nrrd"))
-    np.save(tmp_path / "seeds.npy", seeds_on(labels, {1: [6, 11], 2: [9, 13]}))
+    seeds = seeds_on(labels, {1: [6, 11], 2: [9, 13]})
+    np.save(tmp_path / "seeds.npy", seeds)
+    sitk.WriteImage(to_image(seeds.astype(np.uint8)), str(tmp_path / "labels.nrrd"))
     token = tmp_path / "token"
     token.write_text("a-remote-token-of-enough-length\n")
     token.chmod(0o600)
@@ -185,7 +221,8 @@ def test_the_remote_path_and_the_engine_command_need_no_torch_in_slicers_python(
     with serve_in_thread(settings) as (url, _):
         case = {"seeds": str(tmp_path / "seeds.npy"), "image": str(tmp_path / "image.nrrd"), "size": TINY_SIZE,
                 "checkpoint": str(tiny_checkpoint), "url": url, "token": str(token), "command": command,
-                "prompts": [6, 9, 11, 13]}
+                "prompts": [6, 9, 11, 13], "labels": str(tmp_path / "labels.nrrd"),
+                "workspace": str(tmp_path / "ws"), "modules": engine_modules_of_the_module()}
         (tmp_path / "case.json").write_text(json.dumps(case))
         script = CHILD.format(blocked=BLOCKED, tests=str(Path(__file__).parent), module=str(MODULE_DIR))
         done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "case.json")], capture_output=True,
@@ -195,6 +232,9 @@ def test_the_remote_path_and_the_engine_command_need_no_torch_in_slicers_python(
     assert out["client_plan_steps"] == 0 and out["loaded"] == []
     assert out["remote"] == {"kept": True, "grew": True, "where": f"the engine at {url}"}
     assert out["command"]["kept"] and out["command"]["grew"] and out["command"]["where"].startswith("the local engine")
+    assert out["study"] == {"cases": ["c"], "running": False, "ranked": None}, "Add to study on the thin client"
+    assert {"sslmedsam2.fewshot.ranking", "sslmedsam2.refine.events", "sslmedsam2.study.workspace"} <= \
+        set(engine_modules_of_the_module())
 
 
 def test_the_engine_command_runs_outside_slicers_python_settings(tmp_path):
@@ -225,6 +265,46 @@ def test_the_engine_command_runs_outside_slicers_python_settings(tmp_path):
         script.chmod(0o755)
         assert connection_problems(Connection(command=str(script))) == []
         assert launch.external_models(str(script))["models"][0]["cached"] is True
+
+
+def test_on_a_mac_the_local_jobs_run_with_the_engine_command_and_are_off_without_it(monkeypatch):
+    pytest.importorskip("PySide6")
+    install_fakes(monkeypatch, slicer_fake())
+    from SSLMedSAM2Lib.parameters import Connection
+    from SSLMedSAM2Lib.requirements import CLIENT, ENGINE
+    from SSLMedSAM2Lib.widget import LOCAL_JOBS, SSLMedSAM2PanelWidget
+
+    own = {name: f"what {name} does" for name in LOCAL_JOBS}
+    refusal = "The local engine cannot run inside Slicer on this Mac: ..."
+    panel = types.SimpleNamespace(
+        ui=types.SimpleNamespace(**{name: types.SimpleNamespace(enabled=True, toolTip=own[name]) for name in LOCAL_JOBS}),
+        refusal=refusal, _toolTips=dict(own), logic=types.SimpleNamespace(connection=Connection()), busy=False,
+        install=types.SimpleNamespace(installing=False), study=types.SimpleNamespace(following=False))
+    panel._busy = lambda: panel.busy
+    panel.available = lambda name: SSLMedSAM2PanelWidget.available(panel, name)
+
+    def show(connection: Connection) -> dict:
+        panel.logic.connection = connection
+        SSLMedSAM2PanelWidget.showAvailability(panel)
+        return {name: (getattr(panel.ui, name).enabled, getattr(panel.ui, name).toolTip == own[name])
+                for name in LOCAL_JOBS}
+
+    native = "/Users/me/sam/bin/sslmedsam2"
+    assert show(Connection()) == {name: (False, False) for name in LOCAL_JOBS}
+    assert all(getattr(panel.ui, name).toolTip == refusal for name in LOCAL_JOBS)
+    assert show(Connection(command=native)) == {name: (True, True) for name in LOCAL_JOBS}
+    assert Connection(command=native).jobs_need == CLIENT and Connection().jobs_need == ENGINE
+    assert show(Connection("remote", "http://127.0.0.1:8765", command=native)) == \
+        {name: (False, False) for name in LOCAL_JOBS}, "a remote engine's jobs would run in Slicer's Python"
+    assert Connection("remote", "http://127.0.0.1:8765", command=native).jobs_need == ENGINE
+    panel.study.following, panel.busy = True, False
+    assert show(Connection(command=native))["refineButton"] == (False, True), "a followed job keeps Refine off"
+    panel.study.following, panel.busy = False, True
+    for name in LOCAL_JOBS:
+        getattr(panel.ui, name).enabled = False  # as the run's start turned them off
+    assert show(Connection(command=native)) == {name: (False, True) for name in LOCAL_JOBS}, "a run holds them"
+    panel.refusal, panel.busy = None, False  # Linux, Windows: Slicer's own Python runs them
+    assert show(Connection()) == {name: (True, True) for name in LOCAL_JOBS}
 
 
 # --- plain http beyond this computer --------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def _run_pseudolabel(job, on_done=None) -> list[Path] | None:
 def _pseudolabel_study(args: argparse.Namespace) -> int:
     """`pseudolabel --workspace WS`: the study's labelled cases as supports, each result its case's pseudo-label."""
     from sslmedsam2.cli.workspace import refuse_while_refining
-    from sslmedsam2.fewshot.job import PseudoLabelOptions, least_trustworthy_case
+    from sslmedsam2.fewshot.job import PseudoLabelOptions
+    from sslmedsam2.fewshot.ranking import least_trustworthy_case
     from sslmedsam2.study.pseudolabel import attach_results, choose_cases, default_output, stage_inputs
     from sslmedsam2.study.workspace import Workspace
 

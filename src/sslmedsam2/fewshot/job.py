@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from collections.abc import Callable
@@ -22,19 +20,18 @@ from sslmedsam2.cohort.status import STATUS_DIR, CaseFiles, write_manifest
 from sslmedsam2.errors import UserError
 from sslmedsam2.fewshot.fusion import PseudoLabel
 from sslmedsam2.fewshot.insertions import insertion_positions
+from sslmedsam2.fewshot.ranking import RANKING, write_ranking
 from sslmedsam2.fewshot.similarity import most_similar
 from sslmedsam2.fewshot.volumes import check_label_sets, list_images, load_volume, pair_supports
 from sslmedsam2.settings import EngineSettings
-from sslmedsam2.labelmap.confidence import pair_state, read_confidence, write_result
+from sslmedsam2.labelmap.confidence import pair_state, write_result
 from sslmedsam2.labelmap.pictures import draw_result, overview_path
-from sslmedsam2.provenance import table_header, table_mark
+from sslmedsam2.provenance import table_mark
 from sslmedsam2.volume import write_images
 from sslmedsam2.volume.slices import SliceVolume
 from sslmedsam2.jobs import Progress
 from sslmedsam2.volume.io import check_geometry_fits, check_replaceable, check_table_output, image_mark
 
-RANKING = "ranking.csv"
-RANKING_KIND = "review ranking"
 
 
 @dataclass
@@ -113,39 +110,6 @@ def write_case(outdir: Path, query: SliceVolume, result: PseudoLabel, info: dict
                 f"{query.path.name}: few-shot pseudo-label, case confidence {result.case_confidence:.3f}",
                 query.grid.axis)
     write_result(label_map, files["labels"], result.confidence)  # the table, then the map
-
-
-def write_ranking(outdir: Path) -> Path:
-    """Cases from least to most trustworthy, each followed by its slices in the same order: what to review first."""
-    cases = []
-    for case_file in sorted(outdir.glob("*.case.json")):
-        info = json.loads(case_file.read_bytes())
-        if (outdir / info["query_file"]).exists():
-            cases.append(info)
-    cases.sort(key=lambda c: (c["case_confidence"], c["query_file"]))
-    buffer = io.StringIO()
-    buffer.write(table_header(RANKING_KIND))
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_rank", "case", "case_confidence", "slice", "label", "slice_confidence"])
-    for rank, info in enumerate(cases, start=1):
-        rows = [r for r in read_confidence(outdir / f"{stem(Path(info['query_file']))}.confidence.csv") if r.present]
-        if not rows:
-            writer.writerow([rank, info["query_file"], f"{info['case_confidence']:.4f}", "", "", ""])
-        for r in sorted(rows, key=lambda r: (r.confidence, r.slice, r.label)):
-            writer.writerow([rank, info["query_file"], f"{info['case_confidence']:.4f}", r.slice, r.label, f"{r.confidence:.4f}"])
-    path = outdir / RANKING
-    write_text(path, buffer.getvalue())
-    return path
-
-
-def least_trustworthy_case(outdir: Path) -> str | None:
-    """The query file that ranking.csv puts first for review; None before any case is finished."""
-    path = Path(outdir) / RANKING
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
-    rows = list(csv.DictReader(lines))
-    return rows[0]["case"] if rows else None
 
 
 def run_pseudolabel(options: PseudoLabelOptions, log: Callable[[str], None] = print, progress: Progress | None = None,
