@@ -77,6 +77,13 @@ def add_overwrite_option(parser: argparse.ArgumentParser) -> None:
                         "not write (without it they are refused; its own earlier outputs are always replaced)")
 
 
+def add_shard_option(parser: argparse.ArgumentParser, cases: str = "case", condition: str = "") -> None:
+    """--shard I/N: which of the sorted `cases` this process takes (shards.parse_shard reads it)."""
+    parser.add_argument("--shard", metavar="I/N", help=f"{condition}this job takes every N-th {cases} (sorted by "
+                        "name) from the I-th (1-based); default: from the scheduler's array variables (SLURM, LSF, "
+                        f"SGE, PBS: see docs/cluster.md), else every {cases}")
+
+
 def add_uneven_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-uneven-slices", action="store_true", help="read a DICOM series whose slices are "
                         "unevenly spaced or have gaps (missing slices) with an even spacing, saying so; without it "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import sslmedsam2.cli.options as options
 from sslmedsam2.cli.options import (add_frame_options, add_method_option, add_model_options, add_overwrite_option,
-                                    add_uneven_option, say, settings_from, slice_list)
+                                    add_shard_option, add_uneven_option, say, settings_from, slice_list)
 from sslmedsam2.atomic import stem
 from sslmedsam2.errors import UserError
 from sslmedsam2.models.registry import MODELS
@@ -216,9 +216,7 @@ def add_segment_commands(sub) -> None:
     f.add_argument("--insertions", type=int, default=5, help="positions each support is inserted at (default 5)")
     f.add_argument("--seed", type=int, default=42, help="seed of the insertion positions (default 42)")
     f.add_argument("--supports", type=int, help="use the N supports most similar to each query (default: all)")
-    f.add_argument("--shard", metavar="I/N", help="this job takes every N-th query (sorted by name) from the I-th "
-                   "(1-based); default: from the scheduler's array variables (SLURM, LSF, SGE, PBS: see "
-                   "docs/cluster.md), else every query")
+    add_shard_option(f, "query")
     f.add_argument("--redo", action="store_true", help="recompute finished cases in OUTDIR that were made with other "
                    "settings (model, image size, insertions, seed, supports, axis, intensity); without it such a "
                    "folder is refused")

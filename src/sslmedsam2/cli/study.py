@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from sslmedsam2.cli.options import add_overwrite_option, add_uneven_option, say
+from sslmedsam2.cli.options import add_overwrite_option, add_shard_option, add_uneven_option, say
 from sslmedsam2.errors import UserError
 
 
@@ -302,9 +302,7 @@ def add_study_commands(sub) -> None:
     p.add_argument("--input", type=Path, metavar="DIR|LIST", help="a folder of images, or a text file listing them "
                    "(one path a line, relative to the file's folder; # comments): predict them all into OUTDIR")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT|OUTDIR")
-    p.add_argument("--shard", metavar="I/N", help="with --input: this job takes every N-th case (sorted by name) "
-                   "from the I-th (1-based); default: from the scheduler's array variables (docs/cluster.md), else "
-                   "every case")
+    add_shard_option(p, "case", "with --input: ")
     p.add_argument("--redo", action="store_true", help="with --input: predict again the finished cases in OUTDIR "
                    "that an earlier model predicted (without it such a folder is refused)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
