@@ -68,29 +68,61 @@ def external_environment(base: Mapping[str, str] | None = None) -> dict[str, str
 
 
 def command_problem(command: str) -> str | None:
-    """What is wrong with an engine command (the `sslmedsam2` of another Python environment), or None."""
+    """What is wrong with an engine command (the `sslmedsam2` of another Python environment), or None: a missing or
+    non-executable file, or another sslmedsam2 version than the module's engine (its commands and files may differ)."""
     path = Path(command)
     if not path.is_file():
         return (f"Engine command {command}: no such file. Give the sslmedsam2 program of the Python environment that "
                 "has the engine (bin/sslmedsam2, or Scripts\\sslmedsam2.exe on Windows).")
     if os.name != "nt" and not os.access(path, os.X_OK):
         return f"Engine command {command} is not executable (chmod +x it, or give that environment's sslmedsam2)."
+    try:
+        theirs = command_version(command)
+    except RuntimeError as exc:
+        return f"{str(exc)[0].upper()}{str(exc)[1:]}."
+    ours = import_engine().__version__
+    if theirs != ours:
+        return (f"Engine command {command} is sslmedsam2 {theirs}, and this module's engine is {ours}: install "
+                f"sslmedsam2 {ours} in that environment (the version of this extension), so that both read the same "
+                "commands and files.")
     return None
+
+
+_VERSIONS: dict[tuple[str, int], str] = {}  # (engine command, its file's modification time) -> its version
+
+
+def command_version(command: str) -> str:
+    """The engine command's sslmedsam2 version (`COMMAND --version`), asked again only once its file changed (a
+    reinstall rewrites it)."""
+    key = (command, Path(command).stat().st_mtime_ns)
+    if key not in _VERSIONS:
+        answer = _ask(command, ["--version"], 60.0).split()
+        if len(answer) != 2 or answer[0] != "sslmedsam2":
+            raise RuntimeError(f"the engine command {command} is not sslmedsam2 (--version answered "
+                               f"{' '.join(answer)[:80]!r})")
+        _VERSIONS[key] = answer[1]
+    return _VERSIONS[key]
 
 
 def external_models(command: str, timeout: float = 120.0) -> dict:
     """`COMMAND models --json`: the engine command's models and its own weights cache (whether each is there)."""
     import json
 
+    return json.loads(_ask(command, ["models", "--json"], timeout))
+
+
+def _ask(command: str, arguments: list[str], timeout: float) -> str:
+    """The standard output of `COMMAND ARGUMENTS` in the engine command's environment; RuntimeError (one line)
+    when it does not run or fails."""
     try:
-        done = subprocess.run([command, "models", "--json"], capture_output=True, text=True, timeout=timeout,
+        done = subprocess.run([command, *arguments], capture_output=True, text=True, timeout=timeout,
                               env=external_environment(), stdin=subprocess.DEVNULL, **child_options())
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"the engine command {command} did not run: {exc}") from exc
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise RuntimeError(f"the engine command {command} failed: {last}")
-    return json.loads(done.stdout)
+    return done.stdout
 
 
 def python_interpreter(executable: str | None = None) -> str:

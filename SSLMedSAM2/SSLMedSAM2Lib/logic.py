@@ -23,8 +23,8 @@ from SSLMedSAM2Lib.engine_process import EngineProcess
 from SSLMedSAM2Lib.geometry import put_in_frame_of
 from SSLMedSAM2Lib.interactive import EngineWorker, InteractiveEngine, PropagationRequest, VolumeSource, user_message
 from SSLMedSAM2Lib.launch import external_models, import_engine, set_startup_environment
-from SSLMedSAM2Lib.parameters import (Connection, EngineSettings, connection_problems, problems, pseudolabel_command,
-                                      refine_command)
+from SSLMedSAM2Lib.parameters import (Connection, EngineSettings, connection_problems, jobs_problems, problems,
+                                      pseudolabel_command, refine_command)
 from SSLMedSAM2Lib.prediction import StudyModelRuns
 from SSLMedSAM2Lib.refine_control import RefineControl
 from SSLMedSAM2Lib.requirements import Environment, RequirementsMissing, local_engine_refusal, project, under_rosetta
@@ -294,7 +294,7 @@ class SSLMedSAM2Logic:
         """Folders when given, else the checked scene nodes, exported to temporary folders that are deleted when the
         run ends; without an output folder, one in the temporary folder, deleted with the next few-shot run, at
         scene close or at exit (its results are loaded into the scene). Returns the output folder."""
-        found = problems(settings)
+        found = problems(settings) + jobs_problems(self.connection)
         self.check_idle()
         self.fewshot_query_nodes = {}
         exports: list[Path] = []
@@ -370,6 +370,9 @@ class SSLMedSAM2Logic:
                      sam2: EngineSettings | None = None) -> None:
         """A process of its own session (no window on Windows): closing Slicer does not stop it, and the panel
         re-attaches on reopening. sam2: prompt SAM2 with nnU-Net's key slices in each round, with these settings."""
+        found = jobs_problems(self.connection)
+        if found:
+            raise ValueError(" ".join(found))
         self.refine = RefineControl(workspace)
         self.refine.start(refine_command(str(workspace), rounds, quick, warm_start, device, sam2=sam2),
                           self.connection.jobs_command)

@@ -100,6 +100,13 @@ def connection_problems(connection: Connection) -> list[str]:
     return found
 
 
+def jobs_problems(connection: Connection) -> list[str]:
+    """What keeps the jobs on this computer (few-shot, the study's model, refinement) from running with the local
+    engine's engine command ([] without one)."""
+    problem = command_problem(connection.jobs_command) if connection.jobs_command else None
+    return [problem] if problem else []
+
+
 def problems(settings: EngineSettings) -> list[str]:
     """Everything wrong with the settings, as sentences for the GUI (empty: good to go): the engine's own checks."""
     found = [f"{text[0].upper()}{text[1:]}." for text in settings.engine().problems()]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from SSLMedSAM2Lib import scene_io, study_io
 from SSLMedSAM2Lib.launch import import_engine
-from SSLMedSAM2Lib.parameters import EngineSettings, connection_problems, keyslices_command, predict_command, problems
+from SSLMedSAM2Lib.parameters import (EngineSettings, connection_problems, jobs_problems, keyslices_command,
+                                      predict_command, problems)
 from SSLMedSAM2Lib.study_seeds import key_slice_prompts, label_map, label_slots, read_label_array
 from SSLMedSAM2Lib.temporary import TEMPORARY
 
@@ -49,6 +50,9 @@ class StudyModelRuns:
         logic = self.logic
         if volume is None:
             raise ValueError("Choose a volume.")
+        found = jobs_problems(logic.connection)
+        if found:
+            raise ValueError(" ".join(found))
         labels, axis = study_io.workspace_labels(workspace)
         logic.check_idle()
         self.drop()

@@ -309,6 +309,7 @@ def test_a_volume_already_in_the_study_is_replaced_only_when_asked(logic_module,
     assert sorted(ws.cases) == ["synthetic"] and set(ws.review("synthetic")) == {SliceState.UNREVIEWED}
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the fake engine commands are shell scripts")
 def test_the_jobs_run_with_the_local_engines_engine_command(logic_module, tmp_path, monkeypatch):
     """Few-shot, predict, key slices and refinement run with the engine command when the local engine has one (its
     weights cache is the one asked), and in Slicer's own Python otherwise, a remote engine included."""
@@ -323,7 +324,13 @@ def test_the_jobs_run_with_the_local_engines_engine_command(logic_module, tmp_pa
     monkeypatch.setattr(module, "external_models", lambda command: asked.append(command) or {"models": [
         {"name": "sam2.1-tiny", "cached": False, "size_mb": 156.0, "url": "https://example.org/tiny.pt",
          "path": "/Users/me/.cache/sslmedsam2/tiny.pt"}]})
-    native = "/Users/me/sam/bin/sslmedsam2"
+    from sslmedsam2 import __version__
+
+    native = tmp_path / "native" / "bin" / "sslmedsam2"  # another Python environment's engine
+    native.parent.mkdir(parents=True)
+    native.write_text(f"#!/bin/sh\necho 'sslmedsam2 {__version__}'\n")
+    native.chmod(0o755)
+    native = str(native)
     for connection, command in ((Connection(command=native), native), (Connection(), ""),
                                 (Connection("remote", "http://127.0.0.1:8765", command=native), "")):
         logic.connection = connection
@@ -338,4 +345,15 @@ def test_the_jobs_run_with_the_local_engines_engine_command(logic_module, tmp_pa
     question = logic.weights_to_download(EngineSettings(model="sam2.1-tiny"), local_job=True)
     assert asked == [native], "a remote engine's local jobs use Slicer's own cache, never the engine command's"
     assert "/Users/me/" not in question
+
+    older = tmp_path / "older" / "sslmedsam2"  # an engine command of another version: no job starts
+    older.parent.mkdir()
+    older.write_text("#!/bin/sh\necho 'sslmedsam2 0.0.1'\n")
+    older.chmod(0o755)
+    logic.connection, count = Connection(command=str(older)), len(started)
+    with pytest.raises(ValueError, match=f"is sslmedsam2 0.0.1, and this module's engine is {__version__}"):
+        logic.start_refine(tmp_path / "ws", 2, True, False, "cpu")
+    with pytest.raises(ValueError, match="is sslmedsam2 0.0.1"):
+        logic.run_few_shot(EngineSettings(), str(tmp_path), str(tmp_path), str(tmp_path), "", 5, 0)
+    assert len(started) == count and logic.fewshot_output is None
     logic.cleanup()

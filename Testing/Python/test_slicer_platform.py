@@ -239,8 +239,10 @@ def test_the_remote_path_and_the_engine_command_need_no_torch_in_slicers_python(
 
 def test_the_engine_command_runs_outside_slicers_python_settings(tmp_path):
     from SSLMedSAM2Lib import launch
-    from SSLMedSAM2Lib.parameters import Connection, EngineSettings, connection_problems
+    from SSLMedSAM2Lib.parameters import Connection, EngineSettings, connection_problems, jobs_problems
     from SSLMedSAM2Lib.server_process import LocalServer, key_of, needs_restart
+
+    from sslmedsam2 import __version__
 
     slicer_env = {"PYTHONHOME": "/opt/Slicer/lib/Python", "PYTHONPATH": "/opt/Slicer/lib", "PYTHONNOUSERSITE": "1",
                   "PATH": "/usr/bin", "HOME": "/home/someone"}
@@ -259,12 +261,26 @@ def test_the_engine_command_runs_outside_slicers_python_settings(tmp_path):
     assert Connection("remote", "http://127.0.0.1:1").need == "client"
     assert "no such file" in connection_problems(Connection(command=str(tmp_path / "none")))[0]
     script = tmp_path / "sslmedsam2"
-    script.write_text("#!/bin/sh\necho '{\"models\": [{\"name\": \"sam2.1-tiny\", \"cached\": true}]}'\n")
+    answers = ('#!/bin/sh\nif [ "$1" = --version ]; then echo "{version}"; exit 0; fi\n'
+               "echo '{{\"models\": [{{\"name\": \"sam2.1-tiny\", \"cached\": true}}]}}'\n")
+    script.write_text(answers.format(version=f"sslmedsam2 {__version__}"))
     if os.name != "nt":
         assert "not executable" in connection_problems(Connection(command=str(script)))[0]
         script.chmod(0o755)
         assert connection_problems(Connection(command=str(script))) == []
         assert launch.external_models(str(script))["models"][0]["cached"] is True
+        script.write_text(answers.format(version="sslmedsam2 0.0.1"))  # a reinstall: its version is asked again
+        os.utime(script, ns=(1, 1))  # another modification time, whatever the file system's clock resolution
+        assert connection_problems(Connection(command=str(script))) == [
+            f"Engine command {script} is sslmedsam2 0.0.1, and this module's engine is {__version__}: install "
+            f"sslmedsam2 {__version__} in that environment (the version of this extension), so that both read the "
+            "same commands and files."]
+        script.write_text(answers.format(version="Python 3.12.1"))  # another program altogether
+        os.utime(script, ns=(2, 2))
+        problem = connection_problems(Connection(command=str(script)))[0]
+        assert problem.startswith(f"The engine command {script} is not sslmedsam2") and "Python 3.12.1" in problem
+        assert jobs_problems(Connection(command=str(script))) == [problem]
+        assert jobs_problems(Connection("remote", "http://127.0.0.1:1", command=str(script))) == []
 
 
 def test_on_a_mac_the_local_jobs_run_with_the_engine_command_and_are_off_without_it(monkeypatch):

@@ -28,7 +28,8 @@ import numpy as np
 import requests
 
 from sslmedsam2.errors import UserError
-from sslmedsam2.remote.wire import INSTANCE_HEADER, read_array_message, slice_entry
+from sslmedsam2 import __version__
+from sslmedsam2.remote.wire import API_VERSION, INSTANCE_HEADER, read_array_message, slice_entry
 
 _ALREADY_COMPRESSED = (".gz", ".zip", ".bz2", ".xz")
 
@@ -128,6 +129,17 @@ class Client:
     # --- the API --------------------------------------------------------------------------------------------------
     def health(self) -> dict:
         return self.get_json("/health", timeout=10)
+
+    def compatible_health(self) -> dict:
+        """/health, refused (ServerError, code api_mismatch) when the server speaks another API version."""
+        health = self.health()
+        api = health.get("api")
+        if api != API_VERSION:
+            raise ServerError(f"the SSLMedSAM2 server at {redact_url(self.url)} is version "
+                              f"{health.get('version', '(unknown)')} with API {api if api is not None else '(none)'}, "
+                              f"and this client ({__version__}) speaks API {API_VERSION}: install the same sslmedsam2 "
+                              "version on both sides", code="api_mismatch", instance=health.get("instance"))
+        return health
 
     def info(self) -> dict:
         return self.get_json("/info", timeout=30)

@@ -17,6 +17,9 @@ from sslmedsam2.zlib_streams import zlib_module as compressing  # a 512x512x300 
 
 # Every answer names the server process that gave it: a client tells a restarted server by a new value.
 INSTANCE_HEADER = "X-SSLMedSAM2-Instance"
+# The HTTP API's version, in /health and /info: raised with any change a client of the previous one would misread
+# (an endpoint, field, value or meaning removed or changed). A client opens sessions only on its own API version.
+API_VERSION = 1
 # Label maps are small non-negative integers; these dtypes hold them (signed ones as some writers store labels).
 LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 

@@ -28,7 +28,7 @@ from sslmedsam2.server.schema import (ENCODINGS, GATE_ERRORS, JOB_LINKS, QUERY, 
                                       ServerInfo, SessionInfo, errors, install_openapi, result_header)
 from sslmedsam2.server.service import Service
 from sslmedsam2.remote.tokens import TokenCheck
-from sslmedsam2.remote.wire import INSTANCE_HEADER, array_message
+from sslmedsam2.remote.wire import API_VERSION, INSTANCE_HEADER, array_message
 
 log = logging.getLogger("sslmedsam2.server")
 BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -108,7 +108,7 @@ def create_app(service: Service, tokens: TokenCheck | None = None) -> FastAPI:
 
     @app.get("/health", summary="Liveness: the server answers")
     def health() -> Health:
-        return Health(status="ok", version=__version__, instance=service.instance)
+        return Health(status="ok", version=__version__, api=API_VERSION, instance=service.instance)
 
     @app.get("/info", summary="Version, device, models, sessions, memory in use, limits", **typed)
     def info(request: Request) -> ServerInfo:

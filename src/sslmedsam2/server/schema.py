@@ -61,6 +61,7 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: str = Field(json_schema_extra=one_of(["ok"]))
     version: str
+    api: int = Field(description="the HTTP API's version: a client opens sessions only on the API it speaks")
     instance: str = Field(description="changes each time the server starts (also in every answer's "
                           f"{INSTANCE_HEADER} header)")
 
@@ -92,6 +93,7 @@ class Limits(BaseModel):
 class ServerInfo(BaseModel):
     service: str = Field(json_schema_extra=one_of(["sslmedsam2"]))
     version: str
+    api: int = Field(description="the HTTP API's version (as in /health)")
     instance: str
     device: str = Field(description="torch device, e.g. cpu or cuda:0")
     default_model: ModelName

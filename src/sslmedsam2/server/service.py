@@ -27,6 +27,7 @@ from sslmedsam2.models import get_model
 from sslmedsam2.models.registry import DEFAULT_MODEL, check_image_size
 from sslmedsam2.models.cache import find_weights
 from sslmedsam2.labelmap.confidence import write_confidence
+from sslmedsam2.remote.wire import API_VERSION
 from sslmedsam2.session.base import SessionResult
 from sslmedsam2.session.local import LocalSession
 from sslmedsam2.session.prompts import merged, seed_map
@@ -436,7 +437,7 @@ class Service:
             free, total = torch.cuda.mem_get_info(self.device)
             memory.update(gpu_allocated_bytes=torch.cuda.memory_allocated(self.device), gpu_free_bytes=free,
                           gpu_total_bytes=total)
-        return {"service": "sslmedsam2", "version": __version__, "instance": self.instance,
+        return {"service": "sslmedsam2", "version": __version__, "api": API_VERSION, "instance": self.instance,
                 "device": str(self.device), "default_model": self.model,
                 "default_image_size": self._image_size(self.model, None), "models_built": models,
                 "sessions": len(sessions), "your_sessions": sum(s.owner == owner for s in sessions),

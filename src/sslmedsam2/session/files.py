@@ -144,6 +144,7 @@ def _on_server(case: Inputs, settings: EngineSettings, server: str, token_file: 
 
     client = Client(server, token_file=token_file)
     try:
+        client.compatible_health()  # before any other request: a server of another API answers them otherwise
         info = client.info()
         if settings.device not in (None, "auto"):
             log(f"--device {settings.device} is ignored with --server: the server computes on its {info['device']}")

@@ -66,7 +66,7 @@ class RemoteSession:
                    value_range=intensity.value_range, model=settings.model, image_size=settings.image_size)
 
     def _open(self) -> None:
-        self.instance = self.client.health().get("instance")
+        self.instance = self.client.compatible_health().get("instance")
         self.info = self.client.open_session(self._data, self.name, **self.options)
         self.grid = SliceGrid.from_description(self.info)
 
