@@ -79,7 +79,8 @@ def command_problem(command: str) -> str | None:
     try:
         theirs = command_version(command)
     except RuntimeError as exc:
-        return f"{str(exc)[0].upper()}{str(exc)[1:]}."
+        text = str(exc).rstrip(".")
+        return f"{text[0].upper()}{text[1:]}."
     ours = import_engine().__version__
     if theirs != ours:
         return (f"Engine command {command} is sslmedsam2 {theirs}, and this module's engine is {ours}: install "

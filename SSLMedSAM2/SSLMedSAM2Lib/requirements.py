@@ -2,8 +2,8 @@
 
 Two ways to run the engine need two sets of packages in Slicer's Python:
 - `client`: a remote engine, or a local one started from another Python environment (the engine command): the thin
-  client only (sslmedsam2.remote and sslmedsam2.session.remote: numpy and requests; the study's workspace and the
-  refine job's lock: filelock and nibabel);
+  client only (sslmedsam2.remote and sslmedsam2.session.remote: numpy and requests; the study's workspace: filelock
+  for its lock and the refine job's, nibabel for its NIfTI files);
 - `engine`: the engine in Slicer's own Python: every requirement of pyproject.toml, torch among them.
 """
 

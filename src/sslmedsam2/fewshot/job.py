@@ -33,7 +33,6 @@ from sslmedsam2.jobs import Progress
 from sslmedsam2.volume.io import check_geometry_fits, check_replaceable, check_table_output, image_mark
 
 
-
 @dataclass
 class PseudoLabelOptions:
     support_images: Path
