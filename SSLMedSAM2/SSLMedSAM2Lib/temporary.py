@@ -24,22 +24,17 @@ class TemporaryFolders:
             self._folders.append(folder)
         return folder
 
-    def adopt(self, folder: Path) -> Path:
-        """Remember a folder made elsewhere, so that it goes at scene close or exit too."""
-        with self._lock:
-            self._folders.append(Path(folder))
-        return Path(folder)
-
     def remove(self, *folders: Path | str | None) -> None:
-        """Delete these folders now (None and unknown ones are ignored; a folder is deleted even if it was not made
-        here)."""
+        """Delete these folders now, if they were made here: None, one already removed and any other folder (a
+        user's) are left alone."""
         for folder in folders:
             if folder is None:
                 continue
             folder = Path(folder)
             with self._lock:
-                if folder in self._folders:
-                    self._folders.remove(folder)
+                if folder not in self._folders:
+                    continue
+                self._folders.remove(folder)
             shutil.rmtree(folder, ignore_errors=True)
 
     def remove_all(self) -> None:

@@ -415,6 +415,12 @@ def test_few_shot_exports_go_when_the_job_ends_and_its_output_at_scene_close_or_
         logic.run_few_shot(EngineSettings(), "", "", "", "", 5, 0, support_nodes=["s"], query_nodes=[])
     assert TEMPORARY.folders == []
 
+    users = tmp_path / "my results"  # a folder the module did not make is never deleted by it
+    users.mkdir()
+    (users / "case.nii.gz").write_text("voxels")
+    TEMPORARY.remove(users, str(users), None)
+    assert (users / "case.nii.gz").read_text() == "voxels"
+
 
 # --- the extension's metadata ---------------------------------------------------------------------------------------
 def _cmake_value(text: str, name: str) -> str:
